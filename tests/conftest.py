@@ -21,17 +21,16 @@ def _testbin():
     return module
 
 
-@pytest.fixture(scope="session")
-def testbin_paths() -> dict[str, Path]:
-    """Build (once per pin; cached outside the checkout) and return {binary: path}."""
+def ensure_binaries(*components: str) -> dict[str, Path]:
+    """Build the components (once per pin; cached outside the checkout) and return {binary: path}."""
     build = _testbin()
     try:
-        return build.ensure()
+        return build.ensure(list(components))
     except build.BuildError as error:
         pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(scope="session")
-def restic_bin(testbin_paths: dict[str, Path]) -> Path:
+def restic_bin() -> Path:
     """The real restic binary, built from testbin/restic's pinned module."""
-    return testbin_paths["restic"]
+    return ensure_binaries("restic")["restic"]
