@@ -1,0 +1,129 @@
+"""The wire schemas: every message round-trips, every bad frame gets a clear, field-naming
+ProtocolError, and credentials never show in a repr."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from restic_manager import protocol as p
+
+NOW = datetime(2026, 11, 26, 2, 0, tzinfo=timezone.utc)
+
+MESSAGES = [
+    p.Hello(agent="web-01", agent_version="0.1.0", restic_version="0.19.1", protocol_version=p.PROTOCOL_VERSION,
+            hostname="web-01.example", running_jobs=["backups/nightly-web-01-29012345"]),
+    p.ScheduleSet(version=3, schedules=[p.ScheduleEntry(id="backups/nightly", uid="u-1", generation=4,
+                                                        schedule="0 2 * * *", time_zone="Europe/London")]),
+    p.ScheduleSet(version=4, schedules=[]),
+    p.ScheduleAck(version=3, applied_at=NOW, applied=[p.AppliedEntry(id="backups/nightly", generation=4)],
+                  rejected=[p.RejectedEntry(id="backups/bad", generation=1, error="minute must be 0-59")]),
+    p.ScheduleFire(id="backups/nightly", uid="u-1", generation=4, scheduled_at=NOW),
+    p.CommandRun(job="backups/nightly-web-01-29012345", type=p.JobType.BACKUP,
+                 args=p.BackupArgs(paths=["/etc"], exclude=["*.tmp"], tags=["nightly"], one_file_system=True),
+                 repository=p.Repository(url="s3:s3.example/bucket", env={"RESTIC_PASSWORD": "hunter2"}),
+                 timeout_seconds=600),
+    p.CommandRun(job="backups/f", type=p.JobType.FORGET, args=p.ForgetArgs(keep_daily=7, prune=True),
+                 repository=p.Repository(url="/srv/repo")),
+    p.CommandRun(job="backups/c", type=p.JobType.CHECK, args=p.CheckArgs(read_data_subset="5%"),
+                 repository=p.Repository(url="/srv/repo")),
+    p.CommandRun(job="backups/r", type=p.JobType.RESTORE, args=p.RestoreArgs(target="/tmp/r", include=["/etc"]),
+                 repository=p.Repository(url="/srv/repo")),
+    p.CommandRun(job="backups/u", type=p.JobType.UNLOCK, args=p.NoArgs(), repository=p.Repository(url="/srv/repo")),
+    p.CommandCancel(job="backups/nightly-web-01-29012345"),
+    p.JobStarted(job="backups/j", started_at=NOW),
+    p.JobProgress(job="backups/j", percent_done=42.5, files_done=10, total_files=20, bytes_done=1, total_bytes=2,
+                  seconds_elapsed=3.0, seconds_remaining=4.0),
+    p.JobDone(job="backups/j", outcome=p.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
+              summary=p.Summary(snapshot_id="abcdef12", files_new=3, data_added=1024), log_tail=["done"]),
+    p.Error(code="invalid-frame", message="unknown message type 'x'", ref="42"),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.TYPE)
+def test_every_message_round_trips(message: p.Payload) -> None:
+    frame = p.decode(p.encode(message, frame_id="f-1"))
+    assert frame.id == "f-1"
+    assert frame.type == message.TYPE
+    assert frame.payload == message
+
+
+def test_wire_fields_are_camel_case() -> None:
+    raw = json.loads(p.encode(MESSAGES[4]))
+    assert raw["type"] == "schedule.fire"
+    assert set(raw["payload"]) == {"id", "uid", "generation", "scheduledAt"}
+    assert set(json.loads(p.encode(MESSAGES[0]))["payload"]) == {
+        "agent", "agentVersion", "resticVersion", "protocolVersion", "hostname", "runningJobs"}
+
+
+def frame(kind: str, payload: object, frame_id: object = "f-9") -> str:
+    return json.dumps({"type": kind, "id": frame_id, "payload": payload})
+
+
+FIRE = {"id": "backups/nightly", "uid": "u", "generation": 1, "scheduledAt": "2026-01-01T02:00:00Z"}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("not json", "frame is not valid JSON"),
+        ("[1, 2]", "frame must be a JSON object"),
+        (json.dumps({"type": "hello", "id": "1", "payload": {}, "extra": 1}), "unknown envelope field(s) ['extra']"),
+        (frame("schedule.explode", {}), "unknown message type 'schedule.explode'"),
+        (frame(None, {}), "unknown message type None"),
+        (frame("schedule.fire", [1]), "schedule.fire: payload must be a JSON object"),
+        (frame("schedule.fire", {**FIRE, "scheduledAt": "2026-01-01T02:00:00"}), "scheduledAt: Input should have timezone info"),
+        (frame("schedule.fire", {**FIRE, "id": "no-namespace"}), "schedule.fire: id: String should match pattern"),
+        (frame("schedule.fire", {**FIRE, "surprise": True}), "surprise: Extra inputs are not permitted"),
+        (frame("schedule.fire", {k: v for k, v in FIRE.items() if k != "uid"}), "uid: Field required"),
+        (frame("schedule.fire", {**FIRE, "generation": "four"}), "generation: Input should be a valid integer"),
+        (frame("schedule.fire", FIRE, frame_id=""), "id: String should have at least 1 character"),
+        (frame("command.run", {"job": "a/b", "type": "backup", "args": {"paths": []}, "repository": {"url": "/r"}}),
+         "args for backup: paths: List should have at least 1 item"),
+        (frame("command.run", {"job": "a/b", "type": "forget", "args": {"prune": True}, "repository": {"url": "/r"}}),
+         "forget needs at least one keep* rule"),
+        (frame("command.run", {"job": "a/b", "type": "format-disk", "args": {}, "repository": {"url": "/r"}}),
+         "command.run: type: Input should be 'backup'"),
+        (frame("command.run", {"job": "a/b", "type": "prune", "args": {"paths": ["/"]}, "repository": {"url": "/r"}}),
+         "args for prune: paths: Extra inputs are not permitted"),
+        (frame("job.done", {"job": "a/b", "outcome": "Exploded", "finishedAt": "2026-01-01T00:00:00Z"}),
+         "outcome: Input should be 'Succeeded', 'Failed' or 'Cancelled'"),
+        (frame("job.progress", {"job": "a/b", "percentDone": 250}), "percentDone: Input should be less than or equal to 100"),
+        (b'{"type": "hello"}', "binary frames are not part of the protocol"),
+        ("[" * 100_000 + "]" * 100_000, "frame is not valid JSON"),
+    ],
+)
+def test_bad_frames_raise_a_clear_protocol_error(data: str | bytes, expected: str) -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode(data)
+    assert expected in str(caught.value)
+
+
+def test_error_refers_to_the_frame_it_answers() -> None:
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode(frame("schedule.fire", {}, frame_id="abc"))
+    assert caught.value.ref == "abc"
+
+
+def test_oversized_frame_is_refused_before_parsing() -> None:
+    big = frame("job.progress", {"job": "a/b", "pad": "x" * p.MAX_FRAME_BYTES})
+    with pytest.raises(p.ProtocolError, match="over the limit"):
+        p.decode(big)
+
+
+def test_validation_errors_do_not_echo_input_values() -> None:
+    secret = "s3cr3t-value"
+    with pytest.raises(p.ProtocolError) as caught:
+        p.decode(frame("command.run", {"job": "a/b", "type": "prune", "args": {},
+                                       "repository": {"url": "/r", "env": {"RESTIC_PASSWORD": 7}, "x": secret}}))
+    assert secret not in str(caught.value)
+
+
+def test_repository_credentials_never_show_in_repr() -> None:
+    run = MESSAGES[5]
+    assert "hunter2" not in repr(run)
+    assert "hunter2" not in str(run)
+    assert "RESTIC_PASSWORD" not in repr(run)
+    assert "hunter2" in p.encode(run)  # but they do travel on the wire, inside command.run only
