@@ -1,0 +1,370 @@
+"""The agent's connection over a real WebSocket on 127.0.0.1 (SPEC §3, §4).
+
+A real `Connection`, `Timer` and `Mailbox` run in-process against tests/support's
+FakeOperator; the job runner is a fake (the restic runner has its own tests). The timer
+runs on a ManualClock where time must pass without waiting, and on the real clock for the
+seconds-level schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from support.fake_operator import TIMEOUT, FakeOperator, ManualClock
+
+import restic_manager
+from restic_manager import protocol
+from restic_manager.agent.connection import SHUTDOWN_REASON, Backoff, Connection, Endpoint, Identity
+from restic_manager.agent.main import run_agent
+from restic_manager.agent.scheduler import Clock, Scheduler, SystemClock, Timer
+from restic_manager.agent.state import Mailbox, Outbox, StateStore, state_saver
+
+TOKEN = "s3cret-agent-token"
+T0 = datetime.fromisoformat("2026-03-02T10:30:00+00:00")
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def entry(schedule_id: str, schedule: str, *, generation: int = 1) -> protocol.ScheduleEntry:
+    return protocol.ScheduleEntry(id=schedule_id, uid=f"uid-{schedule_id}", generation=generation, schedule=schedule)
+
+
+class FakeRunner:
+    """Records what the connection asks of the job runner."""
+
+    def __init__(self, running: list[str]) -> None:
+        self.jobs = list(running)
+        self.commands: asyncio.Queue[protocol.CommandRun] = asyncio.Queue()
+        self.cancelled: list[str] = []
+        self.closed = False
+
+    async def start(self, command: protocol.CommandRun) -> None:
+        self.jobs.append(command.job)
+        self.commands.put_nowait(command)
+
+    async def cancel(self, job: str) -> bool:
+        self.cancelled.append(job)
+        return job in self.jobs
+
+    def running(self) -> list[str]:
+        return list(self.jobs)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Retries:
+    """The connection's backoff sleep: records each delay, and returns at once unless held."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self._passes = math.inf
+        self._waiting = False
+        self._changed = asyncio.Condition()
+
+    async def sleep(self, delay: float) -> None:
+        async with self._changed:
+            self.delays.append(delay)
+            self._waiting = True
+            self._changed.notify_all()
+            try:
+                await self._changed.wait_for(lambda: self._passes > 0)
+            finally:
+                self._waiting = False
+            self._passes -= 1
+
+    def hold(self) -> None:
+        """Keep the agent from reconnecting, from its next retry on."""
+        self._passes = 0
+
+    async def release(self, passes: float = math.inf) -> None:
+        """Let `passes` more retries through (all, by default)."""
+        async with self._changed:
+            self._passes = passes
+            self._changed.notify_all()
+
+    async def held(self, *, retries: int = 1) -> None:
+        """Until the agent waits in its `retries`-th retry: it has noticed its connection is gone."""
+        async with asyncio.timeout(TIMEOUT), self._changed:
+            await self._changed.wait_for(lambda: self._waiting and len(self.delays) >= retries)
+
+
+class HighestDelay(random.Random):
+    """Full jitter picks a delay in [0, limit]; this always picks the limit, so tests see it."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class Agent:
+    """One agent assembled as agent/main.py assembles it, apart from the runner and the clock."""
+
+    def __init__(self, operator: FakeOperator, state_dir: Path, *, clock: Clock, running: list[str] = ()) -> None:
+        token_file = state_dir / "token"
+        token_file.write_text(TOKEN + "\n")
+        store = StateStore(state_dir / "state.json")
+        saved = store.load()
+        self.scheduler = Scheduler(saved.cursors)
+        self.outbox = Outbox(saved.outbox)
+        save = state_saver(store, cursors=self.scheduler.cursors, outbox=self.outbox)
+        self.mailbox = Mailbox(self.outbox, save=save)
+        self.timer = Timer(self.scheduler, clock=clock, deliver=self.mailbox.post, save=save)
+        self.runner = FakeRunner(list(running))
+        self.retries = Retries()
+        self.connection = Connection(
+            endpoint=Endpoint(operator.url, token_file=token_file),
+            identity=Identity(agent="web-01", restic_version="0.19.1", hostname="web-01.example.com"),
+            timer=self.timer, runner=self.runner, mailbox=self.mailbox,
+            rng=HighestDelay(), sleep=self.retries.sleep,
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Agent]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_agent(timer=self.timer, connection=self.connection, runner=self.runner, stop=stop)
+        )
+        try:
+            yield self
+        finally:
+            stop.set()
+            async with asyncio.timeout(TIMEOUT):
+                await task
+
+
+@pytest.fixture
+async def operator() -> AsyncIterator[FakeOperator]:
+    async with FakeOperator(token=TOKEN) as fake:
+        yield fake
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+async def test_hello_comes_first_and_names_the_agent_and_its_running_jobs(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with Agent(operator, tmp_path, clock=clock, running=["backups/nightly-web-01-29012345"]).running():
+        hello = await operator.expect(protocol.Hello)
+
+    assert hello == protocol.Hello(
+        agent="web-01", agent_version=restic_manager.__version__, restic_version="0.19.1",
+        protocol_version=protocol.PROTOCOL_VERSION, hostname="web-01.example.com",
+        running_jobs=["backups/nightly-web-01-29012345"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry", "limit"), [(0, 1.0), (1, 2.0), (2, 4.0), (5, 32.0), (6, 60.0), (1000, 60.0)]
+)
+def test_backoff_doubles_up_to_the_cap_with_full_jitter(retry: int, limit: float) -> None:
+    backoff = Backoff(base=1.0, cap=60.0)
+
+    assert backoff.delay(retry, HighestDelay()) == limit
+    assert 0 <= backoff.delay(retry, random.Random(retry)) <= limit
+
+
+async def test_a_refused_agent_retries_with_growing_backoff(clock: ManualClock, tmp_path: Path) -> None:
+    async with FakeOperator(token="another-token") as operator:
+        agent = Agent(operator, tmp_path, clock=clock)
+        agent.retries.hold()
+        async with agent.running():
+            await agent.retries.held(retries=1)
+            await agent.retries.release(2)
+            await agent.retries.held(retries=3)
+
+        assert operator.connections == 0
+        assert agent.retries.delays == [1.0, 2.0, 4.0]
+
+
+async def test_a_set_is_answered_with_applied_and_rejected(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with Agent(operator, tmp_path, clock=clock).running():
+        await operator.expect(protocol.Hello)
+        ack = await operator.apply(
+            [entry("ns/good", "0 2 * * *", generation=4), entry("ns/bad", "0 25 * * *")], version=9
+        )
+
+    assert ack.applied_at == T0
+    assert ack.applied == [protocol.AppliedEntry(id="ns/good", generation=4)]
+    assert [(r.id, r.generation) for r in ack.rejected] == [("ns/bad", 1)]
+    assert "hour must be 0-23" in ack.rejected[0].error
+
+
+async def test_a_seconds_level_schedule_fires_on_the_second(operator: FakeOperator, tmp_path: Path) -> None:
+    async with Agent(operator, tmp_path, clock=SystemClock()).running():
+        await operator.expect(protocol.Hello)
+        ack = await operator.apply([entry("ns/every-second", "* * * * * *")], version=1)
+        fire = await operator.expect(protocol.ScheduleFire)
+
+    assert (fire.id, fire.uid, fire.generation) == ("ns/every-second", "uid-ns/every-second", 1)
+    assert fire.scheduled_at.microsecond == 0
+    assert fire.scheduled_at > ack.applied_at
+
+
+async def test_after_a_dropped_connection_the_agent_reconnects_and_says_hello_again(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock, running=["ns/job-1"])
+    async with agent.running():
+        for connection in (1, 2, 3):
+            hello = await operator.expect(protocol.Hello)
+            assert hello.running_jobs == ["ns/job-1"]
+            await operator.apply([entry("ns/hourly", "0 * * * *")], version=connection)
+            if connection < 3:
+                await operator.drop()
+                await operator.wait_connected(connection + 1)
+
+    # the backoff starts again after every session that got as far as an ack
+    assert agent.retries.delays == [1.0, 1.0]
+
+
+async def test_a_fire_due_while_disconnected_is_delivered_once_after_the_ack(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    schedules = [entry("ns/hourly", "0 * * * *")]
+    agent = Agent(operator, tmp_path, clock=clock)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)
+        agent.retries.hold()
+        await operator.drop()
+        await agent.retries.held()
+
+        await clock.run_until(at("2026-03-02T13:30:00+00:00"))  # 11:00, 12:00 and 13:00 pass
+        await agent.retries.release()
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)  # apply() checks the ack comes first
+        fire = await operator.expect(protocol.ScheduleFire)
+        await operator.apply(schedules, version=2)  # the next frame is this ack: no second fire
+
+        assert fire.scheduled_at == at("2026-03-02T13:00:00+00:00")
+        assert len(agent.outbox) == 0
+
+
+async def test_a_job_done_while_disconnected_is_delivered_after_reconnect(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    done = protocol.JobDone(job="ns/job-1", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=T0)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        agent.retries.hold()
+        await operator.drop()
+        await agent.retries.held()
+
+        await agent.mailbox.post(done)  # as the runner reports a job that ended meanwhile
+        await agent.retries.release()
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+
+        assert await operator.expect(protocol.JobDone) == done
+
+
+async def test_a_message_the_operator_never_read_is_sent_again_after_reconnect(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    done = protocol.JobDone(job="ns/job-1", outcome=protocol.Outcome.FAILED, exit_code=1, finished_at=T0)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        operator.deafen()
+        await agent.mailbox.post(done)
+        await operator.wait_unread()  # sent, but stuck in a socket nobody reads
+        await operator.drop()
+
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        assert await operator.expect(protocol.JobDone) == done
+
+
+async def test_undelivered_messages_survive_an_agent_restart(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    schedules = [entry("ns/hourly", "0 * * * *")]
+    first = Agent(operator, tmp_path, clock=clock)
+    async with first.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)
+        first.retries.hold()
+        await operator.drop()
+        await first.retries.held()
+        await clock.run_until(at("2026-03-02T11:10:00+00:00"))  # 11:00 fires, undeliverable
+
+    clock_after_restart = ManualClock(at("2026-03-02T11:20:00+00:00"))
+    async with Agent(operator, tmp_path, clock=clock_after_restart).running():
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)
+        fire = await operator.expect(protocol.ScheduleFire)
+        await operator.apply(schedules, version=2)
+
+    assert fire.scheduled_at == at("2026-03-02T11:00:00+00:00")
+
+
+async def test_an_invalid_frame_is_answered_with_an_error_and_the_agent_keeps_working(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with Agent(operator, tmp_path, clock=clock).running():
+        await operator.expect(protocol.Hello)
+        await operator.send_raw('{"type": "schedule.set", "id": "f-1", "payload": {"version": -1, "schedules": []}}')
+        error = await operator.expect(protocol.Error)
+        await operator.send_raw(b"\x00binary")
+        binary_error = await operator.expect(protocol.Error)
+        await operator.send(protocol.ScheduleFire(id="ns/a", uid="u", generation=1, scheduled_at=T0), frame_id="f-3")
+        wrong_way = await operator.expect(protocol.Error)
+
+        ack = await operator.apply([entry("ns/a", "0 * * * *")], version=1)
+
+    assert (error.code, error.ref) == ("invalid-frame", "f-1")
+    assert "schedule.set: version" in error.message
+    assert "binary frames" in binary_error.message
+    assert (wrong_way.code, wrong_way.ref) == ("invalid-frame", "f-3")
+    assert [a.id for a in ack.applied] == ["ns/a"]
+    assert operator.connections == 1
+
+
+async def test_commands_reach_the_runner(operator: FakeOperator, clock: ManualClock, tmp_path: Path) -> None:
+    command = protocol.CommandRun(
+        job="backups/nightly-web-01-29012345", type=protocol.JobType.BACKUP,
+        args=protocol.BackupArgs(paths=["/etc"]),
+        repository=protocol.Repository(url="/srv/restic", env={"RESTIC_PASSWORD": "pw"}),
+    )
+    agent = Agent(operator, tmp_path, clock=clock)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        await operator.send(command)
+        async with asyncio.timeout(TIMEOUT):
+            received = await agent.runner.commands.get()
+        await operator.send(protocol.CommandCancel(job=command.job))
+        await operator.apply([], version=2)  # frames are handled in order: the cancel came first
+
+    assert received == command
+    assert agent.runner.cancelled == [command.job]
+
+
+async def test_shutdown_closes_the_socket_with_a_reason_and_ends_the_jobs(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+
+    await operator.wait_closed(1)
+    assert operator.closes == [(1001, SHUTDOWN_REASON)]
+    assert agent.runner.closed
