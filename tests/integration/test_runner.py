@@ -1,0 +1,418 @@
+"""agent/runner.py against the real restic binary (the pinned 0.19.1), repositories in tmp_path.
+
+Long runs are made with a large sparse file: restic reads it at disk-cache speed for a minute,
+so a cancel or a timeout always lands mid-backup, and the file costs no disk space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from restic_manager import protocol
+from restic_manager.agent import restic as rules
+from restic_manager.agent.runner import JobRunner, ResticUnavailable, restic_version
+from restic_manager.protocol import Outcome
+
+pytestmark = pytest.mark.restic
+
+PASSWORD = "runner-test-password-7f3c9a"
+HOST = "test-host"
+AGENT_SECRET = "agent-only-secret-value-41d2"  # in the agent's environment; must not reach restic
+EVENT_TIMEOUT = 60.0  # generous: the machine is shared; reached only when something is broken
+
+
+class Recorder:
+    """The runner's `send`: keeps every payload and lets a test await one."""
+
+    def __init__(self) -> None:
+        self.payloads: list[protocol.Payload] = []
+        self._changed = asyncio.Event()
+
+    async def send(self, payload: protocol.Payload) -> None:
+        protocol.decode(protocol.encode(payload))  # every payload must be a valid frame
+        self.payloads.append(payload)
+        self._changed.set()
+
+    async def first(self, predicate: Callable[[protocol.Payload], bool]) -> protocol.Payload:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while True:
+                for payload in self.payloads:
+                    if predicate(payload):
+                        return payload
+                self._changed.clear()
+                await self._changed.wait()
+
+    def of(self, kind: type[protocol.Payload], job: str) -> list[Any]:
+        return [p for p in self.payloads if isinstance(p, kind) and getattr(p, "job", None) == job]
+
+
+def command(job: str, job_type: str, args: dict[str, Any], repo: Path | str, *,
+            password: str = PASSWORD, timeout_seconds: int = 600) -> protocol.CommandRun:
+    return protocol.CommandRun.model_validate({
+        "job": f"backups/{job}",
+        "type": job_type,
+        "args": args,
+        "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": password}},
+        "timeoutSeconds": timeout_seconds,
+    })
+
+
+async def restic_json(restic_bin: Path, repo: Path, *args: str) -> Any:
+    """Ask restic itself about the repository (without taking a lock)."""
+    process = await asyncio.create_subprocess_exec(
+        str(restic_bin), "--json", "--no-lock", *args,
+        env={"PATH": os.environ.get("PATH", ""), "RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD,
+             "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return json.loads(stdout) if args[0] != "list" else stdout.decode().split()
+
+
+@pytest.fixture(scope="module")
+def template_repo(restic_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One initialised repository per module; each test gets a copy (init costs a key derivation)."""
+    repo = tmp_path_factory.mktemp("template") / "repo"
+    subprocess.run(
+        [str(restic_bin), "init"], check=True, capture_output=True,
+        env={"PATH": os.environ.get("PATH", ""), "RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD,
+             "RESTIC_CACHE_DIR": str(repo.parent / "cache")},
+    )
+    return repo
+
+
+@pytest.fixture
+def repo(template_repo: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "repo"
+    shutil.copytree(template_repo, target)
+    return target
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Random data big enough for restic to report progress, plus small files and a subdirectory."""
+    root = tmp_path / "src"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "big.bin").write_bytes(os.urandom(40 * 1024 * 1024))
+    for number in range(50):
+        (root / "sub" / f"file-{number}.txt").write_text(f"file {number}\n" * number)
+    (root / "sub" / "deeper" / "empty").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def slow_tree(tmp_path: Path) -> Path:
+    """A backup source restic needs about a minute for: one 64 GiB sparse file."""
+    root = tmp_path / "slow"
+    root.mkdir()
+    with open(root / "sparse.img", "wb") as handle:
+        handle.truncate(64 * 1024**3)
+    return root
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def runner(restic_bin: Path, recorder: Recorder, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[JobRunner]:
+    monkeypatch.setenv("RESTIC_MANAGER_TOKEN", AGENT_SECRET)
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, cache_dir=tmp_path / "cache",
+                       progress_interval=0.2, kill_grace=10.0)
+    try:
+        yield runner
+    finally:
+        await runner.aclose()
+
+
+async def run(runner: JobRunner, run_command: protocol.CommandRun) -> protocol.JobDone:
+    await runner.start(run_command)
+    done = await runner.wait(run_command.job)
+    assert done is not None
+    return done
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def is_progress(job: str) -> Callable[[protocol.Payload], bool]:
+    return lambda p: isinstance(p, protocol.JobProgress) and p.job == job and p.bytes_done > 0
+
+
+async def test_restic_version(restic_bin: Path) -> None:
+    assert await restic_version(restic_bin) == "0.19.1"
+    with pytest.raises(ResticUnavailable, match="restic binary /nonexistent/restic"):
+        await restic_version("/nonexistent/restic")
+
+
+async def test_init_creates_the_repository_and_init_on_an_existing_one_is_not_an_error(
+    runner: JobRunner, recorder: Recorder, tmp_path: Path
+) -> None:
+    repo = tmp_path / "fresh"
+    created = await run(runner, command("init-1", "init", {}, repo))
+    assert (created.outcome, created.exit_code, created.error) == (Outcome.SUCCEEDED, 0, "")
+    assert (repo / "config").is_file()
+    assert any(line.startswith("created restic repository") for line in created.log_tail)
+
+    again = await run(runner, command("init-2", "init", {}, repo))
+    assert (again.outcome, again.error) == (Outcome.SUCCEEDED, "repository is already initialized; nothing to do")
+    assert len(recorder.of(protocol.JobStarted, "backups/init-2")) == 1
+    assert len(recorder.of(protocol.JobDone, "backups/init-2")) == 1
+
+
+async def test_backup_reports_progress_and_the_summary_of_a_real_snapshot(
+    runner: JobRunner, recorder: Recorder, repo: Path, tree: Path, restic_bin: Path
+) -> None:
+    job = command("backup", "backup", {"paths": [str(tree)], "tags": ["nightly"], "exclude": ["*.tmp"]}, repo)
+    (tree / "skip.tmp").write_text("excluded")
+    done = await run(runner, job)
+
+    assert (done.outcome, done.exit_code, done.error) == (Outcome.SUCCEEDED, 0, "")
+    assert done.summary is not None and done.summary.snapshot_id
+    assert done.summary.files_new == 52  # big.bin, 50 small files, the empty one; not skip.tmp
+    assert done.summary.total_bytes_processed == tree_bytes(tree) - len("excluded")
+    started = recorder.of(protocol.JobStarted, job.job)
+    progress = recorder.of(protocol.JobProgress, job.job)
+    assert len(started) == 1 and recorder.payloads.index(started[0]) < recorder.payloads.index(progress[0])
+    assert any(p.bytes_done > 0 and p.total_bytes > 0 for p in progress)
+    assert recorder.payloads[-1] == done and len(recorder.of(protocol.JobDone, job.job)) == 1
+
+    snapshots = await restic_json(restic_bin, repo, "snapshots")
+    assert [(s["id"], s["hostname"], s["tags"]) for s in snapshots] == [(done.summary.snapshot_id, HOST, ["nightly"])]
+
+
+async def test_forget_applies_the_policy_to_this_host_only(
+    runner: JobRunner, repo: Path, tree: Path, restic_bin: Path
+) -> None:
+    for number in range(3):
+        (tree / "changing.txt").write_text(f"version {number}")
+        assert (await run(runner, command(f"backup-{number}", "backup", {"paths": [str(tree)]}, repo))).outcome is Outcome.SUCCEEDED
+    other_host = await asyncio.create_subprocess_exec(
+        str(restic_bin), "backup", "--host", "other-host", str(tree / "sub"),
+        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")},
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert await other_host.wait() == 0
+
+    done = await run(runner, command("forget", "forget", {"keepLast": 1, "prune": True}, repo))
+
+    assert (done.outcome, done.error) == (Outcome.SUCCEEDED, "")
+    assert "forget: kept 1, removed 2 snapshot(s) in 1 group(s)" in done.log_tail
+    remaining = await restic_json(restic_bin, repo, "snapshots")
+    assert sorted(s["hostname"] for s in remaining) == ["other-host", HOST]
+
+
+async def test_check_reads_a_subset_of_the_data(runner: JobRunner, repo: Path, tree: Path) -> None:
+    assert (await run(runner, command("backup", "backup", {"paths": [str(tree)]}, repo))).outcome is Outcome.SUCCEEDED
+    done = await run(runner, command("check", "check", {"readDataSubset": "50%"}, repo))
+    assert (done.outcome, done.exit_code, done.error) == (Outcome.SUCCEEDED, 0, "")
+    assert "check: no errors were found" in done.log_tail
+
+
+async def test_restore_gives_back_the_same_bytes(runner: JobRunner, repo: Path, tree: Path, tmp_path: Path) -> None:
+    assert (await run(runner, command("backup", "backup", {"paths": [str(tree)]}, repo))).outcome is Outcome.SUCCEEDED
+    target = tmp_path / "restored"
+    done = await run(runner, command("restore", "restore", {"target": str(target)}, repo))
+
+    assert (done.outcome, done.error) == (Outcome.SUCCEEDED, "")
+    restored_root = target / tree.relative_to("/")
+    originals = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    assert sorted(p.relative_to(restored_root) for p in restored_root.rglob("*")) == originals
+    for relative in originals:
+        if (tree / relative).is_file():
+            assert (restored_root / relative).read_bytes() == (tree / relative).read_bytes(), relative
+    # restore counts directories (those above the backed-up path too) among its files
+    assert done.summary is not None and done.summary.total_bytes_processed == tree_bytes(tree)
+
+
+async def test_cancel_interrupts_restic_and_leaves_no_lock(
+    runner: JobRunner, recorder: Recorder, repo: Path, slow_tree: Path, restic_bin: Path
+) -> None:
+    job = command("long-backup", "backup", {"paths": [str(slow_tree)]}, repo)
+    await runner.start(job)
+    await runner.start(job)  # a repeated command.run does not start a second restic
+    await recorder.first(is_progress(job.job))
+    assert runner.running() == [job.job]
+
+    assert await runner.cancel(job.job)
+    done = await runner.wait(job.job)
+
+    assert done is not None
+    assert (done.outcome, done.error) == (Outcome.CANCELLED, "backup cancelled: restic was interrupted")
+    assert done.exit_code == 130  # restic handled the SIGINT itself
+    assert runner.running() == []
+    assert await runner.cancel(job.job) is False
+    assert len(recorder.of(protocol.JobStarted, job.job)) == 1
+    assert len(recorder.of(protocol.JobDone, job.job)) == 1
+    assert await restic_json(restic_bin, repo, "list", "locks") == []
+
+
+async def test_timeout_stops_restic_and_fails_the_job(
+    runner: JobRunner, repo: Path, slow_tree: Path, restic_bin: Path
+) -> None:
+    done = await run(runner, command("too-slow", "backup", {"paths": [str(slow_tree)]}, repo, timeout_seconds=2))
+    assert (done.outcome, done.error) == (Outcome.FAILED, "backup timed out after 2 s: restic was interrupted")
+    assert await restic_json(restic_bin, repo, "list", "locks") == []
+
+
+async def test_a_stale_lock_is_removed_and_the_job_retried_once(
+    runner: JobRunner, repo: Path, slow_tree: Path, restic_bin: Path
+) -> None:
+    # A restic killed with SIGKILL leaves its lock behind; check needs an exclusive lock.
+    crashed = await asyncio.create_subprocess_exec(
+        str(restic_bin), "--json", "backup", str(slow_tree),
+        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert crashed.stdout is not None
+    await crashed.stdout.readline()  # a status line: it holds its lock now
+    crashed.kill()
+    await crashed.wait()
+    assert len(await restic_json(restic_bin, repo, "list", "locks")) == 1
+
+    done = await run(runner, command("check", "check", {}, repo))
+
+    assert (done.outcome, done.error) == (Outcome.SUCCEEDED, "")
+    assert any("repository is already locked" in line for line in done.log_tail)
+    assert "agent: repository is locked; removing stale locks with `restic unlock`, then retrying once" in done.log_tail
+    assert await restic_json(restic_bin, repo, "list", "locks") == []
+
+
+async def test_wrong_password_fails_with_a_clear_message(runner: JobRunner, repo: Path, tree: Path) -> None:
+    done = await run(runner, command("backup", "backup", {"paths": [str(tree)]}, repo, password="not-the-password"))
+    assert (done.outcome, done.exit_code) == (Outcome.FAILED, 12)
+    assert done.error == "wrong password or no key found for repository: check the Repository's passwordSecretRef"
+    assert not any("not-the-password" in line for line in done.log_tail)
+
+
+async def test_missing_repository_fails_with_a_clear_message(runner: JobRunner, tmp_path: Path, tree: Path) -> None:
+    done = await run(runner, command("backup", "backup", {"paths": [str(tree)]}, tmp_path / "nothing-here"))
+    assert (done.outcome, done.exit_code) == (Outcome.FAILED, 10)
+    assert done.error.startswith("repository does not exist (unable to open config file: stat ")
+    assert done.error.endswith("; create it with an init job or spec.initialize on the Repository")
+
+
+async def test_a_backup_that_could_not_read_some_files_fails_but_names_its_snapshot(
+    runner: JobRunner, repo: Path, tree: Path, restic_bin: Path
+) -> None:
+    # /proc/self/mem cannot be read from the start: restic saves the rest and exits 3.
+    done = await run(runner, command("partial", "backup", {"paths": [str(tree / "sub"), "/proc/self/mem"]}, repo))
+    assert (done.outcome, done.exit_code) == (Outcome.FAILED, 3)
+    assert done.summary is not None and done.summary.snapshot_id
+    assert done.error.startswith("backup incomplete: 1 source file(s) could not be read (first: ")
+    assert done.error.endswith(f"snapshot {done.summary.snapshot_id[:8]} was saved without them")
+    assert [s["id"] for s in await restic_json(restic_bin, repo, "snapshots")] == [done.summary.snapshot_id]
+
+
+async def test_a_missing_restic_binary_fails_the_job(recorder: Recorder, repo: Path) -> None:
+    runner = JobRunner(restic="/nonexistent/restic", host=HOST, send=recorder.send)
+    try:
+        done = await run(runner, command("prune", "prune", {}, repo))
+    finally:
+        await runner.aclose()
+    assert (done.outcome, done.exit_code) == (Outcome.FAILED, None)
+    assert done.error == "cannot run restic /nonexistent/restic: No such file or directory"
+    assert recorder.payloads == [done]
+
+
+async def test_a_refused_repository_env_fails_the_job_without_running_restic(
+    runner: JobRunner, recorder: Recorder, repo: Path
+) -> None:
+    job = protocol.CommandRun.model_validate({
+        "job": "backups/evil", "type": "prune", "args": {},
+        "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": PASSWORD, "RESTIC_PASSWORD_COMMAND": "id"}},
+    })
+    done = await run(runner, job)
+    assert done.outcome is Outcome.FAILED
+    assert "RESTIC_PASSWORD_COMMAND': not allowed, it would run a command on the agent's host" in done.error
+    assert recorder.of(protocol.JobStarted, job.job) == []
+
+
+async def test_the_password_reaches_restic_only_through_its_environment(
+    runner: JobRunner, recorder: Recorder, repo: Path, slow_tree: Path, restic_bin: Path
+) -> None:
+    job = command("watched", "backup", {"paths": [str(slow_tree)]}, repo)
+    planned = rules.build_invocation(job, restic=restic_bin, host=HOST, base_env={})
+    assert PASSWORD not in " ".join(planned.argv) and planned.env["RESTIC_PASSWORD"] == PASSWORD
+
+    await runner.start(job)
+    await recorder.first(is_progress(job.job))
+    live = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid)[:1] == [str(restic_bin)]
+            and str(slow_tree) in _cmdline(pid)]
+    assert len(live) == 1
+    (pid,) = live
+    assert _cmdline(pid) == list(planned.argv)
+    assert PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"RESTIC_PASSWORD={PASSWORD}".encode() in environ
+    assert not any(AGENT_SECRET.encode() in entry for entry in environ)
+    assert await runner.cancel(job.job)
+    await runner.wait(job.job)
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:  # exited meanwhile
+        return []
+
+
+async def test_a_restic_that_ignores_sigint_is_killed_and_its_lock_removed(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    """restic cannot be made to ignore SIGINT, so a stand-in that does plays it here."""
+    calls = tmp_path / "calls.log"
+    stand_in = tmp_path / "stubborn-restic"
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "if 'unlock' in sys.argv: sys.exit(0)\n"
+        "print('{\"message_type\":\"status\",\"percent_done\":0.5,\"bytes_done\":1,\"total_bytes\":2}', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    stand_in.chmod(0o755)
+    runner = JobRunner(restic=stand_in, host=HOST, send=recorder.send, kill_grace=0.5)
+    job = command("stubborn", "backup", {"paths": ["/etc"]}, tmp_path / "repo")
+    try:
+        await runner.start(job)
+        await recorder.first(is_progress(job.job))
+        await runner.cancel(job.job)
+        done = await runner.wait(job.job)
+    finally:
+        await runner.aclose()
+
+    assert done is not None
+    assert (done.outcome, done.exit_code) == (Outcome.CANCELLED, 137)
+    assert "agent: restic did not stop within 0.5 s of SIGINT; sent SIGKILL" in done.log_tail
+    assert calls.read_text().splitlines() == [
+        f"--json backup --host {HOST} -- /etc",
+        "--json unlock",
+    ]
+
+
+async def test_aclose_cancels_every_running_job(
+    runner: JobRunner, recorder: Recorder, repo: Path, slow_tree: Path
+) -> None:
+    job = command("at-shutdown", "backup", {"paths": [str(slow_tree)]}, repo)
+    await runner.start(job)
+    await recorder.first(is_progress(job.job))
+    await runner.aclose()
+    (done,) = recorder.of(protocol.JobDone, job.job)
+    assert done.outcome is Outcome.CANCELLED
+    assert runner.running() == []
