@@ -30,7 +30,7 @@ cluster-down:
 	$(PYTHON) testbin/controlplane.py down
 
 demo: venv binaries
-	$(BIN)/python demo/demo.py
+	$(BIN)/python deploy/demo.py
 
 clean: cluster-down
 	rm -rf .local $(VENV)

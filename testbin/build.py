@@ -19,6 +19,7 @@ checkout's .local/bin gets symlinks to the current builds.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -41,10 +42,6 @@ class Component:
     module: str  # the pinned upstream module whose version the go.mod requires
     packages: tuple[str, ...]
     ldflags: tuple[str, ...]  # "-X" targets; {version} is the pinned version
-
-    @property
-    def binaries(self) -> tuple[str, ...]:
-        return tuple(package.rsplit("/", 1)[-1] for package in self.packages)
 
 
 COMPONENTS = (
@@ -81,6 +78,7 @@ def cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "restic-manager"
 
 
+@functools.cache
 def go_version() -> str:
     if shutil.which("go") is None:
         raise BuildError(
@@ -172,10 +170,11 @@ def link(component: Component, directory: Path) -> None:
     LOCAL_BIN.mkdir(parents=True, exist_ok=True)
     for package in component.packages:
         name = binary_name(component, package)
-        link_path = LOCAL_BIN / name
-        if link_path.is_symlink() or link_path.exists():
-            link_path.unlink()
-        link_path.symlink_to(directory / name)
+        # Replace atomically: several test processes may link at once.
+        temporary = LOCAL_BIN / f".{name}.{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(directory / name)
+        os.replace(temporary, LOCAL_BIN / name)
 
 
 def ensure(names: list[str] | None = None) -> dict[str, Path]:

@@ -16,6 +16,7 @@ The pytest fixtures in tests/conftest.py use the same `ControlPlane` class.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -94,6 +95,11 @@ def write_kubeconfig(path: Path, *, server: str, pki: Path) -> None:
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML: kubectl and clients read it
 
 
+@functools.cache
+def kubectl_path() -> Path:
+    return build.ensure(["kubernetes"])["kubectl"]
+
+
 @dataclass
 class Cluster:
     """Any cluster reached through a kubeconfig: ours, or one given with --kubeconfig."""
@@ -102,7 +108,7 @@ class Cluster:
     directory: Path
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        kubectl = build.ensure(["kubernetes"])["kubectl"]
+        kubectl = kubectl_path()
         # A discovery cache of our own: a shared one goes stale when CRDs appear.
         result = subprocess.run(
             [str(kubectl), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.directory / 'kubectl-cache'}", *args],
