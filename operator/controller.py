@@ -1,0 +1,463 @@
+"""The operator's wiring: what happens when an object changes or an agent says something.
+
+kopf's watch events come in through :meth:`Controller.observe`; agents' frames through the
+:class:`~restic_manager.operator.server.SessionHandler` methods. Both only update the
+in-memory view and ask the loops for work (pushes, dispatch, status writes, token
+Secrets, history pruning); each loop is one task that :meth:`Controller.run` owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+from restic_manager import cron, protocol
+from restic_manager.operator import fires
+from restic_manager.operator import status as statuses
+from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.dispatch import Dispatcher, history_to_delete
+from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, NotFound, new_token
+from restic_manager.operator.pushes import Pusher, compile_schedule
+from restic_manager.operator.server import AgentServer, AuthError, Session
+from restic_manager.operator.store import (
+    API_VERSION, Agent, Change, Job, ObjectKey, Schedule, Store, format_time, parse_time,
+)
+from restic_manager.operator.targets import Index, selector_problem
+from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "token"
+PLURALS = ("agents", "schedules", "resticjobs")
+# After a start, how long an Agent the last operator saw connected may take to reconnect
+# before its status says it is not.
+RECONNECT_GRACE = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def token_secret_name(agent: str) -> str:
+    """``<agent>-agent-token``, shortened with a hash where an Agent name is very long."""
+    name = f"{agent}-agent-token"
+    if len(name) <= 253:
+        return name
+    return f"{agent[:230]}-{hashlib.sha256(agent.encode()).hexdigest()[:8]}-agent-token"
+
+
+def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "name": key.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+class HistoryKey(NamedTuple):
+    schedule: ObjectKey
+    agent: str
+
+
+class Controller:
+    def __init__(self, *, kube: Kube, namespaces: list[str] | None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._kube = kube
+        self._namespaces = namespaces
+        self._clock = clock
+        self.store = Store()
+        self.index = Index()
+        self.server = AgentServer(authenticate=self.authenticate, handler=self)
+        self.writer = StatusWriter(kube, render=self._render)
+        self.pusher = Pusher(schedules_of=self.index.schedules_of, session_of=self.server.session)
+        self.dispatcher = Dispatcher(store=self.store, kube=kube, writer=self.writer,
+                                     session_of=self.server.session, on_phase_change=self._job_phase_changed,
+                                     clock=clock)
+        self._books: dict[str, statuses.ScheduleBook] = {}   # by Schedule uid
+        self._agent_status: dict[str, dict[str, Any]] = {}  # by Agent uid: the status the operator owns
+        self._fire_locks: dict[ObjectKey, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent)
+        self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune)
+        self.refused = collections.Counter[str]()  # fire refusals by reason, for the log and tests
+        self.primed = asyncio.Event()
+        self._primed_at: datetime | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, *, host: str, port: int, started: Callable[[int], None] | None = None) -> None:
+        """Serve agents and run every loop until cancelled.
+
+        The port is bound first, so a taken port fails at once; agents are authenticated,
+        and status written, only once the view is primed.
+        """
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.server.serve(host, port, started=started), name="agent server")
+            await self._prime()
+            for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
+                                    ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
+                                    ("history", self._history.run())):
+                tasks.create_task(coroutine, name=name)
+
+    async def _prime(self) -> None:
+        """List every kind once, so the view is complete before any agent is served.
+
+        kopf's watch runs meanwhile; the store keeps whichever version is newer.
+        """
+        for plural in PLURALS:
+            bodies, version = await self._kube.list_objects(plural, self._namespaces)
+            collection = self._collection(plural)
+            scope = set(self._namespaces) if self._namespaces is not None else None
+            for change in collection.reconcile_listing(bodies, version, namespaces=scope):
+                self._changed(plural, change)
+            collection.mark_primed()
+        self.primed.set()
+        self._primed_at = self._clock()
+        for agent in self.store.agents:
+            self._agents.mark(agent.key, delay=RECONNECT_GRACE)
+        log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
+                 len(self.store.schedules.objects), len(self.store.jobs.objects))
+
+    # --- kopf's watch events ----------------------------------------------------------------
+
+    def observe(self, plural: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        collection = self._collection(plural)
+        change = collection.delete(body) if event_type == "DELETED" else collection.upsert(body)
+        if change is not None:
+            self._changed(plural, change)
+
+    def _collection(self, plural: str) -> Any:
+        return {"agents": self.store.agents, "schedules": self.store.schedules, "resticjobs": self.store.jobs}[plural]
+
+    def _changed(self, plural: str, change: Change[Any]) -> None:
+        if plural == "agents":
+            self._agent_changed(change.old, change.new)
+        elif plural == "schedules":
+            self._schedule_changed(change.old, change.new)
+        else:
+            self._job_changed(change.old, change.new)
+
+    def _agent_changed(self, old: Agent | None, new: Agent | None) -> None:
+        if new is None:
+            assert old is not None
+            self.pusher.request(self.index.remove_agent(old.key))
+            self._agent_status.pop(old.uid, None)
+            self.writer.forget("agents", old.key)
+            self._mark_schedules_in(old.key.namespace)
+            self._agents.mark(old.key)  # ends its connection
+            return
+        if old is not None and old.uid != new.uid:
+            self._agent_status.pop(old.uid, None)
+        self.pusher.request(self.index.put_agent(new))
+        if old is None or old.labels != new.labels or old.deleting != new.deleting:
+            self._mark_schedules_in(new.key.namespace)
+        self._agents.mark(new.key)
+
+    def _schedule_changed(self, old: Schedule | None, new: Schedule | None) -> None:
+        if new is None:
+            assert old is not None
+            self.pusher.request(self.index.remove_schedule(old.key))
+            self._books.pop(old.uid, None)
+            self.writer.forget("schedules", old.key)
+            return
+        if old is not None and old.uid != new.uid:
+            self._books.pop(old.uid, None)
+        self.pusher.request(self.index.put_schedule(new))
+        self.writer.mark("schedules", new.key)
+
+    def _job_changed(self, old: Job | None, new: Job | None) -> None:
+        job = new or old
+        assert job is not None
+        if new is None or (old is not None and old.uid != new.uid):
+            assert old is not None
+            self.dispatcher.forget(old)
+        if new is not None:
+            self.dispatcher.request(new.key)
+        if job.schedule_key is not None:
+            self.writer.mark("schedules", job.schedule_key)
+
+    def _mark_schedules_in(self, namespace: str) -> None:
+        for schedule in self.store.schedules.in_namespace(namespace):
+            self.writer.mark("schedules", schedule.key)
+
+    # --- agents: authentication and tokens --------------------------------------------------
+
+    async def authenticate(self, hello: protocol.Hello, token: str) -> ObjectKey:
+        """The Agent whose token Secret holds ``token`` and whose name the hello gives."""
+        await self.primed.wait()
+        candidates = [agent for agent in self.store.agents_named(hello.agent) if not agent.deleting]
+        if not candidates:
+            raise AuthError(f"no Agent named {hello.agent} exists; create the Agent resource first")
+        for agent in candidates:
+            name = self.agent_status(agent).get("tokenSecretName") or token_secret_name(agent.key.name)
+            try:
+                data = await self._kube.read_secret(ObjectKey(agent.key.namespace, name))
+            except NotFound:
+                continue
+            expected = data.get(TOKEN_KEY, "")
+            if expected and hmac.compare_digest(expected.encode(), token.encode()):
+                return agent.key
+        raise AuthError(f"the bearer token is not the one issued for Agent {hello.agent}")
+
+    def agent_status(self, agent: Agent) -> dict[str, Any]:
+        if agent.uid not in self._agent_status:
+            self._agent_status[agent.uid] = dict(agent.status)
+        return self._agent_status[agent.uid]
+
+    def _set_agent_status(self, agent: Agent, new: dict[str, Any], *, delay: float = 0.0) -> None:
+        if new != self.agent_status(agent):
+            self._agent_status[agent.uid] = new
+            self.writer.mark("agents", agent.key, delay=delay)
+
+    async def _reconcile_agent(self, key: ObjectKey) -> None:
+        """An Agent has its token Secret; a deleted one has no connection; one that has not
+        come back since the operator started is not shown as connected."""
+        agent = self.store.agents.get(key)
+        session = self.server.session(key)
+        if agent is None or agent.deleting:
+            if session is not None:
+                await self.server.close_agent(key, "the Agent resource was deleted")
+            return
+        status = self.agent_status(agent)
+        if not status.get("tokenSecretName"):
+            await self._create_token(agent)
+        if session is None and status.get("connected") and self._reconnect_grace_over():
+            self._set_agent_status(agent, statuses.agent_disconnected(
+                status, why="not reconnected since the operator restarted", now=self._clock()))
+
+    def _reconnect_grace_over(self) -> bool:
+        if self._primed_at is None:
+            return False
+        return (self._clock() - self._primed_at).total_seconds() >= RECONNECT_GRACE
+
+    async def _create_token(self, agent: Agent) -> None:
+        """Create the Agent's token Secret once and record its name in the Agent's status."""
+        secret = ObjectKey(agent.key.namespace, token_secret_name(agent.key.name))
+        try:
+            await self._kube.create_secret(secret, {TOKEN_KEY: new_token()},
+                                           owner=owner_reference("Agent", agent.key, agent.uid))
+            log.info("Agent %s: created token Secret %s", agent.key, secret.name)
+        except AlreadyExists:
+            pass  # made by an earlier run: keep the token the agent already has
+        self._set_agent_status(agent, {**self.agent_status(agent), "tokenSecretName": secret.name})
+
+    # --- agents: the session handler --------------------------------------------------------
+
+    async def on_connect(self, session: Session) -> None:
+        agent = self.store.agents.get(session.agent)
+        if agent is not None:
+            self._set_agent_status(agent, statuses.agent_connected(
+                self.agent_status(agent), session.hello, peer=session.peer, now=self._clock()))
+        self.pusher.request([session.agent], delay=0.0)  # the agent waits for its set
+        self.dispatcher.request_agent(session.agent)
+        for schedule in self.index.schedules_of(session.agent):
+            self.writer.mark("schedules", schedule.key)
+        for job_id in session.hello.running_jobs:
+            job = self.store.jobs.get(ObjectKey.parse(job_id))
+            if job is None or job.deleting or job.agent_key != session.agent:
+                log.info("agent %s runs job %s, which no longer exists: cancelling it", session.agent, job_id)
+                await session.send(protocol.CommandCancel(job=job_id))
+
+    async def on_disconnect(self, session: Session) -> None:
+        agent = self.store.agents.get(session.agent)
+        if agent is not None:
+            why = f"connection closed (code {session.connection.close_code})"
+            self._set_agent_status(agent, statuses.agent_disconnected(self.agent_status(agent), why=why,
+                                                                      now=self._clock()))
+        for schedule in self.index.schedules_of(session.agent):
+            self.writer.mark("schedules", schedule.key)
+
+    async def on_message(self, session: Session, frame: protocol.Frame) -> None:
+        self._seen(session)
+        match frame.payload:
+            case protocol.ScheduleAck() as ack:
+                self._on_ack(session, ack)
+            case protocol.ScheduleFire() as fire:
+                await self._on_fire(session, fire)
+            case protocol.JobStarted() | protocol.JobProgress() | protocol.JobDone() as report:
+                if not self._owns(session, report.job):
+                    await session.send(protocol.Error(
+                        code="forbidden", ref=frame.id,
+                        message=f"{frame.type}: job {report.job} is not a job of agent {session.agent.name}"))
+                    return
+                await self.dispatcher.on_report(session, report)
+            case protocol.Error() as error:
+                log.warning("agent %s reports %s about frame %s: %s",
+                            session.agent, error.code, error.ref, error.message)
+            case _:
+                await session.send(protocol.Error(
+                    code="invalid-frame", ref=frame.id,
+                    message=f"{frame.type} is sent by the operator, not by agents"))
+
+    def _owns(self, session: Session, job_id: str) -> bool:
+        """An agent reports only on jobs of its own namespace that name it (or that are gone)."""
+        key = ObjectKey.parse(job_id)
+        job = self.store.jobs.get(key)
+        return key.namespace == session.agent.namespace and (job is None or job.agent == session.agent.name)
+
+    def _seen(self, session: Session) -> None:
+        agent = self.store.agents.get(session.agent)
+        if agent is not None:
+            status = self.agent_status(agent)
+            self._agent_status[agent.uid] = {**status, "lastSeen": format_time(self._clock())}
+            self.writer.mark("agents", agent.key, delay=LAST_SEEN_INTERVAL)
+
+    def _on_ack(self, session: Session, ack: protocol.ScheduleAck) -> None:
+        applied = {entry.id: entry.generation for entry in ack.applied}
+        rejected = {entry.id: (entry.generation, entry.error) for entry in ack.rejected}
+        for schedule in self.store.schedules.in_namespace(session.agent.namespace):
+            book = self._book(schedule)
+            if book.record_ack(session.agent.name, applied=applied, rejected=rejected,
+                               schedule_id=schedule.id, at=ack.applied_at):
+                self.writer.mark("schedules", schedule.key)
+        agent = self.store.agents.get(session.agent)
+        if agent is not None:
+            self._set_agent_status(agent, {**self.agent_status(agent), "appliedVersion": ack.version})
+
+    # --- fires ------------------------------------------------------------------------------
+
+    async def _on_fire(self, session: Session, fire: protocol.ScheduleFire) -> None:
+        key = ObjectKey.parse(fire.id)
+        async with self._fire_locks[key]:
+            schedule = self.store.schedules.get(key) if key.namespace == session.agent.namespace else None
+            jobs: dict[str, str] = {}
+            if schedule is not None:
+                jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
+                        for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
+            decision = fires.decide(
+                fire=fire, agent=session.agent, schedule=schedule,
+                targeted=schedule is not None and session.agent in self.index.agents_of(schedule.key),
+                jobs=jobs, now=self._clock(),
+            )
+            book = self._book(schedule) if schedule is not None and schedule.uid == fire.uid else None
+            if book is not None:
+                previous = book.last_fire.get(session.agent.name)
+                if previous is None or fire.scheduled_at > previous:
+                    book.last_fire[session.agent.name] = fire.scheduled_at
+                    self.writer.mark("schedules", key)
+            if decision.verdict is fires.Verdict.CREATE:
+                assert schedule is not None and book is not None
+                await self._create_job(schedule, book, session.agent.name, decision, fire)
+            elif decision.verdict is fires.Verdict.DUPLICATE:
+                log.info("Schedule %s: %s", fire.id, decision.message)
+            else:
+                await self._refuse(schedule if book is not None else None, book, decision)
+
+    async def _create_job(self, schedule: Schedule, book: statuses.ScheduleBook, agent: str,
+                          decision: fires.Decision, fire: protocol.ScheduleFire) -> None:
+        for name in decision.replace:
+            await self.dispatcher.cancel_for_replace(ObjectKey(schedule.key.namespace, name), by=decision.job_name)
+        created = None
+        for name in (decision.job_name, fires.job_name(schedule.key.name, agent, fire.scheduled_at, hashed=True)):
+            body = fires.job_body(schedule, agent=agent, name=name, scheduled_at=fire.scheduled_at)
+            try:
+                created = await self._kube.create("resticjobs", body)
+                break
+            except AlreadyExists:
+                existing = await self._kube.get("resticjobs", ObjectKey(schedule.key.namespace, name))
+                if fires.same_fire(existing, schedule_uid=schedule.uid, agent=agent, scheduled_at=fire.scheduled_at):
+                    log.info("Schedule %s: ResticJob %s exists already (fire delivered twice)", schedule.key, name)
+                    return
+                # Another Schedule/agent pair's job has this name: the hashed name is ours.
+        if created is None:
+            raise KubeError(f"Schedule {schedule.key}: no free ResticJob name for the fire at {fire.scheduled_at}")
+        log.info("Schedule %s: %s → ResticJob %s", schedule.key, decision.message, created["metadata"]["name"])
+        change = self.store.jobs.upsert(created)
+        if change is not None:
+            self._changed("resticjobs", change)
+        if book.last_schedule_time is None or fire.scheduled_at > book.last_schedule_time:
+            book.last_schedule_time = fire.scheduled_at
+        self.writer.mark("schedules", schedule.key)
+
+    async def _refuse(self, schedule: Schedule | None, book: statuses.ScheduleBook | None,
+                      decision: fires.Decision) -> None:
+        self.refused[decision.reason] += 1
+        log.warning("%s %s", f"Schedule {schedule.key}:" if schedule else "fire refused:", decision.message)
+        if schedule is None or book is None:
+            return
+        if decision.verdict is fires.Verdict.MISSED:
+            book.missed += 1
+        else:
+            book.refused += 1
+        self.writer.mark("schedules", schedule.key)
+        try:
+            await self._kube.post_event(
+                {"apiVersion": API_VERSION, "kind": "Schedule", "name": schedule.key.name,
+                 "namespace": schedule.key.namespace, "uid": schedule.uid},
+                type="Warning", reason=decision.reason, message=decision.message, now=self._clock())
+        except KubeError as error:
+            log.warning("Schedule %s: could not record Event %s: %s", schedule.key, decision.reason, error)
+
+    # --- jobs finishing ---------------------------------------------------------------------
+
+    def _job_phase_changed(self, job: Job, status: Mapping[str, Any]) -> None:
+        schedule_key = job.schedule_key
+        if schedule_key is None:
+            return
+        self.writer.mark("schedules", schedule_key)
+        schedule = self.store.schedules.get(schedule_key)
+        if schedule is None or job.schedule_ref is None or schedule.uid != job.schedule_ref.uid:
+            return
+        if statuses.phase_of(status) == "Succeeded":
+            book = self._book(schedule)
+            finished = parse_time(status.get("completionTime"))
+            if finished is not None and (book.last_successful_time is None or finished > book.last_successful_time):
+                book.last_successful_time = finished
+        if statuses.is_terminal(status):
+            self._history.mark(HistoryKey(schedule_key, job.agent))
+
+    async def _prune(self, key: HistoryKey) -> None:
+        schedule = self.store.schedules.get(key.schedule)
+        if schedule is None:
+            return
+        jobs = [(job, self.dispatcher.status_of(job))
+                for job in self.store.jobs_of_schedule(schedule.uid, agent=key.agent)]
+        for job_key in history_to_delete(jobs, succeeded=schedule.successful_jobs_history_limit,
+                                         failed=schedule.failed_jobs_history_limit):
+            log.info("Schedule %s: deleting ResticJob %s (beyond the history limit)", schedule.key, job_key.name)
+            await self._kube.delete("resticjobs", job_key)
+
+    # --- status rendering -------------------------------------------------------------------
+
+    def _book(self, schedule: Schedule) -> statuses.ScheduleBook:
+        if schedule.uid not in self._books:
+            self._books[schedule.uid] = statuses.ScheduleBook.from_status(schedule.status)
+        return self._books[schedule.uid]
+
+    def _render(self, target: Target) -> Rendered | None:
+        if target.plural == "schedules":
+            schedule = self.store.schedules.get(target.key)
+            return None if schedule is None or schedule.deleting else self._render_schedule(schedule)
+        if target.plural == "resticjobs":
+            job = self.store.jobs.get(target.key)
+            return None if job is None else Rendered(job.uid, job.status, self.dispatcher.status_of(job))
+        agent = self.store.agents.get(target.key)
+        return None if agent is None else Rendered(agent.uid, agent.status, self.agent_status(agent))
+
+    def _render_schedule(self, schedule: Schedule) -> Rendered:
+        now = self._clock()
+        book = self._book(schedule)
+        targets = [key.name for key in self.index.agents_of(schedule.key)]
+        connected = [name for name in targets if self.server.session(ObjectKey(schedule.key.namespace, name))]
+        compiled = compile_schedule(schedule)
+        resolved = next_fire = None
+        if isinstance(compiled, cron.Cron):
+            resolved = compiled.resolved
+            next_fire = compiled.next_after(now)
+        active = [job.key.name for job in self.store.jobs_of_schedule(schedule.uid)
+                  if not statuses.is_terminal(self.dispatcher.status_of(job)) and not job.deleting]
+        desired = statuses.schedule_status(
+            schedule, book=book, targets=targets, connected=connected, resolved=resolved,
+            next_fire=next_fire, active=active, no_agents=self._no_agents(schedule), now=now)
+        book.conditions = desired["conditions"]
+        return Rendered(schedule.uid, schedule.status, desired)
+
+    def _no_agents(self, schedule: Schedule) -> str:
+        problem = selector_problem(schedule)
+        if problem is not None:
+            return problem
+        if schedule.agent is not None:
+            return f"spec.agent: there is no Agent {schedule.agent} in namespace {schedule.key.namespace}"
+        return f"spec.agentSelector matches no Agent in namespace {schedule.key.namespace}"

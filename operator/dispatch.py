@@ -1,0 +1,339 @@
+"""The one dispatcher of ResticJobs, whether a fire or kubectl created them.
+
+Level-triggered: whenever a job, or its agent's connection, changes, :func:`next_step`
+compares the job's phase with what the agent's connection says and names the one thing to
+do; :class:`Dispatcher` carries it out:
+
+* Pending and its agent connected → read the Repository and its Secrets now, add the
+  cancel-on-delete finalizer, send ``command.run``, Running;
+* Running but the agent's hello did not list it and this connection never got it → the
+  agent lost it: Failed, reason AgentLost; the same when the agent stays away past the
+  job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays Running forever;
+* being deleted while Running → ``command.cancel`` to the agent, then let it go;
+* finished → drop the finalizer; prune the Schedule's history beyond its limits.
+
+``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from restic_manager import protocol
+from restic_manager.operator import status as statuses
+from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.kube import Kube, NotFound
+from restic_manager.operator.server import Session
+from restic_manager.operator.store import Job, ObjectKey, Store, parse_time
+from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
+
+log = logging.getLogger(__name__)
+
+FINALIZER = "resticmanager.io/cancel-on-delete"
+PLURAL = "resticjobs"
+RETRY_DELAY = 10.0  # a job waiting for its Repository or Secret looks again this often
+LOST_GRACE = 300.0  # beyond its timeout, how long a job waits for its agent to come back
+
+
+class Step(enum.Enum):
+    NOTHING = "nothing"
+    WAIT = "wait"          # Pending until its agent connects
+    DISPATCH = "dispatch"  # send command.run now
+    ADOPT = "adopt"        # Pending here, but the agent says it runs it: Running
+    LOSE = "lose"          # Running here, unknown to the agent: Failed/AgentLost
+    CANCEL = "cancel"      # deleted while running: command.cancel, then release
+    RELEASE = "release"    # remove the finalizer
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """What the agent's current connection says about its jobs."""
+
+    running: frozenset[str]     # listed in its hello
+    dispatched: frozenset[str]  # sent to it over this connection
+
+
+def give_up_at(job: Job, status: Mapping[str, Any]) -> datetime | None:
+    """When a Running job whose agent is away counts as lost: its timeout plus a grace."""
+    dispatched = parse_time(status.get("dispatchedAt")) or parse_time(status.get("startTime"))
+    if dispatched is None:
+        return None
+    return dispatched + timedelta(seconds=int(job.spec.get("timeoutSeconds", 14400)) + LOST_GRACE)
+
+
+def next_step(job: Job, status: Mapping[str, Any], agent: AgentView | None, *, now: datetime) -> Step:
+    """The one thing to do about ``job`` (``agent`` is None while its agent is not connected)."""
+    phase = statuses.phase_of(status)
+    job_id = str(job.key)
+    held = FINALIZER in job.finalizers
+    if job.deleting:
+        if phase == "Running" and agent is not None:
+            return Step.CANCEL
+        return Step.RELEASE if held else Step.NOTHING
+    if phase in statuses.TERMINAL_PHASES:
+        return Step.RELEASE if held else Step.NOTHING
+    if agent is None:
+        if phase == "Pending":
+            return Step.WAIT
+        deadline = give_up_at(job, status)
+        return Step.LOSE if deadline is not None and now >= deadline else Step.NOTHING
+    known = job_id in agent.running or job_id in agent.dispatched
+    if phase == "Pending":
+        return Step.ADOPT if known else Step.DISPATCH
+    return Step.NOTHING if known else Step.LOSE
+
+
+def history_to_delete(jobs: Sequence[tuple[Job, Mapping[str, Any]]], *, succeeded: int, failed: int) -> list[ObjectKey]:
+    """Finished jobs beyond the limits (newest kept), as the CronJob controller prunes."""
+
+    def newest_first(items: list[tuple[Job, Mapping[str, Any]]]) -> list[tuple[Job, Mapping[str, Any]]]:
+        def when(item: tuple[Job, Mapping[str, Any]]) -> tuple[datetime, str]:
+            job, status = item
+            moment = job.scheduled_at or parse_time(status.get("completionTime")) or job.created
+            assert moment is not None
+            return moment, job.key.name
+        return sorted(items, key=when, reverse=True)
+
+    done = [(job, status) for job, status in jobs if not job.deleting]
+    ok = newest_first([item for item in done if statuses.phase_of(item[1]) == "Succeeded"])
+    bad = newest_first([item for item in done if statuses.phase_of(item[1]) in ("Failed", "Cancelled")])
+    return [job.key for job, _ in ok[succeeded:] + bad[failed:]]
+
+
+class RepositoryUnavailable(Exception):
+    """The job's Repository or one of its Secrets cannot be read (yet)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidJob(Exception):
+    """The job's spec cannot become a command.run."""
+
+
+def command_args(job: Job) -> dict[str, Any]:
+    """The parameters block of the job's type (as in the spec, camelCase)."""
+    return dict(job.spec.get(job.type) or {})
+
+
+def repository_env(repository: Mapping[str, Any], secrets: Mapping[str, Mapping[str, str]], *,
+                   where: str) -> dict[str, str]:
+    """restic's environment for a Repository: RESTIC_PASSWORD plus every envFrom Secret's keys.
+
+    ``secrets`` maps Secret names to their data; ``where`` names the Repository in messages.
+    """
+    spec = repository.get("spec") or {}
+    ref = spec.get("passwordSecretRef") or {}
+    env: dict[str, str] = {}
+    for source in spec.get("envFrom") or []:
+        name = source["secretRef"]["name"]
+        env.update(secrets[name])
+    password = secrets[ref["name"]]
+    if ref["key"] not in password:
+        raise RepositoryUnavailable(
+            "SecretKeyNotFound",
+            f"{where}: spec.passwordSecretRef: Secret {ref['name']} has no key {ref['key']!r}")
+    env["RESTIC_PASSWORD"] = password[ref["key"]]
+    return env
+
+
+class Dispatcher:
+    """Carries out :func:`next_step` for every ResticJob, and takes the agents' job reports."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        kube: Kube,
+        writer: StatusWriter,
+        session_of: Callable[[ObjectKey], Session | None],
+        on_phase_change: Callable[[Job, Mapping[str, Any]], None],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._kube = kube
+        self._writer = writer
+        self._session_of = session_of
+        self._on_phase_change = on_phase_change
+        self._clock = clock
+        self._status: dict[str, dict[str, Any]] = {}  # by job uid: the status the operator owns
+        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile)
+
+    # --- what others call -------------------------------------------------------------------
+
+    def request(self, key: ObjectKey, *, delay: float = 0.0) -> None:
+        self._loop.mark(key, delay=delay)
+
+    def request_agent(self, agent: ObjectKey) -> None:
+        for job in self._store.jobs_on_agent(agent):
+            self.request(job.key)
+
+    async def run(self) -> None:
+        await self._loop.run()
+
+    def status_of(self, job: Job) -> dict[str, Any]:
+        """The operator's view of the job's status (seeded from the API on first sight)."""
+        if job.uid not in self._status:
+            self._status[job.uid] = dict(job.status)
+        return self._status[job.uid]
+
+    def forget(self, job: Job) -> None:
+        self._status.pop(job.uid, None)
+        self._writer.forget(PLURAL, job.key)
+
+    async def cancel_for_replace(self, job_key: ObjectKey, *, by: str) -> None:
+        """concurrencyPolicy Replace: stop ``job_key`` in favour of the job ``by``."""
+        job = self._store.jobs.get(job_key)
+        if job is None:
+            return
+        status = self.status_of(job)
+        phase = statuses.phase_of(status)
+        if phase == "Pending":
+            self._set(job, statuses.job_ended(status, phase="Cancelled", reason="Replaced",
+                                              message=f"replaced by {by} before it ran", now=self._clock()))
+            return
+        session = self._session_of(job.agent_key)
+        if phase == "Running" and session is not None:
+            await session.send(protocol.CommandCancel(job=str(job.key)))
+            self._set(job, {**status, "message": f"cancel requested: replaced by {by}"})
+
+    async def on_report(
+        self, session: Session, report: protocol.JobStarted | protocol.JobProgress | protocol.JobDone
+    ) -> None:
+        """A job.* message from ``session``'s agent (checked to be about its own job)."""
+        job = self._store.jobs.get(ObjectKey.parse(report.job))
+        if job is None or job.deleting:
+            if not isinstance(report, protocol.JobDone):
+                log.info("agent %s reports on job %s, which is gone: cancelling it", session.agent, report.job)
+                await session.send(protocol.CommandCancel(job=report.job))
+            return
+        status = self.status_of(job)
+        if isinstance(report, protocol.JobStarted):
+            self._set(job, statuses.job_started(status, report))
+        elif isinstance(report, protocol.JobProgress):
+            self._set(job, statuses.job_progress(status, report), delay=PROGRESS_INTERVAL)
+        else:
+            session.dispatched.discard(report.job)
+            self._set(job, statuses.job_done(status, report))
+            log.info("job %s: %s (exit code %s)", job.key, report.outcome.value, report.exit_code)
+
+    # --- the level-triggered reconcile --------------------------------------------------------
+
+    async def reconcile(self, key: ObjectKey) -> None:
+        job = self._store.jobs.get(key)
+        if job is None:
+            return
+        status = self.status_of(job)
+        session = self._session_of(job.agent_key)
+        view = AgentView(frozenset(session.hello.running_jobs), frozenset(session.dispatched)) if session else None
+        now = self._clock()
+        step = next_step(job, status, view, now=now)
+        if step is Step.WAIT:
+            self._set(job, statuses.job_waiting(
+                status, reason="AgentDisconnected", message=f"waiting for agent {job.agent} to connect"))
+        elif step is Step.ADOPT:
+            self._set(job, {**status, "phase": "Running", "message": f"running on agent {job.agent}"})
+        elif step is Step.DISPATCH:
+            assert session is not None
+            await self._dispatch(job, session)
+        elif step is Step.LOSE:
+            if view is None:
+                message = (f"agent {job.agent} has been away for longer than the job's timeoutSeconds; "
+                           "it is given up")
+            else:
+                message = (f"agent {job.agent} reconnected and does not run this job any more "
+                           "(restarted or killed while it ran)")
+            log.warning("job %s: %s", job.key, message)
+            self._set(job, statuses.job_ended(status, phase="Failed", reason=statuses.LOST, now=now,
+                                              message=message))
+        elif step is Step.NOTHING and view is None and statuses.phase_of(status) == "Running":
+            deadline = give_up_at(job, status)
+            if deadline is not None:
+                self.request(job.key, delay=(deadline - now).total_seconds())
+        elif step is Step.CANCEL:
+            assert session is not None
+            log.info("job %s deleted while running: cancelling it on agent %s", job.key, job.agent)
+            await session.send(protocol.CommandCancel(job=str(job.key)))
+            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=False)
+        elif step is Step.RELEASE:
+            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=False)
+
+    async def _dispatch(self, job: Job, session: Session) -> None:
+        status = self.status_of(job)
+        try:
+            command = await self._command(job)
+        except RepositoryUnavailable as problem:
+            self._set(job, statuses.job_waiting(status, reason=problem.reason, message=str(problem)))
+            self.request(job.key, delay=RETRY_DELAY)
+            return
+        except InvalidJob as problem:
+            self._set(job, statuses.job_ended(status, phase="Failed", reason="InvalidSpec",
+                                              message=str(problem), now=self._clock()))
+            return
+        if FINALIZER not in job.finalizers:
+            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=True)
+        current = self._store.jobs.get(job.key)
+        moved = current is None or current.uid != job.uid or current.deleting
+        if moved or self._session_of(job.agent_key) is not session:
+            self.request(job.key)  # the world moved while the Secrets were read: look again
+            return
+        session.dispatched.add(str(job.key))
+        self._set(job, statuses.job_dispatched(self.status_of(job), agent=job.agent, now=self._clock()))
+        if await session.send(command):
+            log.info("job %s: sent to agent %s", job.key, job.agent)
+        else:
+            session.dispatched.discard(str(job.key))
+            self._set(job, statuses.job_waiting(status, reason="AgentDisconnected",
+                                                message=f"waiting for agent {job.agent} to connect"))
+
+    async def _command(self, job: Job) -> protocol.CommandRun:
+        """command.run for ``job`` with the Repository's URL and credentials as they are now."""
+        namespace = job.key.namespace
+        repository_key = ObjectKey(namespace, job.repository)
+        where = f"ResticJob {job.key}: spec.repository {job.repository}"
+        try:
+            repository = await self._kube.get("repositories", repository_key)
+        except NotFound:
+            raise RepositoryUnavailable(
+                "RepositoryNotFound", f"{where}: no such Repository in namespace {namespace}") from None
+        spec = repository.get("spec") or {}
+        names = [spec.get("passwordSecretRef", {}).get("name", "")]
+        names += [source["secretRef"]["name"] for source in spec.get("envFrom") or []]
+        secrets: dict[str, dict[str, str]] = {}
+        for name in dict.fromkeys(names):
+            try:
+                secrets[name] = await self._kube.read_secret(ObjectKey(namespace, name))
+            except NotFound:
+                raise RepositoryUnavailable(
+                    "SecretNotFound", f"{where}: Secret {name} of Repository {repository_key} does not exist"
+                ) from None
+        env = repository_env(repository, secrets, where=f"Repository {repository_key}")
+        try:
+            return protocol.CommandRun.model_validate({
+                "job": str(job.key),
+                "type": job.type,
+                "args": command_args(job),
+                "repository": {"url": spec.get("url", ""), "env": env},
+                "timeoutSeconds": job.spec.get("timeoutSeconds", 14400),
+            })
+        except ValidationError as error:
+            raise InvalidJob(f"ResticJob {job.key}: {protocol.describe(error)}") from None
+
+    def _set(self, job: Job, new: dict[str, Any], *, delay: float = 0.0) -> None:
+        old = self.status_of(job)
+        if new == old:
+            return
+        self._status[job.uid] = new
+        self._writer.mark(PLURAL, job.key, delay=delay)
+        if statuses.phase_of(new) != statuses.phase_of(old) or new.get("reason") != old.get("reason"):
+            self._on_phase_change(job, new)
+            if statuses.is_terminal(new):
+                self.request(job.key)  # release the finalizer

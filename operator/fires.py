@@ -1,0 +1,174 @@
+"""Whether an agent's ``schedule.fire`` becomes a ResticJob, the job's name and its body.
+
+Like the CronJob controller, the job is named after its scheduled time, so a fire delivered
+twice (a retry after a reconnect, two operator replicas) names the same ResticJob and the
+second create meets AlreadyExists. Pure: the caller gathers the Schedule, the targeting
+answer and the Schedule's jobs on that agent, and carries out the decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from restic_manager.operator.store import API_VERSION, ObjectKey, Schedule, format_time
+from restic_manager.protocol import ScheduleFire
+
+MAX_NAME = 63
+LABEL_SCHEDULE = "resticmanager.io/schedule"
+LABEL_AGENT = "resticmanager.io/agent"
+ACTIVE_PHASES = frozenset({"Pending", "Running"})
+
+
+class Verdict(enum.Enum):
+    CREATE = "create"        # make the ResticJob (and cancel ``replace`` first)
+    DUPLICATE = "duplicate"  # the job for this fire exists already: done, nothing to report
+    REFUSED = "refused"      # not honoured; an Event and refusedFires
+    MISSED = "missed"        # past startingDeadlineSeconds; an Event and missedFires
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+    message: str
+    job_name: str = ""
+    replace: tuple[str, ...] = ()
+
+
+def job_name(schedule: str, agent: str, scheduled_at: datetime, *, hashed: bool = False) -> str:
+    """``<schedule>-<agent>-<stamp>``, a DNS-1123 label of at most 63 characters.
+
+    The stamp counts minutes since the epoch when the fire is on a whole minute (as the
+    CronJob controller does) and seconds otherwise, so seconds-level schedules never
+    collide: since 2001 a seconds stamp has 10 digits, and a minutes stamp keeps 8 until
+    the year 2160. A name that would be too long, or is asked to be ``hashed`` (because
+    another pair's plain name took it: Schedule a-b on agent c, Schedule a on agent b-c),
+    keeps its stamp and gets a hash of the schedule/agent pair in place of the prefix's tail.
+    """
+    seconds = int(scheduled_at.timestamp())
+    stamp = str(seconds // 60) if seconds % 60 == 0 else str(seconds)
+    prefix = _label_safe(f"{schedule}-{agent}")
+    name = f"{prefix}-{stamp}"
+    if not hashed and len(name) <= MAX_NAME and prefix == f"{schedule}-{agent}":
+        return name
+    digest = hashlib.sha256(f"{schedule}/{agent}".encode()).hexdigest()[:8]
+    room = MAX_NAME - len(stamp) - len(digest) - 2
+    return f"{prefix[:room].rstrip('-')}-{digest}-{stamp}"
+
+
+def same_fire(job: Mapping[str, Any], *, schedule_uid: str, agent: str, scheduled_at: datetime) -> bool:
+    """Whether the ResticJob ``job`` (a body) was made by this fire, not merely named alike."""
+    spec = job.get("spec") or {}
+    return (
+        (spec.get("scheduleRef") or {}).get("uid") == schedule_uid
+        and spec.get("agent") == agent
+        and spec.get("scheduledAt") == format_time(scheduled_at)
+    )
+
+
+def label_value(name: str) -> str:
+    """An object name as a label value (at most 63 characters; longer names end in a hash)."""
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:MAX_NAME - 9].rstrip('-.')}-{digest}"
+
+
+def _label_safe(text: str) -> str:
+    # Object names may hold dots (DNS subdomains); a DNS-1123 label may not.
+    return text.replace(".", "-")
+
+
+def decide(
+    *,
+    fire: ScheduleFire,
+    agent: ObjectKey,
+    schedule: Schedule | None,
+    targeted: bool,
+    jobs: Mapping[str, str],
+    now: datetime,
+) -> Decision:
+    """Whether ``agent``'s fire is honoured.
+
+    ``jobs`` maps the names of the Schedule's ResticJobs on that agent to their phases as
+    the operator knows them; ``targeted`` says whether the Schedule targets the agent now.
+    """
+    fire_key = ObjectKey.parse(fire.id)
+    when = format_time(fire.scheduled_at)
+    if fire_key.namespace != agent.namespace:
+        return Decision(Verdict.REFUSED, "ForeignNamespace",
+                        f"agent {agent} fired Schedule {fire.id} of another namespace")
+    if schedule is None or schedule.deleting:
+        return Decision(Verdict.REFUSED, "ScheduleNotFound",
+                        f"agent {agent} fired Schedule {fire.id}, which does not exist (any more)")
+    if schedule.uid != fire.uid:
+        return Decision(Verdict.REFUSED, "UidMismatch",
+                        f"agent {agent} fired Schedule {fire.id} with uid {fire.uid}, but the "
+                        f"Schedule of that name now has uid {schedule.uid} (it was recreated)")
+    name = job_name(schedule.key.name, agent.name, fire.scheduled_at)
+    for made in (name, job_name(schedule.key.name, agent.name, fire.scheduled_at, hashed=True)):
+        if made in jobs:
+            return Decision(Verdict.DUPLICATE, "AlreadyCreated",
+                            f"fire at {when} of agent {agent.name} already made ResticJob {made}", made)
+    if not targeted:
+        return Decision(Verdict.REFUSED, "NotTargeted",
+                        f"fire at {when} from agent {agent.name}: the Schedule does not target that agent")
+    if schedule.suspend:
+        return Decision(Verdict.REFUSED, "Suspended",
+                        f"fire at {when} from agent {agent.name}: spec.suspend is true")
+    if fire.generation > schedule.generation:
+        return Decision(Verdict.REFUSED, "UnknownGeneration",
+                        f"fire at {when} from agent {agent.name} names generation {fire.generation}, "
+                        f"newer than the Schedule's {schedule.generation}")
+    if fire.scheduled_at < schedule.created:
+        return Decision(Verdict.REFUSED, "BeforeCreation",
+                        f"fire at {when} from agent {agent.name} is older than the Schedule "
+                        f"(created {format_time(schedule.created)})")
+    deadline = schedule.starting_deadline_seconds
+    late = (now - fire.scheduled_at).total_seconds()
+    if deadline is not None and late > deadline:
+        return Decision(Verdict.MISSED, "MissedSchedule",
+                        f"fire at {when} from agent {agent.name} arrived {late:.0f}s late, past "
+                        f"spec.startingDeadlineSeconds {deadline}")
+    active = tuple(sorted(job for job, phase in jobs.items() if phase in ACTIVE_PHASES))
+    if active and schedule.concurrency_policy == "Forbid":
+        return Decision(Verdict.REFUSED, "ConcurrencyForbid",
+                        f"fire at {when} from agent {agent.name} skipped: concurrencyPolicy is Forbid "
+                        f"and {', '.join(active)} is still active")
+    replace = active if schedule.concurrency_policy == "Replace" else ()
+    return Decision(Verdict.CREATE, "Honoured", f"fire at {when} from agent {agent.name}", name, replace)
+
+
+def job_body(schedule: Schedule, *, agent: str, name: str, scheduled_at: datetime) -> dict[str, Any]:
+    """The ResticJob a fire of ``schedule`` on ``agent`` creates: the template plus where and why."""
+    spec = copy.deepcopy(dict(schedule.template))
+    spec.update(
+        agent=agent,
+        repository=schedule.repository,
+        scheduleRef={"name": schedule.key.name, "uid": schedule.uid},
+        scheduledAt=format_time(scheduled_at.astimezone(timezone.utc)),
+    )
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ResticJob",
+        "metadata": {
+            "name": name,
+            "namespace": schedule.key.namespace,
+            "labels": {LABEL_SCHEDULE: label_value(schedule.key.name), LABEL_AGENT: label_value(agent)},
+            "ownerReferences": [{
+                "apiVersion": API_VERSION,
+                "kind": "Schedule",
+                "name": schedule.key.name,
+                "uid": schedule.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": spec,
+    }

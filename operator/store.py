@@ -1,0 +1,280 @@
+"""The operator's in-memory view of Agents, Schedules and ResticJobs.
+
+Fed by two sources: kopf's watch events, and one listing per kind that the operator makes
+itself at startup so it knows when its view is complete ("primed") before it serves agents.
+The two may arrive in any order, so every update keeps the newer resourceVersion and a
+listing drops only objects it proves deleted (absent at a collection version newer than
+the object). Pure: no API calls; the I/O shells feed it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Generic, NamedTuple, TypeVar
+
+GROUP = "resticmanager.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Body = Mapping[str, Any]
+
+
+class ObjectKey(NamedTuple):
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> ObjectKey:
+        namespace, _, name = text.partition("/")
+        return cls(namespace, name)
+
+    @classmethod
+    def of(cls, body: Body) -> ObjectKey:
+        return cls(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with a Z, second precision, as Kubernetes writes its own times."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Agent:
+    key: ObjectKey
+    uid: str
+    resource_version: str
+    labels: Mapping[str, str]
+    deleting: bool
+    status: Mapping[str, Any]
+
+    @classmethod
+    def from_body(cls, body: Body) -> Agent:
+        meta = body["metadata"]
+        return cls(
+            key=ObjectKey.of(body),
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion", ""),
+            labels=dict(meta.get("labels") or {}),
+            deleting=bool(meta.get("deletionTimestamp")),
+            status=copy.deepcopy(dict(body.get("status") or {})),
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    key: ObjectKey
+    uid: str
+    resource_version: str
+    generation: int
+    created: datetime
+    deleting: bool
+    agent: str | None
+    agent_selector: Mapping[str, Any] | None
+    repository: str
+    expression: str
+    time_zone: str
+    suspend: bool
+    concurrency_policy: str
+    starting_deadline_seconds: int | None
+    successful_jobs_history_limit: int
+    failed_jobs_history_limit: int
+    template: Mapping[str, Any]
+    status: Mapping[str, Any]
+
+    @property
+    def id(self) -> str:
+        """The schedule's id on the wire: namespace/name."""
+        return str(self.key)
+
+    @classmethod
+    def from_body(cls, body: Body) -> Schedule:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        created = parse_time(meta.get("creationTimestamp"))
+        assert created is not None, "the API server always sets creationTimestamp"
+        return cls(
+            key=ObjectKey.of(body),
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion", ""),
+            generation=int(meta.get("generation", 1)),
+            created=created,
+            deleting=bool(meta.get("deletionTimestamp")),
+            agent=spec.get("agent"),
+            agent_selector=spec.get("agentSelector"),
+            repository=spec.get("repository", ""),
+            expression=spec.get("schedule", ""),
+            time_zone=spec.get("timeZone") or "UTC",
+            suspend=bool(spec.get("suspend", False)),
+            concurrency_policy=spec.get("concurrencyPolicy") or "Forbid",
+            starting_deadline_seconds=spec.get("startingDeadlineSeconds"),
+            successful_jobs_history_limit=int(spec.get("successfulJobsHistoryLimit", 3)),
+            failed_jobs_history_limit=int(spec.get("failedJobsHistoryLimit", 1)),
+            template=copy.deepcopy(dict(spec.get("template") or {})),
+            status=copy.deepcopy(dict(body.get("status") or {})),
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleRef:
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Job:
+    key: ObjectKey
+    uid: str
+    resource_version: str
+    created: datetime | None
+    deleting: bool
+    finalizers: tuple[str, ...]
+    agent: str
+    repository: str
+    type: str
+    spec: Mapping[str, Any]
+    schedule_ref: ScheduleRef | None
+    scheduled_at: datetime | None
+    status: Mapping[str, Any]
+
+    @property
+    def agent_key(self) -> ObjectKey:
+        return ObjectKey(self.key.namespace, self.agent)
+
+    @property
+    def schedule_key(self) -> ObjectKey | None:
+        return ObjectKey(self.key.namespace, self.schedule_ref.name) if self.schedule_ref else None
+
+    @classmethod
+    def from_body(cls, body: Body) -> Job:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        ref = spec.get("scheduleRef")
+        return cls(
+            key=ObjectKey.of(body),
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion", ""),
+            created=parse_time(meta.get("creationTimestamp")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            finalizers=tuple(meta.get("finalizers") or ()),
+            agent=spec.get("agent", ""),
+            repository=spec.get("repository", ""),
+            type=spec.get("type", ""),
+            spec=copy.deepcopy(dict(spec)),
+            schedule_ref=ScheduleRef(ref["name"], ref["uid"]) if ref else None,
+            scheduled_at=parse_time(spec.get("scheduledAt")),
+            status=copy.deepcopy(dict(body.get("status") or {})),
+        )
+
+
+T = TypeVar("T", Agent, Schedule, Job)
+
+
+def _newer(candidate: str, known: str) -> bool:
+    """Whether resourceVersion ``candidate`` is newer than ``known``.
+
+    etcd-backed API servers hand out increasing integers; anything else cannot be ordered,
+    so the latest arrival wins.
+    """
+    if candidate.isdigit() and known.isdigit():
+        return int(candidate) > int(known)
+    return True
+
+
+class Change(NamedTuple, Generic[T]):
+    old: T | None
+    new: T | None
+
+
+@dataclass
+class Collection(Generic[T]):
+    """All objects of one kind, keyed by namespace/name."""
+
+    parse: Callable[[Body], T]
+    objects: dict[ObjectKey, T] = field(default_factory=dict)
+    # Versions of deletions seen before the startup listing was reconciled, so a listing
+    # taken earlier cannot resurrect them. Cleared once the listing is in.
+    _tombstones: dict[ObjectKey, str] = field(default_factory=dict)
+    primed: bool = False
+
+    def get(self, key: ObjectKey) -> T | None:
+        return self.objects.get(key)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self.objects.values()))
+
+    def in_namespace(self, namespace: str) -> list[T]:
+        return [obj for key, obj in self.objects.items() if key.namespace == namespace]
+
+    def upsert(self, body: Body) -> Change[T] | None:
+        """Take a newer version of an object; None when ``body`` is not newer."""
+        new = self.parse(body)
+        old = self.objects.get(new.key)
+        if old is not None and old.uid == new.uid and not _newer(new.resource_version, old.resource_version):
+            return None
+        if not self.primed:
+            tomb = self._tombstones.get(new.key)
+            if tomb is not None and not _newer(new.resource_version, tomb):
+                return None
+            self._tombstones.pop(new.key, None)
+        self.objects[new.key] = new
+        return Change(old, new)
+
+    def delete(self, body: Body) -> Change[T] | None:
+        key = ObjectKey.of(body)
+        if not self.primed:
+            self._tombstones[key] = body["metadata"].get("resourceVersion", "")
+        old = self.objects.get(key)
+        if old is None or old.uid != body["metadata"].get("uid", old.uid):
+            return None
+        del self.objects[key]
+        return Change(old, None)
+
+    def reconcile_listing(
+        self, bodies: Sequence[Body], list_version: str, *, namespaces: set[str] | None = None
+    ) -> list[Change[T]]:
+        """Merge a full listing taken at collection version ``list_version``.
+
+        ``namespaces`` limits the listing's scope (None: every namespace).
+        """
+        changes = [change for body in bodies if (change := self.upsert(body)) is not None]
+        listed = {ObjectKey.of(body) for body in bodies}
+        for key, obj in list(self.objects.items()):
+            in_scope = namespaces is None or key.namespace in namespaces
+            if in_scope and key not in listed and not _newer(obj.resource_version, list_version):
+                del self.objects[key]
+                changes.append(Change(obj, None))
+        return changes
+
+    def mark_primed(self) -> None:
+        self.primed = True
+        self._tombstones.clear()
+
+
+@dataclass
+class Store:
+    agents: Collection[Agent] = field(default_factory=lambda: Collection(Agent.from_body))
+    schedules: Collection[Schedule] = field(default_factory=lambda: Collection(Schedule.from_body))
+    jobs: Collection[Job] = field(default_factory=lambda: Collection(Job.from_body))
+
+    def agents_named(self, name: str) -> list[Agent]:
+        return [agent for agent in self.agents if agent.key.name == name]
+
+    def jobs_of_schedule(self, uid: str, *, agent: str | None = None) -> list[Job]:
+        return [
+            job for job in self.jobs
+            if job.schedule_ref is not None and job.schedule_ref.uid == uid
+            and (agent is None or job.agent == agent)
+        ]
+
+    def jobs_on_agent(self, key: ObjectKey) -> list[Job]:
+        return [job for job in self.jobs.in_namespace(key.namespace) if job.agent == key.name]

@@ -1,0 +1,89 @@
+"""Status writes: one merge patch per object per burst of changes.
+
+Whoever changes what the operator knows about an object marks it here; the writer renders
+the object's whole status when its turn comes and patches only the difference from what it
+last wrote (or, the first time, from what the API showed). A thousand acks for one Schedule
+within the window are one patch; a job's progress is written at most every
+:data:`PROGRESS_INTERVAL`, its phase changes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.kube import Conflict, Kube, NotFound
+from restic_manager.operator.store import ObjectKey
+
+log = logging.getLogger(__name__)
+
+BURST_WINDOW = 0.05
+PROGRESS_INTERVAL = 2.0
+LAST_SEEN_INTERVAL = 30.0
+
+
+class Target(NamedTuple):
+    plural: str  # schedules, resticjobs or agents
+    key: ObjectKey
+
+
+class Rendered(NamedTuple):
+    uid: str
+    seen: Mapping[str, Any]  # the status as the API last showed it
+    desired: Mapping[str, Any]
+
+
+Render = Callable[[Target], Rendered | None]
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 merge patch that turns ``old`` into ``new`` (lists are replaced whole)."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            inner = merge_patch(before, value)
+            if inner:
+                patch[key] = inner
+        elif key not in old or before != value:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+class StatusWriter:
+    def __init__(self, kube: Kube, *, render: Render) -> None:
+        self._kube = kube
+        self._render = render
+        self._written: dict[tuple[Target, str], Mapping[str, Any]] = {}
+        self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write)
+
+    def mark(self, plural: str, key: ObjectKey, *, delay: float = BURST_WINDOW) -> None:
+        self._loop.mark(Target(plural, key), delay=delay)
+
+    def forget(self, plural: str, key: ObjectKey) -> None:
+        """Drop what was written for a deleted object."""
+        for written in [w for w in self._written if w[0] == (plural, key)]:
+            del self._written[written]
+
+    async def run(self) -> None:
+        await self._loop.run()
+
+    async def _write(self, target: Target) -> None:
+        rendered = self._render(target)
+        if rendered is None:
+            return
+        base = self._written.get((target, rendered.uid), rendered.seen)
+        patch = merge_patch(base, rendered.desired)
+        if not patch:
+            return
+        try:
+            await self._kube.patch_status(target.plural, target.key, patch, uid=rendered.uid)
+        except (NotFound, Conflict):
+            log.debug("%s %s (uid %s) is gone; status not written", target.plural, target.key, rendered.uid)
+            return
+        self._written[(target, rendered.uid)] = rendered.desired

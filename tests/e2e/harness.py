@@ -1,0 +1,343 @@
+"""End-to-end harness: the real control plane, `restic-manager operator` and `restic-manager
+agent` as subprocesses, real restic, and a namespace per test.
+
+    def test_x(world):
+        world.start_operator()
+        agent = world.add_agent("web-01")          # Agent resource, token, process
+        world.apply(schedule_yaml)
+        world.wait("schedule/nightly", "condition=Applied")
+
+Every process a test starts is stopped when it ends; their logs stay in the test's
+tmp_path (named in assertion messages) so a failure can be read.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RESTIC_MANAGER = Path(sys.executable).parent / "restic-manager"
+PASSWORD = "e2e-repository-password"
+WAIT = 60  # seconds any single expectation may take on a loaded two-core machine
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def eventually(what: str, probe: Callable[[], T | None], *, timeout: float = WAIT, interval: float = 0.25) -> T:
+    """Poll ``probe`` (an API read) until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Process:
+    """One `restic-manager` subprocess with its log file."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.popen is None or self.popen.poll() is not None, f"{self.name} is already running"
+        with open(self.log, "ab") as log:
+            log.write(f"--- start {datetime.now().isoformat()} ---\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          cwd=REPO)
+
+    def stop(self, *, timeout: float = 20) -> None:
+        """SIGTERM and wait: a clean shutdown."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            pytest.fail(f"{self.name} did not stop within {timeout}s of SIGTERM; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL: as if the host died (children in their own sessions, like restic, live on)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Proxy:
+    """A TCP relay between agents and the operator that a test can cut like a network.
+
+    ``relayed`` holds the moment each connection reached the operator, which says exactly
+    when an agent was back.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.relayed: list[datetime] = []
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="proxy", daemon=True)
+        self._thread.start()
+
+    def cut(self) -> None:
+        """Drop every relayed connection and refuse new ones until ``restore``."""
+        self._open.clear()
+        with self._lock:
+            for sock in self._sockets:
+                _close(sock)
+            self._sockets.clear()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def relayed_after(self, moment: datetime) -> datetime | None:
+        """When the first connection after ``moment`` reached the operator, if one has."""
+        with self._lock:
+            return next((at for at in self.relayed if at > moment), None)
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        _close(self.listener)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                _close(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+                self.relayed.append(datetime.now(timezone.utc))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close(source)
+        _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+@dataclass
+class World:
+    """One test's namespace, operator, agents and repository."""
+
+    kube: Any
+    namespace: str
+    directory: Path
+    restic: Path
+    operator_port: int = field(default_factory=free_port)
+    operator: Process | None = None
+    agents: dict[str, Process] = field(default_factory=dict)
+    proxies: list[Proxy] = field(default_factory=list)
+    holds: list[Path] = field(default_factory=list)
+
+    # --- kubectl ----------------------------------------------------------------------------
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.kube.kubectl("-n", self.namespace, *args, input=input, check=check)
+
+    def apply(self, manifest: str) -> None:
+        self.kubectl("apply", "-f", "-", input=textwrap.dedent(manifest))
+
+    def get(self, resource: str, *, check: bool = True) -> dict[str, Any] | None:
+        result = self.kubectl("get", resource, "-o", "json", check=check)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def items(self, kind: str) -> list[dict[str, Any]]:
+        return json.loads(self.kubectl("get", kind, "-o", "json").stdout)["items"]
+
+    def wait(self, resource: str, condition: str, *, timeout: int = WAIT) -> None:
+        """``kubectl wait --for=<condition>``: a watch, not a poll."""
+        result = self.kubectl("wait", f"--for={condition}", f"--timeout={timeout}s", resource, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"{resource} never reached {condition}: {result.stderr.strip()}\n"
+                        f"now: {json.dumps((self.get(resource, check=False) or {}).get('status'), indent=1)}\n"
+                        f"{self.logs()}")
+
+    def jobs(self, schedule: str | None = None) -> list[dict[str, Any]]:
+        jobs = self.items("resticjobs")
+        if schedule is not None:
+            jobs = [j for j in jobs if j["spec"].get("scheduleRef", {}).get("name") == schedule]
+        return sorted(jobs, key=lambda j: j["spec"].get("scheduledAt", j["metadata"]["creationTimestamp"]))
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        return [e for e in self.items("events") if e.get("reason") == reason]
+
+    def logs(self) -> str:
+        names = [p.log for p in ([self.operator] if self.operator else []) + list(self.agents.values())]
+        return "logs: " + ", ".join(str(n) for n in names)
+
+    # --- processes --------------------------------------------------------------------------
+
+    def start_operator(self) -> Process:
+        if self.operator is None:
+            self.operator = Process("operator", [
+                str(RESTIC_MANAGER), "operator", "--kubeconfig", str(self.kube.kubeconfig),
+                "--listen", f"127.0.0.1:{self.operator_port}", "--namespace", self.namespace,
+            ], self.directory / "operator.log")
+        self.operator.start()
+        return self.operator
+
+    def add_agent(self, name: str, *, labels: dict[str, str] | None = None, start: bool = True,
+                  restic: Path | None = None, via: Proxy | None = None) -> Process:
+        """Create the Agent resource, fetch its token, and start its agent process."""
+        self.apply(json.dumps({"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
+                               "metadata": {"name": name, "labels": labels or {}}, "spec": {}}))
+        token_file = self.directory / f"{name}.token"
+        token_file.write_text(self.token(name))
+        port = via.port if via is not None else self.operator_port
+        agent = Process(f"agent {name}", [
+            str(RESTIC_MANAGER), "agent", "--server", f"ws://127.0.0.1:{port}/agent", "--insecure",
+            "--token-file", str(token_file), "--state-dir", str(self.directory / f"{name}-state"),
+            "--agent-name", name, "--restic", str(restic or self.restic),
+        ], self.directory / f"agent-{name}.log")
+        self.agents[name] = agent
+        if start:
+            agent.start()
+        return agent
+
+    def token(self, agent: str) -> str:
+        self.wait(f"agent/{agent}", "jsonpath={.status.tokenSecretName}")
+        secret = self.get(f"secret/{agent}-agent-token")
+        assert secret is not None
+        return base64.b64decode(secret["data"]["token"]).decode()
+
+    def proxy(self) -> Proxy:
+        relay = Proxy(self.operator_port)
+        self.proxies.append(relay)
+        return relay
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        if self.operator is not None:
+            self.operator.stop()
+        for relay in self.proxies:
+            relay.close()
+        for hold in self.holds:  # lets held (possibly orphaned) restic processes end
+            hold.unlink(missing_ok=True)
+
+    # --- a repository -----------------------------------------------------------------------
+
+    def repository(self, name: str = "local") -> Path:
+        """A restic repository in a local directory, its password Secret and Repository."""
+        path = self.directory / f"repo-{name}"
+        self.run_restic(path, "init")
+        self.apply(f"""
+            apiVersion: v1
+            kind: Secret
+            metadata: {{name: {name}-password}}
+            stringData: {{password: {PASSWORD}}}
+            ---
+            apiVersion: resticmanager.io/v1alpha1
+            kind: Repository
+            metadata: {{name: {name}}}
+            spec:
+              url: {path}
+              passwordSecretRef: {{name: {name}-password, key: password}}
+        """)
+        return path
+
+    def run_restic(self, repository: Path, *args: str) -> str:
+        env = {**os.environ, "RESTIC_PASSWORD": PASSWORD, "RESTIC_REPOSITORY": str(repository),
+               "RESTIC_CACHE_DIR": str(self.directory / "restic-cache")}
+        result = subprocess.run([str(self.restic), *args], env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"restic {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def snapshot_ids(self, repository: Path) -> set[str]:
+        return {s["id"] for s in json.loads(self.run_restic(repository, "snapshots", "--json"))}
+
+    def source_tree(self) -> Path:
+        tree = self.directory / "data"
+        (tree / "etc").mkdir(parents=True, exist_ok=True)
+        (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+        (tree / "notes.txt").write_text("what the backups are of\n")
+        return tree
+
+    def held_restic(self) -> Path:
+        """A restic that holds every backup before starting it, until the test ends.
+
+        It is real restic (exec'd after the hold), so a job stays Running for as long as a
+        test needs it to, and a cancel (SIGINT to its process group) ends it like restic.
+        """
+        hold = self.directory / "hold-backups"
+        hold.touch()
+        self.holds.append(hold)
+        wrapper = self.directory / "held-restic"
+        wrapper.write_text(textwrap.dedent(f"""\
+            #!{sys.executable}
+            import os, sys, time
+            if "backup" in sys.argv[1:]:
+                while os.path.exists({str(hold)!r}):
+                    time.sleep(0.05)
+            os.execv({str(self.restic)!r}, [{str(self.restic)!r}, *sys.argv[1:]])
+        """))
+        wrapper.chmod(0o755)
+        return wrapper

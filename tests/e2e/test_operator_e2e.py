@@ -1,0 +1,291 @@
+"""The whole loop on a real control plane with real operator and agent processes and real
+restic (issue 4's "Must show"): set → ack → fire → ResticJob → dispatch → status."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from restic_manager import protocol
+
+from e2e.harness import World, eventually, parse_time
+
+pytestmark = [pytest.mark.cluster, pytest.mark.restic]
+
+
+def schedule(name: str, *, expression: str, paths: list[str], agent: str = "web-01",
+             policy: str = "Forbid", extra: str = "") -> str:
+    return f"""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: Schedule
+        metadata: {{name: {name}}}
+        spec:
+          agent: {agent}
+          repository: local
+          schedule: "{expression}"
+          concurrencyPolicy: {policy}
+          template:
+            type: backup
+            backup: {{paths: {json.dumps(paths)}}}
+          {extra}
+    """
+
+
+def phases(world: World, schedule_name: str | None = None) -> dict[str, str]:
+    return {j["metadata"]["name"]: j.get("status", {}).get("phase", "") for j in world.jobs(schedule_name)}
+
+
+def scheduled_between(world: World, name: str, start: datetime, end: datetime) -> list[str]:
+    return [j["metadata"]["name"] for j in world.jobs(name)
+            if start < parse_time(j["spec"]["scheduledAt"]) < end]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def test_apply_is_applied_edit_is_acked_delete_empties_the_agent_and_collects_its_jobs(world: World) -> None:
+    world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    agent = world.add_agent("web-01")
+    world.apply(schedule("fast", expression="*/2 * * * * *", paths=[str(tree)]))
+    world.wait("schedule/fast", "condition=Applied")
+    world.wait("schedule/fast", "jsonpath={.status.agents[0].ackedGeneration}=1")
+
+    world.kubectl("patch", "schedule/fast", "--type=merge", "-p", '{"spec":{"schedule":"*/3 * * * * *"}}')
+    world.wait("schedule/fast", "jsonpath={.status.agents[0].ackedGeneration}=2")
+    world.wait("schedule/fast", "condition=Applied")
+    applied = world.get("schedule/fast")
+    assert applied is not None
+    assert applied["status"]["observedGeneration"] == 2
+    assert applied["status"]["conditions"][0]["observedGeneration"] == 2
+    eventually("a ResticJob of the schedule", lambda: world.jobs("fast"))
+    version = world.get("agent/web-01")["status"]["appliedVersion"]  # type: ignore[index]
+
+    world.kubectl("delete", "schedule/fast")
+    eventually("the agent to ack a newer (empty) set",
+               lambda: world.get("agent/web-01")["status"]["appliedVersion"] > version)  # type: ignore[index]
+    assert "applied: 0 schedule(s)" in agent.output()
+    eventually("the ResticJobs to be garbage-collected", lambda: not world.jobs("fast"), timeout=90)
+
+
+def test_a_seconds_level_schedule_makes_real_snapshots(world: World) -> None:
+    repository = world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    world.add_agent("web-01")
+    world.apply(schedule("fast", expression="*/3 * * * * *", paths=[str(tree)]))
+    [first] = eventually("a Succeeded ResticJob", lambda: [
+        j for j in world.jobs("fast") if j.get("status", {}).get("phase") == "Succeeded"][:1])
+    snapshot = first["status"]["summary"]["snapshotId"]
+    assert snapshot in world.snapshot_ids(repository)
+    assert first["status"]["exitCode"] == 0 and first["status"]["logTail"]
+    assert first["metadata"]["ownerReferences"][0]["kind"] == "Schedule"
+    assert first["metadata"]["labels"] == {"resticmanager.io/schedule": "fast", "resticmanager.io/agent": "web-01"}
+    status = world.get("schedule/fast")["status"]  # type: ignore[index]
+    eventually("lastSuccessfulTime", lambda: world.get("schedule/fast")["status"].get("lastSuccessfulTime"))  # type: ignore[index]
+    assert status["agents"][0]["name"] == "web-01" and status["agents"][0]["nextFireTime"]
+
+
+def test_a_kubectl_created_job_runs_through_the_same_dispatcher(world: World) -> None:
+    repository = world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    world.add_agent("web-01")
+    world.apply(f"""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: ResticJob
+        metadata: {{name: by-hand}}
+        spec:
+          agent: web-01
+          repository: local
+          type: backup
+          backup: {{paths: [{tree}], tags: [by-hand]}}
+    """)
+    world.wait("resticjob/by-hand", "jsonpath={.status.phase}=Succeeded")
+    job = world.get("resticjob/by-hand")
+    assert job is not None
+    assert job["status"]["summary"]["snapshotId"] in world.snapshot_ids(repository)
+    assert job["status"]["dispatchedAt"] and job["status"]["startTime"] and job["status"]["completionTime"]
+    assert {c["type"]: c["status"] for c in job["status"]["conditions"]} == {"Complete": "True", "Failed": "False"}
+    assert "finalizers" not in job["metadata"]
+
+
+def test_the_same_fire_delivered_twice_and_after_a_reconnect_makes_one_job(world: World) -> None:
+    world.repository()
+    world.start_operator()
+    world.apply('{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-01"}}')
+    token = world.token("web-01")
+    world.apply(schedule("nightly", expression="0 2 * * *", paths=["/srv"]))
+    nightly = world.get("schedule/nightly")
+    assert nightly is not None
+    fire = protocol.ScheduleFire(id=f"{world.namespace}/nightly", uid=nightly["metadata"]["uid"], generation=1,
+                                 scheduled_at=now().replace(microsecond=0))
+
+    def deliver(times: int, *, running: list[str], dispatched: bool) -> list[protocol.Payload]:
+        """Connect as the agent and deliver the fire ``times`` times; returns what the operator
+        sent, up to its answer to a barrier and (if ``dispatched``) the job's command.run."""
+        with connect(f"ws://127.0.0.1:{world.operator_port}/agent",
+                     additional_headers={"Authorization": f"Bearer {token}"}) as agent:
+            agent.send(protocol.encode(protocol.Hello(
+                agent="web-01", agent_version="test", restic_version="0",
+                protocol_version=protocol.PROTOCOL_VERSION, running_jobs=running)))
+            pushed = protocol.decode(agent.recv(timeout=30)).payload
+            assert isinstance(pushed, protocol.ScheduleSet)
+            agent.send(protocol.encode(protocol.ScheduleAck(
+                version=pushed.version, applied_at=now(),
+                applied=[protocol.AppliedEntry(id=e.id, generation=e.generation) for e in pushed.schedules])))
+            for _ in range(times):
+                agent.send(protocol.encode(fire))
+            # The operator handles one connection's frames in order: its error about this
+            # (agents may not send commands) comes after every fire above was handled.
+            barrier = protocol.new_id()
+            agent.send(protocol.encode(protocol.CommandCancel(job=f"{world.namespace}/x"), frame_id=barrier))
+            received: list[protocol.Payload] = []
+
+            def seen(kind: type[protocol.Payload], **fields: Any) -> bool:
+                return any(isinstance(p, kind) and all(getattr(p, k) == v for k, v in fields.items())
+                           for p in received)
+
+            while not (seen(protocol.Error, ref=barrier) and (seen(protocol.CommandRun) or not dispatched)):
+                received.append(protocol.decode(agent.recv(timeout=30)).payload)
+            return received
+
+    first = deliver(times=2, running=[], dispatched=True)
+    [job] = world.jobs("nightly")
+    job_id = f"{world.namespace}/{job['metadata']['name']}"
+    assert job["spec"]["scheduledAt"] == fire.scheduled_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    world.wait(f"resticjob/{job['metadata']['name']}", "jsonpath={.status.phase}=Running")
+    assert job_id in [p.job for p in first if isinstance(p, protocol.CommandRun)]
+    deliver(times=1, running=[job_id], dispatched=False)  # the agent reconnects, still running it, and delivers again
+    assert [j["metadata"]["name"] for j in world.jobs("nightly")] == [job["metadata"]["name"]]
+    status = world.get("schedule/nightly")["status"]  # type: ignore[index]
+    assert status["refusedFires"] == 0 and status["missedFires"] == 0
+
+
+KEEP_ALL = "successfulJobsHistoryLimit: 100"  # these tests count jobs: keep them all
+
+
+def test_an_agent_cut_off_across_fires_delivers_one_after_reconnecting(world: World) -> None:
+    world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    relay = world.proxy()
+    world.add_agent("web-01", via=relay)
+    world.apply(schedule("fast", expression="*/2 * * * * *", paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
+    world.wait("schedule/fast", "condition=Applied")
+    eventually("a first job", lambda: world.jobs("fast"))
+
+    cut_at = now()
+    relay.cut()
+    world.wait("agent/web-01", "condition=Connected=False")
+    time.sleep(5)  # two or three fire times pass while the agent cannot reach the operator
+    relay.restore()
+    back_at = eventually("the agent to reconnect", lambda: relay.relayed_after(cut_at), timeout=90)
+    missed = eventually("the fire kept while cut off", lambda: scheduled_between(world, "fast", cut_at, back_at))
+    eventually("a fire after the reconnect", lambda: scheduled_between(world, "fast", back_at, now()))
+    assert scheduled_between(world, "fast", cut_at, back_at) == missed and len(missed) == 1, missed
+
+
+def test_an_agent_killed_across_fires_catches_up_once_after_restart(world: World) -> None:
+    world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    relay = world.proxy()
+    agent = world.add_agent("web-01", via=relay)
+    world.apply(schedule("fast", expression="*/2 * * * * *", paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
+    eventually("a first job", lambda: world.jobs("fast"))
+
+    agent.kill()
+    killed_at = now()
+    time.sleep(5)  # two or three fire times pass while the agent is dead
+    agent.start()
+    back_at = eventually("the agent to reconnect", lambda: relay.relayed_after(killed_at))
+    caught_up = eventually("the catch-up fire", lambda: scheduled_between(world, "fast", killed_at, back_at))
+    eventually("a fire after the restart", lambda: scheduled_between(world, "fast", back_at, now()))
+    assert scheduled_between(world, "fast", killed_at, back_at) == caught_up and len(caught_up) == 1, caught_up
+
+
+def test_an_agent_killed_mid_job_leaves_the_job_failed_agent_lost(world: World) -> None:
+    world.repository()
+    tree = world.source_tree()
+    held = world.held_restic()
+    world.start_operator()
+    agent = world.add_agent("web-01", restic=held)
+    world.apply(f"""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: ResticJob
+        metadata: {{name: long}}
+        spec: {{agent: web-01, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
+    """)
+    world.wait("resticjob/long", "jsonpath={.status.startTime}")
+    agent.kill()
+    agent.start()
+    world.wait("resticjob/long", "jsonpath={.status.phase}=Failed")
+    job = world.get("resticjob/long")
+    assert job is not None and job["status"]["reason"] == "AgentLost"
+
+
+@pytest.mark.parametrize("policy", ["Forbid", "Replace", "Allow"])
+def test_concurrency_policy(world: World, policy: str) -> None:
+    world.repository()
+    tree = world.source_tree()
+    held = world.held_restic()
+    world.start_operator()
+    world.add_agent("web-01", restic=held)
+    world.apply(schedule("busy", expression="*/2 * * * * *", paths=[str(tree)], policy=policy))
+    [first] = eventually("a first job running", lambda: [
+        j for j in world.jobs("busy") if j.get("status", {}).get("startTime")][:1])
+    first_name = first["metadata"]["name"]
+
+    if policy == "Forbid":
+        eventually("a skipped fire", lambda: world.get("schedule/busy")["status"].get("refusedFires"))  # type: ignore[index]
+        [event] = eventually("a ConcurrencyForbid Event", lambda: world.events("ConcurrencyForbid")[:1])
+        assert event["involvedObject"]["name"] == "busy" and first_name in event["message"]
+        assert list(phases(world, "busy")) == [first_name]
+    elif policy == "Replace":
+        world.wait(f"resticjob/{first_name}", "jsonpath={.status.phase}=Cancelled")
+        eventually("the replacing job", lambda: [n for n in phases(world, "busy") if n != first_name])
+    else:
+        both = eventually("two jobs running at once", lambda: [
+            n for n, phase in phases(world, "busy").items() if phase == "Running"][1:])
+        assert both
+
+
+def test_an_operator_restart_loses_nothing(world: World) -> None:
+    repository = world.repository()
+    tree = world.source_tree()
+    operator = world.start_operator()
+    relay = world.proxy()
+    world.add_agent("web-01", via=relay)
+    world.apply(schedule("every-2s", expression="*/2 * * * * *", paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
+    world.wait("schedule/every-2s", "condition=Applied")
+    version = world.get("agent/web-01")["status"]["appliedVersion"]  # type: ignore[index]
+
+    operator.stop()
+    stopped_at = now()
+    world.apply(f"""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: ResticJob
+        metadata: {{name: while-down}}
+        spec: {{agent: web-01, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
+    """)
+    time.sleep(3)  # a fire or two happen while the operator is down
+    operator.start()
+
+    world.wait("resticjob/while-down", "jsonpath={.status.phase}=Succeeded")
+    back_at = eventually("the agent to reconnect", lambda: relay.relayed_after(stopped_at))
+    eventually("the set to be pushed again",
+               lambda: world.get("agent/web-01")["status"]["appliedVersion"] > version)  # type: ignore[index]
+    [fired] = eventually("the fire made while the operator was down",
+                         lambda: scheduled_between(world, "every-2s", stopped_at, back_at))
+    world.wait(f"resticjob/{fired}", "jsonpath={.status.phase}=Succeeded")
+    world.wait("schedule/every-2s", "condition=Applied")
+    job = world.get("resticjob/while-down")
+    assert job is not None and job["status"]["summary"]["snapshotId"] in world.snapshot_ids(repository)

@@ -1,0 +1,281 @@
+"""The dispatcher: what happens to a ResticJob as its agent comes and goes and reports."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from restic_manager import protocol
+from restic_manager.operator.dispatch import (
+    FINALIZER,
+    LOST_GRACE,
+    AgentView,
+    Dispatcher,
+    RepositoryUnavailable,
+    Step,
+    history_to_delete,
+    next_step,
+    repository_env,
+)
+from restic_manager.operator.kube import NotFound
+from restic_manager.operator.store import Job, ObjectKey, Store
+from restic_manager.operator.writer import StatusWriter
+
+UTC = timezone.utc
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def job_body(name: str = "j", *, phase: str | None = None, deleting: bool = False, finalizer: bool = False,
+             agent: str = "web-01", rv: int = 1, scheduled_at: datetime | None = None,
+             spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": str(rv),
+                            "creationTimestamp": "2026-03-01T00:00:00Z"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    if finalizer:
+        meta["finalizers"] = [FINALIZER]
+    body: dict[str, Any] = {"metadata": meta, "spec": spec or {
+        "agent": agent, "repository": "offsite", "type": "backup", "backup": {"paths": ["/srv"]},
+        "timeoutSeconds": 600}}
+    if scheduled_at is not None:
+        body["spec"]["scheduleRef"] = {"name": "nightly", "uid": "uid-nightly"}
+        body["spec"]["scheduledAt"] = scheduled_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if phase is not None:
+        body["status"] = {"phase": phase}
+    return body
+
+
+def job(**kwargs: Any) -> Job:
+    return Job.from_body(job_body(**kwargs))
+
+
+CONNECTED = AgentView(running=frozenset(), dispatched=frozenset())
+LISTS_IT = AgentView(running=frozenset({"ns/j"}), dispatched=frozenset())
+SENT_IT = AgentView(running=frozenset(), dispatched=frozenset({"ns/j"}))
+
+STEPS = [
+    # (case, job, phase, agent view, step)
+    ("new job, agent away", job(), None, None, Step.WAIT),
+    ("new job, agent here", job(), None, CONNECTED, Step.DISPATCH),
+    ("pending, agent here", job(), "Pending", CONNECTED, Step.DISPATCH),
+    ("pending but the agent runs it", job(), "Pending", LISTS_IT, Step.ADOPT),
+    ("running, agent away", job(), "Running", None, Step.NOTHING),
+    ("running, agent away past the timeout", job(), "Running+overdue", None, Step.LOSE),
+    ("running, listed in hello", job(), "Running", LISTS_IT, Step.NOTHING),
+    ("running, sent on this connection", job(), "Running", SENT_IT, Step.NOTHING),
+    ("running, agent came back without it", job(), "Running", CONNECTED, Step.LOSE),
+    ("deleted while running", job(deleting=True, finalizer=True), "Running", LISTS_IT, Step.CANCEL),
+    ("deleted while running, agent away", job(deleting=True, finalizer=True), "Running", None, Step.RELEASE),
+    ("deleted while pending", job(deleting=True), "Pending", CONNECTED, Step.NOTHING),
+    ("finished, finalizer held", job(finalizer=True), "Succeeded", CONNECTED, Step.RELEASE),
+    ("finished", job(), "Failed", None, Step.NOTHING),
+]
+
+
+@pytest.mark.parametrize(("job_", "phase", "view", "step"), [c[1:] for c in STEPS], ids=[c[0] for c in STEPS])
+def test_next_step(job_: Job, phase: str | None, view: AgentView | None, step: Step) -> None:
+    status: dict[str, Any] = {}
+    if phase is not None:
+        # Dispatched just now, or (overdue) longer ago than the timeout (600 s) and the grace.
+        phase, _, overdue = phase.partition("+")
+        since = NOW - timedelta(seconds=600 + LOST_GRACE) if overdue else NOW
+        status = {"phase": phase, "dispatchedAt": since.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    assert next_step(job_, status, view, now=NOW) is step
+
+
+def test_history_keeps_the_newest_of_each_outcome() -> None:
+    def at(hours: int) -> datetime:
+        return NOW + timedelta(hours=hours)
+
+    jobs = [(job(name=f"ok-{h}", scheduled_at=at(h)), {"phase": "Succeeded"}) for h in range(5)]
+    jobs += [(job(name=f"bad-{h}", scheduled_at=at(h)), {"phase": "Failed"}) for h in range(3)]
+    jobs += [(job(name="cancelled", scheduled_at=at(9)), {"phase": "Cancelled"})]
+    jobs += [(job(name="running", scheduled_at=at(-5)), {"phase": "Running"})]
+    deleted = {key.name for key in history_to_delete(jobs, succeeded=3, failed=1)}
+    assert deleted == {"ok-0", "ok-1", "bad-0", "bad-1", "bad-2"}
+
+
+def test_history_limit_zero_keeps_nothing_finished() -> None:
+    jobs = [(job(name="ok", scheduled_at=NOW), {"phase": "Succeeded"})]
+    assert [key.name for key in history_to_delete(jobs, succeeded=0, failed=0)] == ["ok"]
+
+
+REPOSITORY = {"spec": {"url": "/srv/repo", "passwordSecretRef": {"name": "pw", "key": "password"},
+                       "envFrom": [{"secretRef": {"name": "s3"}}]}}
+
+
+def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
+    env = repository_env(REPOSITORY, {"pw": {"password": "hunter2"}, "s3": {"AWS_ACCESS_KEY_ID": "AK"}},
+                         where="Repository ns/offsite")
+    assert env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
+
+
+def test_repository_env_names_a_missing_password_key() -> None:
+    complaint = "Repository ns/offsite: spec.passwordSecretRef: Secret pw has no key 'password'"
+    with pytest.raises(RepositoryUnavailable, match=complaint):
+        repository_env(REPOSITORY, {"pw": {"pass": "x"}, "s3": {}}, where="Repository ns/offsite")
+
+
+# --- the dispatcher with a fake API and a fake connection ---------------------------------------
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.repositories: dict[ObjectKey, dict[str, Any]] = {ObjectKey("ns", "offsite"): REPOSITORY}
+        self.secrets: dict[ObjectKey, dict[str, str]] = {
+            ObjectKey("ns", "pw"): {"password": "hunter2"}, ObjectKey("ns", "s3"): {"AWS_ACCESS_KEY_ID": "AK"}}
+        self.finalizers: list[tuple[ObjectKey, bool]] = []
+
+    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
+        if key not in self.repositories:
+            raise NotFound(f"get {plural} {key}: 404")
+        return self.repositories[key]
+
+    async def read_secret(self, key: ObjectKey) -> dict[str, str]:
+        if key not in self.secrets:
+            raise NotFound(f"get Secret {key}: 404")
+        return self.secrets[key]
+
+    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool) -> None:
+        self.finalizers.append((key, present))
+
+
+class FakeSession:
+    def __init__(self, running: list[str] | None = None) -> None:
+        self.agent = ObjectKey("ns", "web-01")
+        self.hello = protocol.Hello(agent="web-01", agent_version="0", restic_version="0", protocol_version=1,
+                                    running_jobs=running or [])
+        self.dispatched: set[str] = set()
+        self.sent: list[protocol.Payload] = []
+        self.open = True
+
+    async def send(self, payload: protocol.Payload) -> bool:
+        self.sent.append(payload)
+        return self.open
+
+
+class Harness:
+    def __init__(self, session: FakeSession | None) -> None:
+        self.store = Store()
+        self.kube = FakeKube()
+        self.session = session
+        self.changes: list[tuple[str, str]] = []
+        self.dispatcher = Dispatcher(
+            store=self.store, kube=self.kube,  # type: ignore[arg-type]
+            writer=StatusWriter(self.kube, render=lambda target: None),  # type: ignore[arg-type]
+            session_of=lambda key: self.session,  # type: ignore[arg-type,return-value]
+            on_phase_change=lambda job, status: self.changes.append((job.key.name, status["phase"])),
+            clock=lambda: NOW,
+        )
+
+    def add(self, **kwargs: Any) -> Job:
+        self.store.jobs.upsert(job_body(**kwargs))
+        found = self.store.jobs.get(ObjectKey("ns", kwargs.get("name", "j")))
+        assert found is not None
+        return found
+
+    def phase(self, name: str = "j") -> str:
+        found = self.store.jobs.get(ObjectKey("ns", name))
+        assert found is not None
+        return self.dispatcher.status_of(found).get("phase", "")
+
+
+async def test_a_pending_job_is_sent_to_its_connected_agent_with_credentials() -> None:
+    harness = Harness(FakeSession())
+    harness.add()
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    [command] = harness.session.sent  # type: ignore[union-attr]
+    assert isinstance(command, protocol.CommandRun)
+    assert command.job == "ns/j" and command.type is protocol.JobType.BACKUP and command.timeout_seconds == 600
+    assert command.repository.url == "/srv/repo"
+    assert command.repository.env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
+    assert command.args == protocol.BackupArgs(paths=["/srv"])
+    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), True)]
+    assert harness.phase() == "Running"
+    assert "hunter2" not in repr(command)
+
+
+async def test_a_job_waits_while_its_agent_is_away() -> None:
+    harness = Harness(None)
+    harness.add()
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Pending", "AgentDisconnected")
+
+
+async def test_a_job_waits_for_a_missing_secret_and_says_which() -> None:
+    harness = Harness(FakeSession())
+    del harness.kube.secrets[ObjectKey("ns", "s3")]
+    harness.add()
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Pending", "SecretNotFound")
+    assert "Secret s3 of Repository ns/offsite does not exist" in status["message"]
+    assert harness.session.sent == []  # type: ignore[union-attr]
+
+
+async def test_invalid_parameters_fail_the_job() -> None:
+    harness = Harness(FakeSession())
+    harness.add(spec={"agent": "web-01", "repository": "offsite", "type": "restore",
+                      "restore": {"snapshot": "not-an-id", "target": "/tmp/x"}})
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert "args.snapshot" in status["message"] or "snapshot" in status["message"]
+
+
+async def test_reports_drive_the_job_to_its_end() -> None:
+    session = FakeSession()
+    harness = Harness(session)
+    harness.add()
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/j", started_at=NOW))  # type: ignore[arg-type]
+    await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+        job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
+        summary=protocol.Summary(snapshot_id="abcdef12")))
+    assert harness.phase() == "Succeeded"
+    assert harness.changes == [("j", "Running"), ("j", "Succeeded")]
+    assert "ns/j" not in session.dispatched
+
+
+async def test_a_running_job_the_agent_no_longer_has_is_lost() -> None:
+    harness = Harness(FakeSession(running=[]))
+    harness.add(phase="Running")
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Failed", "AgentLost")
+
+
+async def test_a_running_job_the_agent_still_has_stays_running() -> None:
+    harness = Harness(FakeSession(running=["ns/j"]))
+    harness.add(phase="Running")
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    assert harness.phase() == "Running"
+
+
+async def test_deleting_a_running_job_cancels_it_on_the_agent() -> None:
+    harness = Harness(FakeSession(running=["ns/j"]))
+    harness.add(phase="Running", deleting=True, finalizer=True)
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    assert harness.session.sent == [protocol.CommandCancel(job="ns/j")]  # type: ignore[union-attr]
+    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), False)]
+
+
+async def test_replace_cancels_a_running_job_and_ends_a_pending_one() -> None:
+    session = FakeSession(running=["ns/old"])
+    harness = Harness(session)
+    harness.add(name="old", phase="Running")
+    harness.add(name="waiting", phase="Pending")
+    await harness.dispatcher.cancel_for_replace(ObjectKey("ns", "old"), by="new")
+    await harness.dispatcher.cancel_for_replace(ObjectKey("ns", "waiting"), by="new")
+    assert session.sent == [protocol.CommandCancel(job="ns/old")]
+    assert harness.phase("waiting") == "Cancelled"
+
+
+async def test_a_report_about_a_deleted_job_cancels_it() -> None:
+    session = FakeSession()
+    harness = Harness(session)
+    await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/gone", started_at=NOW))  # type: ignore[arg-type]
+    assert session.sent == [protocol.CommandCancel(job="ns/gone")]

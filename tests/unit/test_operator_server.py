@@ -1,0 +1,169 @@
+"""The agents' WebSocket endpoint on 127.0.0.1: hello first, bearer token, validated frames,
+one connection per agent. The handler and the authentication are fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from restic_manager import protocol
+from restic_manager.operator.server import CLOSE_REPLACED, AgentServer, AuthError, Session
+from restic_manager.operator.store import ObjectKey
+
+TOKEN = "good-token"
+TIMEOUT = 5
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[str, Session, protocol.Frame | None]] = asyncio.Queue()
+        self.fail_on: str | None = None
+
+    async def on_connect(self, session: Session) -> None:
+        await self.events.put(("connect", session, None))
+
+    async def on_message(self, session: Session, frame: protocol.Frame) -> None:
+        if frame.type == self.fail_on:
+            raise RuntimeError("handler bug")
+        await self.events.put(("message", session, frame))
+
+    async def on_disconnect(self, session: Session) -> None:
+        await self.events.put(("disconnect", session, None))
+
+    async def next(self) -> tuple[str, Session, protocol.Frame | None]:
+        async with asyncio.timeout(TIMEOUT):
+            return await self.events.get()
+
+
+async def authenticate(hello: protocol.Hello, token: str) -> ObjectKey:
+    if token != TOKEN:
+        raise AuthError(f"the bearer token is not the one issued for Agent {hello.agent}")
+    return ObjectKey("ns", hello.agent)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[str, Handler, AgentServer]]:
+    handler = Handler()
+    server = AgentServer(authenticate=authenticate, handler=handler)
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(server.serve("127.0.0.1", 0, started=port.set_result))
+    async with asyncio.timeout(TIMEOUT):
+        url = f"ws://127.0.0.1:{await port}/agent"
+    yield url, handler, server
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def hello(agent: str = "web-01", **fields: object) -> str:
+    return protocol.encode(protocol.Hello(agent=agent, agent_version="1", restic_version="0.19.1",
+                                          protocol_version=fields.pop("protocol_version", protocol.PROTOCOL_VERSION),  # type: ignore[arg-type]
+                                          **fields))  # type: ignore[arg-type]
+
+
+async def receive(websocket: ClientConnection) -> protocol.Payload:
+    async with asyncio.timeout(TIMEOUT):
+        return protocol.decode(await websocket.recv()).payload
+
+
+def authorized(token: str = TOKEN) -> dict[str, object]:
+    return {"additional_headers": {"Authorization": f"Bearer {token}"}}
+
+
+async def test_a_handshake_without_a_token_is_refused(served: tuple[str, Handler, AgentServer]) -> None:
+    url, _, _ = served
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_the_first_frame_must_be_hello(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, _ = served
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        await websocket.send(protocol.encode(protocol.CommandCancel(job="ns/x"), frame_id="f1"))
+        error = await receive(websocket)
+        assert isinstance(error, protocol.Error) and error.code == "invalid-frame" and error.ref == "f1"
+        assert "first frame must be hello" in error.message
+        with pytest.raises(ConnectionClosed):
+            await receive(websocket)
+        assert websocket.close_code == 1008
+    assert handler.events.empty()
+
+
+async def test_an_unsupported_protocol_version_is_refused(served: tuple[str, Handler, AgentServer]) -> None:
+    url, _, _ = served
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        await websocket.send(hello(protocol_version=99))
+        error = await receive(websocket)
+        assert isinstance(error, protocol.Error) and "protocolVersion 99 is not supported" in error.message
+
+
+async def test_a_wrong_token_is_forbidden(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, _ = served
+    async with connect(url, **authorized("stolen")) as websocket:  # type: ignore[arg-type]
+        await websocket.send(hello())
+        error = await receive(websocket)
+        assert isinstance(error, protocol.Error) and error.code == "forbidden"
+        assert "web-01" in error.message
+        with pytest.raises(ConnectionClosed):
+            await receive(websocket)
+        assert websocket.close_code == 1008
+    assert handler.events.empty()
+
+
+async def test_invalid_frames_are_answered_and_the_connection_goes_on(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, _ = served
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        await websocket.send(hello())
+        kind, session, _ = await handler.next()
+        assert kind == "connect" and session.agent == ObjectKey("ns", "web-01")
+        await websocket.send("{not json")
+        bad_json = await receive(websocket)
+        assert isinstance(bad_json, protocol.Error) and "not valid JSON" in bad_json.message
+        await websocket.send(json.dumps({"type": "schedule.ack", "id": "a1", "payload": {"version": "x"}}))
+        bad_ack = await receive(websocket)
+        assert isinstance(bad_ack, protocol.Error) and bad_ack.ref == "a1" and "version" in bad_ack.message
+        ack = protocol.ScheduleAck(version=3, applied_at=datetime.now(timezone.utc))
+        await websocket.send(protocol.encode(ack))
+        kind, _, frame = await handler.next()
+        assert kind == "message" and frame is not None and frame.payload == ack
+
+
+async def test_a_failing_handler_does_not_end_the_connection(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, _ = served
+    handler.fail_on = "job.started"
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        await websocket.send(hello())
+        await handler.next()
+        await websocket.send(protocol.encode(protocol.JobStarted(job="ns/j", started_at=datetime.now(timezone.utc)),
+                                             frame_id="s1"))
+        error = await receive(websocket)
+        assert isinstance(error, protocol.Error) and error.code == "internal" and error.ref == "s1"
+        ack = protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc))
+        await websocket.send(protocol.encode(ack))
+        kind, _, _ = await handler.next()
+        assert kind == "message"
+
+
+async def test_a_second_connection_of_an_agent_replaces_the_first(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, server = served
+    async with connect(url, **authorized()) as first:  # type: ignore[arg-type]
+        await first.send(hello())
+        _, old, _ = await handler.next()
+        async with connect(url, **authorized()) as second:  # type: ignore[arg-type]
+            await second.send(hello())
+            _, new, _ = await handler.next()
+            with pytest.raises(ConnectionClosed):
+                await receive(first)
+            assert first.close_code == CLOSE_REPLACED
+            assert server.session(ObjectKey("ns", "web-01")) is new and new is not old
+        kind, session, _ = await handler.next()
+        # Only the connection that was current says the agent left.
+        assert (kind, session) == ("disconnect", new)
+    assert server.session(ObjectKey("ns", "web-01")) is None

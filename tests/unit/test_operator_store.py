@@ -1,0 +1,83 @@
+"""The operator's view of the cluster: watch events and the startup listing in any order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from restic_manager.operator.store import Collection, ObjectKey, Schedule, Store, parse_time
+
+
+def body(name: str, rv: int, *, uid: str | None = None, generation: int = 1, namespace: str = "ns") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{name}", "resourceVersion": str(rv),
+                     "generation": generation, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"agent": "web-01", "repository": "r", "schedule": "0 2 * * *", "template": {"type": "prune"}},
+    }
+
+
+def schedules() -> Collection[Schedule]:
+    return Collection(Schedule.from_body)
+
+
+def test_a_newer_version_replaces_an_older_one_but_not_the_reverse() -> None:
+    collection = schedules()
+    assert collection.upsert(body("a", 5, generation=2)) is not None
+    assert collection.upsert(body("a", 4, generation=1)) is None  # a late, older event
+    assert collection.upsert(body("a", 5, generation=2)) is None  # the same version again
+    assert collection.get(ObjectKey("ns", "a")).generation == 2  # type: ignore[union-attr]
+
+
+def test_a_recreated_object_replaces_the_old_one_whatever_its_version() -> None:
+    collection = schedules()
+    collection.upsert(body("a", 9, uid="first"))
+    change = collection.upsert(body("a", 3, uid="second"))
+    assert change is not None and change.old.uid == "first" and change.new.uid == "second"  # type: ignore[union-attr]
+
+
+def test_a_delete_of_another_incarnation_is_ignored() -> None:
+    collection = schedules()
+    collection.upsert(body("a", 9, uid="second"))
+    assert collection.delete(body("a", 10, uid="first")) is None
+    assert collection.get(ObjectKey("ns", "a")) is not None
+
+
+def test_a_listing_drops_objects_deleted_before_it_was_taken() -> None:
+    collection = schedules()
+    collection.upsert(body("gone", 3))
+    collection.upsert(body("kept", 4))
+    changes = collection.reconcile_listing([body("kept", 4)], "10")
+    assert [(c.old.key.name, c.new) for c in changes] == [("gone", None)]  # type: ignore[union-attr]
+
+
+def test_a_listing_keeps_objects_created_after_it_was_taken() -> None:
+    collection = schedules()
+    collection.upsert(body("newer", 12))  # a watch event newer than the listing
+    assert collection.reconcile_listing([], "10") == []
+    assert collection.get(ObjectKey("ns", "newer")) is not None
+
+
+def test_a_listing_cannot_resurrect_an_object_the_watch_saw_deleted() -> None:
+    collection = schedules()
+    collection.upsert(body("a", 5))
+    collection.delete(body("a", 11))
+    assert collection.reconcile_listing([body("a", 5)], "10") == []
+    assert collection.get(ObjectKey("ns", "a")) is None
+
+
+def test_a_listing_of_some_namespaces_leaves_the_others_alone() -> None:
+    collection = schedules()
+    collection.upsert(body("a", 3, namespace="other"))
+    assert collection.reconcile_listing([], "10", namespaces={"ns"}) == []
+    assert collection.get(ObjectKey("other", "a")) is not None
+
+
+def test_jobs_are_found_by_schedule_uid_and_agent() -> None:
+    store = Store()
+    for name, agent, uid in (("j1", "web-01", "s1"), ("j2", "web-02", "s1"), ("j3", "web-01", "s2")):
+        store.jobs.upsert({"metadata": {"name": name, "namespace": "ns", "uid": f"u-{name}", "resourceVersion": "1"},
+                           "spec": {"agent": agent, "repository": "r", "type": "prune",
+                                    "scheduleRef": {"name": "s", "uid": uid}, "scheduledAt": "2026-01-01T00:00:00Z"}})
+    assert sorted(j.key.name for j in store.jobs_of_schedule("s1")) == ["j1", "j2"]
+    assert [j.key.name for j in store.jobs_of_schedule("s1", agent="web-01")] == ["j1"]
+    assert sorted(j.key.name for j in store.jobs_on_agent(ObjectKey("ns", "web-01"))) == ["j1", "j3"]
+    assert store.jobs.get(ObjectKey("ns", "j1")).scheduled_at == parse_time("2026-01-01T00:00:00Z")  # type: ignore[union-attr]
