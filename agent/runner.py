@@ -174,13 +174,10 @@ class JobRunner:
     async def _perform(self, job: _Job) -> tuple[rules.Verdict, int | None, protocol.Summary | None]:
         command = job.command
         restic, base_env = self._restic, self._base_env
-        if command.type is JobType.INIT:
-            probe = rules.Transcript(redactor=job.redact)  # its output (the config) is not log-worthy
-            probe_call = rules.probe_invocation(command, restic=restic, base_env=base_env)
-            code = await self._execute(job, probe_call, probe, stop=job.stop_requested)
-            decided = rules.probe_verdict(code, probe, stop=job.stop, timeout_seconds=command.timeout_seconds)
-            if decided is not None:
-                return decided, code, None
+        if command.type is JobType.INIT or command.repository.initialize:
+            verdict, code = await self._initialize(job)
+            if command.type is JobType.INIT or verdict.outcome is not Outcome.SUCCEEDED:
+                return verdict, code, None
         invocation = rules.build_invocation(command, restic=restic, host=self._host, base_env=base_env)
         for retried in (False, True):
             transcript = rules.Transcript(redactor=job.redact, tail=job.tail)
@@ -194,6 +191,23 @@ class JobRunner:
             unlock_call = rules.unlock_invocation(command, restic=restic, base_env=base_env)
             await self._execute(job, unlock_call, unlock, stop=job.stop_requested)
         return verdict, code, transcript.summary
+
+    async def _initialize(self, job: _Job) -> tuple[rules.Verdict, int]:
+        """`restic init` unless the repository exists already (an init job, or spec.initialize)."""
+        command = job.command.model_copy(update={"type": JobType.INIT, "args": protocol.NoArgs()})
+        restic, base_env = self._restic, self._base_env
+        probe = rules.Transcript(redactor=job.redact)  # its output (the config) is not log-worthy
+        probe_call = rules.probe_invocation(command, restic=restic, base_env=base_env)
+        code = await self._execute(job, probe_call, probe, stop=job.stop_requested)
+        decided = rules.probe_verdict(code, probe, stop=job.stop, timeout_seconds=command.timeout_seconds)
+        if decided is not None:
+            return decided, code
+        if job.command.type is not JobType.INIT:
+            job.tail.add("agent: the repository does not exist yet; running `restic init` (Repository spec.initialize)")
+        transcript = rules.Transcript(redactor=job.redact, tail=job.tail)
+        init_call = rules.build_invocation(command, restic=restic, host=self._host, base_env=base_env)
+        code = await self._execute(job, init_call, transcript, stop=job.stop_requested)
+        return rules.decide(JobType.INIT, code, transcript, stop=job.stop, timeout_seconds=command.timeout_seconds), code
 
     async def _unlock_after_stop(self, job: _Job, reason: rules.Stop) -> None:
         # SIGINT lets restic remove its own lock; after a SIGKILL only `restic unlock` can.

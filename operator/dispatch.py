@@ -321,7 +321,7 @@ class Dispatcher:
                 "job": str(job.key),
                 "type": job.type,
                 "args": command_args(job),
-                "repository": {"url": spec.get("url", ""), "env": env},
+                "repository": {"url": spec.get("url", ""), "env": env, "initialize": bool(spec.get("initialize"))},
                 "timeoutSeconds": job.spec.get("timeoutSeconds", 14400),
             })
         except ValidationError as error:

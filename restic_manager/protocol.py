@@ -26,7 +26,7 @@ schedule.ack       agent → op  version, appliedAt, applied[] {id, generation},
                                rejected[] {id, generation, error}
 schedule.fire      agent → op  id, uid, generation, scheduledAt (the nominal cron time)
 command.run        op → agent  job, type, args (the type's parameters), repository
-                               {url, env}, timeoutSeconds
+                               {url, env, initialize}, timeoutSeconds
 command.cancel     op → agent  job
 job.started        agent → op  job, startedAt
 job.progress       agent → op  job, percentDone, filesDone, totalFiles, bytesDone,
@@ -220,9 +220,11 @@ class ScheduleFire(Payload):
 class Repository(Model):
     url: ShortText
     env: dict[str, str] = {}
+    # Repository.spec.initialize: run `restic init` first when the repository does not exist.
+    initialize: bool = False
 
     def __repr__(self) -> str:
-        return f"Repository(url={self.url!r}, env=<{len(self.env)} hidden>)"
+        return f"Repository(url={self.url!r}, env=<{len(self.env)} hidden>, initialize={self.initialize})"
 
     __str__ = __repr__
 

@@ -57,12 +57,12 @@ class Recorder:
 
 
 def command(job: str, job_type: str, args: dict[str, Any], repo: Path | str, *,
-            password: str = PASSWORD, timeout_seconds: int = 600) -> protocol.CommandRun:
+            password: str = PASSWORD, timeout_seconds: int = 600, initialize: bool = False) -> protocol.CommandRun:
     return protocol.CommandRun.model_validate({
         "job": f"backups/{job}",
         "type": job_type,
         "args": args,
-        "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": password}},
+        "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": password}, "initialize": initialize},
         "timeoutSeconds": timeout_seconds,
     })
 
@@ -172,6 +172,21 @@ async def test_init_creates_the_repository_and_init_on_an_existing_one_is_not_an
     assert (again.outcome, again.error) == (Outcome.SUCCEEDED, "repository is already initialized; nothing to do")
     assert len(recorder.of(protocol.JobStarted, "backups/init-2")) == 1
     assert len(recorder.of(protocol.JobDone, "backups/init-2")) == 1
+
+
+async def test_initialize_creates_a_missing_repository_before_the_job_and_only_then(
+    runner: JobRunner, tree: Path, tmp_path: Path, restic_bin: Path
+) -> None:
+    repo = tmp_path / "to-create"
+    first = await run(runner, command("first", "backup", {"paths": [str(tree)]}, repo, initialize=True))
+    assert (first.outcome, first.exit_code) == (Outcome.SUCCEEDED, 0), first.error
+    assert any("running `restic init` (Repository spec.initialize)" in line for line in first.log_tail)
+    assert first.summary is not None and first.summary.snapshot_id
+    second = await run(runner, command("second", "backup", {"paths": [str(tree)]}, repo, initialize=True))
+    assert second.outcome is Outcome.SUCCEEDED
+    assert not any("restic init" in line for line in second.log_tail)
+    snapshots = await restic_json(restic_bin, repo, "snapshots")
+    assert sorted(s["short_id"] for s in snapshots) == sorted([first.summary.snapshot_id[:8], second.summary.snapshot_id[:8]])
 
 
 async def test_backup_reports_progress_and_the_summary_of_a_real_snapshot(

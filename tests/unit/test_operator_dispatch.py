@@ -103,7 +103,7 @@ def test_history_limit_zero_keeps_nothing_finished() -> None:
 
 
 REPOSITORY = {"spec": {"url": "/srv/repo", "passwordSecretRef": {"name": "pw", "key": "password"},
-                       "envFrom": [{"secretRef": {"name": "s3"}}]}}
+                       "envFrom": [{"secretRef": {"name": "s3"}}], "initialize": True}}
 
 
 def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
@@ -191,6 +191,7 @@ async def test_a_pending_job_is_sent_to_its_connected_agent_with_credentials() -
     assert command.job == "ns/j" and command.type is protocol.JobType.BACKUP and command.timeout_seconds == 600
     assert command.repository.url == "/srv/repo"
     assert command.repository.env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
+    assert command.repository.initialize is True
     assert command.args == protocol.BackupArgs(paths=["/srv"])
     assert harness.kube.finalizers == [(ObjectKey("ns", "j"), True)]
     assert harness.phase() == "Running"
