@@ -24,6 +24,7 @@ from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.dispatch import Dispatcher, history_to_delete
 from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, NotFound, new_token
 from restic_manager.operator.pushes import Pusher, compile_schedule
+from restic_manager.operator.repositories import RepositoryReporter
 from restic_manager.operator.server import AgentServer, AuthError, Session
 from restic_manager.operator.store import (
     API_VERSION, Agent, Change, Job, ObjectKey, Schedule, Store, format_time, parse_time,
@@ -81,6 +82,7 @@ class Controller:
         self._fire_locks: dict[ObjectKey, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent)
         self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune)
+        self.repositories = RepositoryReporter(kube, clock=clock)
         self.refused = collections.Counter[str]()  # fire refusals by reason, for the log and tests
         self.primed = asyncio.Event()
         self._primed_at: datetime | None = None
@@ -98,7 +100,7 @@ class Controller:
             await self._prime()
             for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
-                                    ("history", self._history.run())):
+                                    ("history", self._history.run()), ("repositories", self.repositories.run())):
                 tasks.create_task(coroutine, name=name)
 
     async def _prime(self) -> None:
@@ -393,6 +395,8 @@ class Controller:
     # --- jobs finishing ---------------------------------------------------------------------
 
     def _job_phase_changed(self, job: Job, status: Mapping[str, Any]) -> None:
+        if statuses.is_terminal(status):
+            self.repositories.job_ended(job, status)
         schedule_key = job.schedule_key
         if schedule_key is None:
             return

@@ -115,6 +115,10 @@ def test_a_kubectl_created_job_runs_through_the_same_dispatcher(world: World) ->
     assert job["status"]["dispatchedAt"] and job["status"]["startTime"] and job["status"]["completionTime"]
     assert {c["type"]: c["status"] for c in job["status"]["conditions"]} == {"Complete": "True", "Failed": "False"}
     assert "finalizers" not in job["metadata"]
+    # The job opened the repository, and the Repository says so.
+    world.wait("repository/local", "condition=Initialized")
+    repository_status = world.get("repository/local")["status"]  # type: ignore[index]
+    assert repository_status["lastCheckResult"] == "backup by-hand: Succeeded (Completed)"
 
 
 def test_the_same_fire_delivered_twice_and_after_a_reconnect_makes_one_job(world: World) -> None:

@@ -285,7 +285,7 @@ GRANTED_IN_MANAGED_NAMESPACES = [
     *[(verb, f"{plural}.resticmanager.io", None) for plural in ("agents", "schedules") for verb in ("list", "watch")],
     *[(verb, "resticjobs.resticmanager.io", None) for verb in ("get", "list", "watch", "create", "delete", "patch")],
     ("get", "repositories.resticmanager.io", None),
-    *[("patch", f"{plural}.resticmanager.io", "status") for plural in ("agents", "schedules", "resticjobs")],
+    *[("patch", f"{plural}.resticmanager.io", "status") for plural in ("agents", "schedules", "resticjobs", "repositories")],
     *[("update", f"{plural}.resticmanager.io", "finalizers") for plural in ("agents", "schedules")],
     ("get", "secrets", None),
     ("create", "secrets", None),
@@ -307,7 +307,7 @@ DENIED_IN_MANAGED_NAMESPACES = [
     ("delete", "agents.resticmanager.io", None),
     ("create", "repositories.resticmanager.io", None),
     ("list", "repositories.resticmanager.io", None),
-    ("patch", "repositories.resticmanager.io", "status"),
+    ("patch", "repositories.resticmanager.io", None),
     ("create", "rolebindings.rbac.authorization.k8s.io", None),
 ]
 DENIED_CLUSTER_WIDE = [

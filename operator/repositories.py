@@ -1,0 +1,71 @@
+"""Repository status from the jobs that use it: `Initialized`, the last result, when.
+
+The operator does not open repositories itself; every ResticJob that ends says something
+about its Repository: a success means restic opened it (so it exists and the password
+works), a RepositoryNotFound failure means it does not exist. :func:`repository_status` is
+that decision; :class:`RepositoryReporter` writes it, one patch per Repository per burst.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.kube import Kube, KubeError, NotFound
+from restic_manager.operator.status import set_condition
+from restic_manager.operator.store import Job, ObjectKey, format_time
+
+log = logging.getLogger(__name__)
+
+
+def repository_status(current: Mapping[str, Any], *, job: str, job_type: str, ended: Mapping[str, Any],
+                      now: datetime) -> dict[str, Any]:
+    """The Repository's status after ResticJob ``job`` of ``job_type`` ended with status ``ended``."""
+    phase, reason = ended.get("phase", ""), ended.get("reason", "")
+    conditions = list(current.get("conditions") or [])
+    if phase == "Succeeded":
+        conditions = set_condition(conditions, type="Initialized", status=True, reason="RepositoryOpened",
+                                   message=f"ResticJob {job} opened the repository", now=now)
+    elif reason == "RepositoryNotFound":
+        conditions = set_condition(conditions, type="Initialized", status=False, reason="RepositoryNotFound",
+                                   message=f"ResticJob {job} found no repository; set spec.initialize "
+                                           "or run an init job", now=now)
+    return {
+        "lastCheckTime": ended.get("completionTime") or format_time(now),
+        "lastCheckResult": f"{job_type} {job}: {phase}" + (f" ({reason})" if reason else ""),
+        "conditions": conditions,
+    }
+
+
+class RepositoryReporter:
+    """Keeps the newest ended job per Repository and writes its status from it."""
+
+    def __init__(self, kube: Kube, *, clock: Callable[[], datetime]) -> None:
+        self._kube = kube
+        self._clock = clock
+        self._ended: dict[ObjectKey, tuple[Job, Mapping[str, Any]]] = {}
+        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write)
+
+    def job_ended(self, job: Job, status: Mapping[str, Any]) -> None:
+        key = ObjectKey(job.key.namespace, job.repository)
+        self._ended[key] = (job, status)
+        self._loop.mark(key)
+
+    async def run(self) -> None:
+        await self._loop.run()
+
+    async def _write(self, key: ObjectKey) -> None:
+        job, ended = self._ended.pop(key)
+        try:
+            repository = await self._kube.get("repositories", key)
+        except NotFound:
+            return  # the job named a Repository that is gone: nothing to report on
+        status = repository_status(repository.get("status") or {}, job=job.key.name, job_type=job.type,
+                                   ended=ended, now=self._clock())
+        try:
+            await self._kube.patch_status("repositories", key, status, uid=repository["metadata"]["uid"])
+        except KubeError as error:
+            log.warning("Repository %s: could not write status: %s", key, error)

@@ -1,0 +1,58 @@
+"""Repository status from the jobs that used it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from restic_manager.operator.repositories import repository_status
+
+NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)
+EARLIER = "2026-11-25T02:00:00Z"
+
+
+def initialized(status: dict) -> tuple[str, str] | None:
+    found = [c for c in status["conditions"] if c["type"] == "Initialized"]
+    return (found[0]["status"], found[0]["reason"]) if found else None
+
+
+@pytest.mark.parametrize(
+    ("ended", "expected_condition", "expected_result"),
+    [
+        ({"phase": "Succeeded", "reason": "Completed", "completionTime": "2026-11-26T02:00:20Z"},
+         ("True", "RepositoryOpened"), "backup nightly-1: Succeeded (Completed)"),
+        ({"phase": "Failed", "reason": "RepositoryNotFound", "completionTime": "2026-11-26T02:00:20Z"},
+         ("False", "RepositoryNotFound"), "backup nightly-1: Failed (RepositoryNotFound)"),
+        # A wrong password or a lost agent says nothing about whether the repository exists.
+        ({"phase": "Failed", "reason": "WrongPassword", "completionTime": "2026-11-26T02:00:20Z"},
+         None, "backup nightly-1: Failed (WrongPassword)"),
+        ({"phase": "Failed", "reason": "AgentLost"}, None, "backup nightly-1: Failed (AgentLost)"),
+    ],
+)
+def test_a_finished_job_sets_initialized_and_the_last_result(ended: dict, expected_condition: tuple | None,
+                                                             expected_result: str) -> None:
+    status = repository_status({}, job="nightly-1", job_type="backup", ended=ended, now=NOW)
+    assert initialized(status) == expected_condition
+    assert status["lastCheckResult"] == expected_result
+    assert status["lastCheckTime"] == ended.get("completionTime", "2026-11-26T02:00:30Z")
+
+
+def test_initialized_keeps_its_transition_time_while_it_holds() -> None:
+    current = {"conditions": [{"type": "Initialized", "status": "True", "reason": "RepositoryOpened",
+                               "message": "", "lastTransitionTime": EARLIER}]}
+    status = repository_status(current, job="nightly-2", job_type="backup",
+                               ended={"phase": "Succeeded", "reason": "Completed"}, now=NOW)
+    assert status["conditions"][0]["lastTransitionTime"] == EARLIER
+    assert status["conditions"][0]["message"] == "ResticJob nightly-2 opened the repository"
+
+
+def test_a_missing_repository_flips_initialized_and_says_what_to_do() -> None:
+    current = {"conditions": [{"type": "Initialized", "status": "True", "reason": "RepositoryOpened",
+                               "message": "", "lastTransitionTime": EARLIER}]}
+    status = repository_status(current, job="nightly-3", job_type="check",
+                               ended={"phase": "Failed", "reason": "RepositoryNotFound"}, now=NOW)
+    [condition] = status["conditions"]
+    assert condition["status"] == "False"
+    assert condition["lastTransitionTime"] == "2026-11-26T02:00:30Z"
+    assert "set spec.initialize or run an init job" in condition["message"]
