@@ -32,6 +32,10 @@ from restic_manager.agent.scheduler import Timer
 from restic_manager.agent.state import Mailbox
 
 log = logging.getLogger(__name__)
+# websockets logs frames at DEBUG, and command.run frames hold repository credentials: its
+# logger for this connection never goes below INFO, whatever the agent's log level.
+_WIRE_LOG = logging.getLogger(f"{__name__}.wire")
+_WIRE_LOG.setLevel(logging.INFO)
 
 SHUTDOWN_REASON = "agent shutting down"
 
@@ -138,6 +142,9 @@ class Connection:
             "ping_interval": self._endpoint.ping_interval,
             "open_timeout": self._endpoint.open_timeout,
             "max_size": protocol.MAX_FRAME_BYTES,
+            # Credentials travel next to text others choose: no compression side channel.
+            "compression": None,
+            "logger": _WIRE_LOG,
         }
         if self._endpoint.ssl is not None:
             options["ssl"] = self._endpoint.ssl

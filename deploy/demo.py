@@ -105,8 +105,9 @@ def main() -> int:
         env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
         port = controlplane.free_port()
         say(f"starting the operator (agents connect to ws://127.0.0.1:{port}); log: {LOCAL / 'operator.log'}")
+        # Plain ws:// on loopback, as the agent's --insecure below: nothing leaves this machine.
         processes.append(start("operator", [str(restic_manager), "operator", "--kubeconfig", str(plane.kubeconfig),
-                                            "--listen", f"127.0.0.1:{port}"], env=env))
+                                            "--listen", f"127.0.0.1:{port}", "--insecure-listen"], env=env))
         say("applying deploy/examples: Repository, Agent, Schedule")
         plane.kubectl("-n", NAMESPACE, "apply", "-f", str(EXAMPLES / "agent.yaml"))
         token_file = LOCAL / "agent-token"

@@ -4,38 +4,45 @@ kopf's watch events come in through :meth:`Controller.observe`; agents' frames t
 :class:`~restic_manager.operator.server.SessionHandler` methods. Both only update the
 in-memory view and ask the loops for work (pushes, dispatch, status writes, token
 Secrets, history pruning); each loop is one task that :meth:`Controller.run` owns.
+
+Authorization lives here too: an agent acts only on what is its own. Its fires count only
+for Schedules of its namespace that target it, its job reports only for its own jobs, its
+acks only for the Schedules it was given; anything else is refused with an ``error``,
+counted in :attr:`Controller.metrics` and changes nothing. An Agent's token Secret is
+watched: deleting it (or changing the token) rotates the token and disconnects at once an
+agent still connected with the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from restic_manager import cron, protocol
-from restic_manager.operator import fires
+from restic_manager.operator import fires, identity, metrics, validation
 from restic_manager.operator import status as statuses
+from restic_manager.operator.authenticator import Authenticator, NodeAgents
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.dispatch import Dispatcher, history_to_delete
-from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, NotFound, new_token
+from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, new_token
+from restic_manager.operator.limits import Limits
 from restic_manager.operator.pushes import Pusher, compile_schedule
 from restic_manager.operator.repositories import RepositoryReporter
-from restic_manager.operator.server import AgentServer, AuthError, Session
+from restic_manager.operator.server import AgentServer, ServingCertificate, Session
 from restic_manager.operator.store import (
-    API_VERSION, Agent, Change, Job, ObjectKey, Schedule, Store, format_time, parse_time,
+    API_VERSION, TOKEN_KEY, Agent, Change, Job, ObjectKey, Schedule, Store, TokenSecret, format_time, parse_time,
+    token_secret_name,
 )
 from restic_manager.operator.targets import Index, selector_problem
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
 
 log = logging.getLogger(__name__)
 
-TOKEN_KEY = "token"
-PLURALS = ("agents", "schedules", "resticjobs")
+PLURALS = ("agents", "schedules", "resticjobs", "secrets")  # secrets: the token Secrets only
 # After a start, how long an Agent the last operator saw connected may take to reconnect
 # before its status says it is not.
 RECONNECT_GRACE = 60.0
@@ -43,14 +50,6 @@ RECONNECT_GRACE = 60.0
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def token_secret_name(agent: str) -> str:
-    """``<agent>-agent-token``, shortened with a hash where an Agent name is very long."""
-    name = f"{agent}-agent-token"
-    if len(name) <= 253:
-        return name
-    return f"{agent[:230]}-{hashlib.sha256(agent.encode()).hexdigest()[:8]}-agent-token"
 
 
 def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
@@ -65,15 +64,21 @@ class HistoryKey(NamedTuple):
 
 class Controller:
     def __init__(self, *, kube: Kube, namespaces: list[str] | None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, node_agents: NodeAgents | None = None,
+                 limits: Limits = Limits()) -> None:
         self._kube = kube
         self._namespaces = namespaces
         self._clock = clock
         self.store = Store()
         self.index = Index()
-        self.server = AgentServer(authenticate=self.authenticate, handler=self)
+        self.metrics = metrics.Metrics()
+        self.primed = asyncio.Event()
+        self.authenticator = Authenticator(store=self.store, kube=kube, primed=self.primed, node_agents=node_agents,
+                                           register=lambda body: self.observe("agents", "ADDED", body))
+        self.server = AgentServer(authenticate=self.authenticator.authenticate, handler=self, limits=limits,
+                                  metrics=self.metrics)
         self.writer = StatusWriter(kube, render=self._render)
-        self.pusher = Pusher(schedules_of=self.index.schedules_of, session_of=self.server.session)
+        self.pusher = Pusher(schedules_of=self._runnable_schedules_of, session_of=self.server.session)
         self.dispatcher = Dispatcher(store=self.store, kube=kube, writer=self.writer,
                                      session_of=self.server.session, on_phase_change=self._job_phase_changed,
                                      clock=clock)
@@ -83,20 +88,24 @@ class Controller:
         self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent)
         self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune)
         self.repositories = RepositoryReporter(kube, clock=clock)
-        self.refused = collections.Counter[str]()  # fire refusals by reason, for the log and tests
-        self.primed = asyncio.Event()
+        self.refused = self.metrics.fires_refused  # fire refusals by reason
+        self._problems: dict[str, tuple[int, tuple[str, ...]]] = {}  # by Schedule uid: (generation, problems)
         self._primed_at: datetime | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def run(self, *, host: str, port: int, started: Callable[[int], None] | None = None) -> None:
-        """Serve agents and run every loop until cancelled.
+    async def run(self, *, host: str, port: int, tls: ServingCertificate | None = None,
+                  started: Callable[[int], None] | None = None,
+                  metrics_listen: tuple[str, int] | None = None) -> None:
+        """Serve agents (``wss`` with ``tls``) and run every loop until cancelled.
 
         The port is bound first, so a taken port fails at once; agents are authenticated,
         and status written, only once the view is primed.
         """
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.server.serve(host, port, started=started), name="agent server")
+            tasks.create_task(self.server.serve(host, port, tls=tls, started=started), name="agent server")
+            if metrics_listen is not None:
+                tasks.create_task(metrics.serve(self.metrics, *metrics_listen), name="metrics")
             await self._prime()
             for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
@@ -131,13 +140,16 @@ class Controller:
             self._changed(plural, change)
 
     def _collection(self, plural: str) -> Any:
-        return {"agents": self.store.agents, "schedules": self.store.schedules, "resticjobs": self.store.jobs}[plural]
+        return {"agents": self.store.agents, "schedules": self.store.schedules, "resticjobs": self.store.jobs,
+                "secrets": self.store.token_secrets}[plural]
 
     def _changed(self, plural: str, change: Change[Any]) -> None:
         if plural == "agents":
             self._agent_changed(change.old, change.new)
         elif plural == "schedules":
             self._schedule_changed(change.old, change.new)
+        elif plural == "secrets":
+            self._token_secret_changed(change.old, change.new)
         else:
             self._job_changed(change.old, change.new)
 
@@ -162,10 +174,13 @@ class Controller:
             assert old is not None
             self.pusher.request(self.index.remove_schedule(old.key))
             self._books.pop(old.uid, None)
+            self._problems.pop(old.uid, None)
+            self._fire_locks.pop(old.key, None)
             self.writer.forget("schedules", old.key)
             return
         if old is not None and old.uid != new.uid:
             self._books.pop(old.uid, None)
+            self._problems.pop(old.uid, None)
         self.pusher.request(self.index.put_schedule(new))
         self.writer.mark("schedules", new.key)
 
@@ -180,28 +195,17 @@ class Controller:
         if job.schedule_key is not None:
             self.writer.mark("schedules", job.schedule_key)
 
+    def _token_secret_changed(self, old: TokenSecret | None, new: TokenSecret | None) -> None:
+        secret = new or old
+        assert secret is not None
+        if secret.agent:
+            self._agents.mark(ObjectKey(secret.key.namespace, secret.agent))  # recreate it, revoke the old token
+
     def _mark_schedules_in(self, namespace: str) -> None:
         for schedule in self.store.schedules.in_namespace(namespace):
             self.writer.mark("schedules", schedule.key)
 
-    # --- agents: authentication and tokens --------------------------------------------------
-
-    async def authenticate(self, hello: protocol.Hello, token: str) -> ObjectKey:
-        """The Agent whose token Secret holds ``token`` and whose name the hello gives."""
-        await self.primed.wait()
-        candidates = [agent for agent in self.store.agents_named(hello.agent) if not agent.deleting]
-        if not candidates:
-            raise AuthError(f"no Agent named {hello.agent} exists; create the Agent resource first")
-        for agent in candidates:
-            name = self.agent_status(agent).get("tokenSecretName") or token_secret_name(agent.key.name)
-            try:
-                data = await self._kube.read_secret(ObjectKey(agent.key.namespace, name))
-            except NotFound:
-                continue
-            expected = data.get(TOKEN_KEY, "")
-            if expected and hmac.compare_digest(expected.encode(), token.encode()):
-                return agent.key
-        raise AuthError(f"the bearer token is not the one issued for Agent {hello.agent}")
+    # --- agents: tokens and credentials -----------------------------------------------------
 
     def agent_status(self, agent: Agent) -> dict[str, Any]:
         if agent.uid not in self._agent_status:
@@ -214,17 +218,24 @@ class Controller:
             self.writer.mark("agents", agent.key, delay=delay)
 
     async def _reconcile_agent(self, key: ObjectKey) -> None:
-        """An Agent has its token Secret; a deleted one has no connection; one that has not
-        come back since the operator started is not shown as connected."""
+        """A host Agent has its token Secret; a connection whose credential no longer holds
+        (rotated token, Agent changed) is ended; a deleted Agent has no connection; one that
+        has not come back since the operator started is not shown as connected."""
         agent = self.store.agents.get(key)
         session = self.server.session(key)
         if agent is None or agent.deleting:
             if session is not None:
                 await self.server.close_agent(key, "the Agent resource was deleted")
             return
+        secret = None
+        if not agent.node_name:  # an in-cluster agent authenticates as its node, not by token
+            secret = self.store.token_secret_of(agent) or await self._create_token(agent)
+        if session is not None:
+            why = identity.revoked(session.identity, node_name=agent.node_name,
+                                   digest=secret.digest if secret is not None else None)
+            if why is not None:
+                await self.server.revoke(key, why)
         status = self.agent_status(agent)
-        if not status.get("tokenSecretName"):
-            await self._create_token(agent)
         if session is None and status.get("connected") and self._reconnect_grace_over():
             self._set_agent_status(agent, statuses.agent_disconnected(
                 status, why="not reconnected since the operator restarted", now=self._clock()))
@@ -234,16 +245,24 @@ class Controller:
             return False
         return (self._clock() - self._primed_at).total_seconds() >= RECONNECT_GRACE
 
-    async def _create_token(self, agent: Agent) -> None:
-        """Create the Agent's token Secret once and record its name in the Agent's status."""
-        secret = ObjectKey(agent.key.namespace, token_secret_name(agent.key.name))
+    async def _create_token(self, agent: Agent) -> TokenSecret | None:
+        """Issue the Agent a new token in its token Secret and name the Secret in its status."""
+        key = ObjectKey(agent.key.namespace, token_secret_name(agent.key.name))
         try:
-            await self._kube.create_secret(secret, {TOKEN_KEY: new_token()},
-                                           owner=owner_reference("Agent", agent.key, agent.uid))
-            log.info("Agent %s: created token Secret %s", agent.key, secret.name)
+            body = await self._kube.create_secret(key, {TOKEN_KEY: new_token()},
+                                                  owner=owner_reference("Agent", agent.key, agent.uid))
         except AlreadyExists:
-            pass  # made by an earlier run: keep the token the agent already has
-        self._set_agent_status(agent, {**self.agent_status(agent), "tokenSecretName": secret.name})
+            # Not in the watched view, so not this Agent's: another Agent's of the same name
+            # awaiting garbage collection, or a Secret someone made. Its deletion brings us back.
+            log.warning("Agent %s: Secret %s exists but is not this Agent's token Secret; a token is issued "
+                        "once it is gone", agent.key, key.name)
+            return None
+        log.info("Agent %s: issued a new token in Secret %s", agent.key, key.name)
+        self._set_agent_status(agent, {**self.agent_status(agent), "tokenSecretName": key.name})
+        change = self.store.token_secrets.upsert(body)
+        if change is not None:
+            self._changed("secrets", change)
+        return self.store.token_secret_of(agent)
 
     # --- agents: the session handler --------------------------------------------------------
 
@@ -277,21 +296,31 @@ class Controller:
             case protocol.ScheduleAck() as ack:
                 self._on_ack(session, ack)
             case protocol.ScheduleFire() as fire:
-                await self._on_fire(session, fire)
+                await self._on_fire(session, fire, frame_id=frame.id)
             case protocol.JobStarted() | protocol.JobProgress() | protocol.JobDone() as report:
                 if not self._owns(session, report.job):
-                    await session.send(protocol.Error(
-                        code="forbidden", ref=frame.id,
-                        message=f"{frame.type}: job {report.job} is not a job of agent {session.agent.name}"))
+                    message = f"{frame.type}: job {report.job} is not a job of agent {session.agent.name}"
+                    await self._forbid(session, frame.id, "job-of-another-agent", message)
                     return
                 await self.dispatcher.on_report(session, report)
             case protocol.Error() as error:
                 log.warning("agent %s reports %s about frame %s: %s",
                             session.agent, error.code, error.ref, error.message)
+            case protocol.Hello():
+                await self._reject(session, frame.id, "hello: already received; send it once, as the first frame")
             case _:
-                await session.send(protocol.Error(
-                    code="invalid-frame", ref=frame.id,
-                    message=f"{frame.type} is sent by the operator, not by agents"))
+                await self._reject(session, frame.id, f"{frame.type} is sent by the operator, not by agents")
+
+    async def _forbid(self, session: Session, frame_id: str, reason: str, message: str) -> None:
+        """Refuse a frame the agent may not send: counted, logged, answered; nothing else."""
+        self.metrics.frames_refused[f"forbidden-{reason}"] += 1
+        session.log_refusal("forbidden: %s", message)
+        await session.send(protocol.Error(code="forbidden", ref=frame_id, message=message))
+
+    async def _reject(self, session: Session, frame_id: str, message: str) -> None:
+        self.metrics.frames_refused["unexpected-type"] += 1
+        session.log_refusal("invalid frame: %s", message)
+        await session.send(protocol.Error(code="invalid-frame", ref=frame_id, message=message))
 
     def _owns(self, session: Session, job_id: str) -> bool:
         """An agent reports only on jobs of its own namespace that name it (or that are gone)."""
@@ -307,9 +336,10 @@ class Controller:
             self.writer.mark("agents", agent.key, delay=LAST_SEEN_INTERVAL)
 
     def _on_ack(self, session: Session, ack: protocol.ScheduleAck) -> None:
+        """Record the ack on the Schedules the agent was given; it says nothing about others."""
         applied = {entry.id: entry.generation for entry in ack.applied}
         rejected = {entry.id: (entry.generation, entry.error) for entry in ack.rejected}
-        for schedule in self.store.schedules.in_namespace(session.agent.namespace):
+        for schedule in self.index.schedules_of(session.agent):
             book = self._book(schedule)
             if book.record_ack(session.agent.name, applied=applied, rejected=rejected,
                                schedule_id=schedule.id, at=ack.applied_at):
@@ -320,32 +350,50 @@ class Controller:
 
     # --- fires ------------------------------------------------------------------------------
 
-    async def _on_fire(self, session: Session, fire: protocol.ScheduleFire) -> None:
+    async def _on_fire(self, session: Session, fire: protocol.ScheduleFire, *, frame_id: str) -> None:
         key = ObjectKey.parse(fire.id)
+        schedule = self.store.schedules.get(key) if key.namespace == session.agent.namespace else None
+        if schedule is None:
+            # No lock: the key is the agent's to choose, and nothing is written.
+            await self._decided(session, fire, frame_id, fires.decide(
+                fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock()))
+            return
         async with self._fire_locks[key]:
-            schedule = self.store.schedules.get(key) if key.namespace == session.agent.namespace else None
-            jobs: dict[str, str] = {}
-            if schedule is not None:
-                jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
-                        for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
+            jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
+                    for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
             decision = fires.decide(
                 fire=fire, agent=session.agent, schedule=schedule,
-                targeted=schedule is not None and session.agent in self.index.agents_of(schedule.key),
-                jobs=jobs, now=self._clock(),
+                targeted=session.agent in self.index.agents_of(schedule.key),
+                jobs=jobs, now=self._clock(), problems=self.problems(schedule),
             )
-            book = self._book(schedule) if schedule is not None and schedule.uid == fire.uid else None
-            if book is not None:
-                previous = book.last_fire.get(session.agent.name)
-                if previous is None or fire.scheduled_at > previous:
-                    book.last_fire[session.agent.name] = fire.scheduled_at
-                    self.writer.mark("schedules", key)
-            if decision.verdict is fires.Verdict.CREATE:
-                assert schedule is not None and book is not None
-                await self._create_job(schedule, book, session.agent.name, decision, fire)
-            elif decision.verdict is fires.Verdict.DUPLICATE:
-                log.info("Schedule %s: %s", fire.id, decision.message)
-            else:
-                await self._refuse(schedule if book is not None else None, book, decision)
+            await self._decided(session, fire, frame_id, decision, schedule)
+
+    async def _decided(self, session: Session, fire: protocol.ScheduleFire, frame_id: str,
+                       decision: fires.Decision, schedule: Schedule | None = None) -> None:
+        """Carry out a fire's decision; only a Schedule that targets the agent is touched."""
+        if decision.verdict is fires.Verdict.FORBIDDEN:
+            self.refused[decision.reason] += 1
+            await self._forbid(session, frame_id, "fire", decision.message)
+            return
+        book = self._book(schedule) if schedule is not None and schedule.uid == fire.uid else None
+        if book is not None:
+            assert schedule is not None
+            previous = book.last_fire.get(session.agent.name)
+            if previous is None or fire.scheduled_at > previous:
+                book.last_fire[session.agent.name] = fire.scheduled_at
+                self.writer.mark("schedules", schedule.key)
+        if decision.verdict is fires.Verdict.DUPLICATE:
+            log.info("Schedule %s: %s", fire.id, decision.message)
+        elif book is None:
+            # A Schedule gone or recreated since the agent got its set: nothing to record.
+            self.refused[decision.reason] += 1
+            session.log_refusal("fire refused: %s", decision.message)
+        elif decision.verdict is fires.Verdict.CREATE:
+            assert schedule is not None
+            await self._create_job(schedule, book, session.agent.name, decision, fire)
+        else:
+            assert schedule is not None
+            await self._refuse(schedule, book, decision)
 
     async def _create_job(self, schedule: Schedule, book: statuses.ScheduleBook, agent: str,
                           decision: fires.Decision, fire: protocol.ScheduleFire) -> None:
@@ -373,12 +421,10 @@ class Controller:
             book.last_schedule_time = fire.scheduled_at
         self.writer.mark("schedules", schedule.key)
 
-    async def _refuse(self, schedule: Schedule | None, book: statuses.ScheduleBook | None,
-                      decision: fires.Decision) -> None:
+    async def _refuse(self, schedule: Schedule, book: statuses.ScheduleBook, decision: fires.Decision) -> None:
+        """A fire of a Schedule that targets the agent, not honoured: counted, on the status, an Event."""
         self.refused[decision.reason] += 1
-        log.warning("%s %s", f"Schedule {schedule.key}:" if schedule else "fire refused:", decision.message)
-        if schedule is None or book is None:
-            return
+        log.warning("Schedule %s: %s", schedule.key, decision.message)
         if decision.verdict is fires.Verdict.MISSED:
             book.missed += 1
         else:
@@ -425,6 +471,18 @@ class Controller:
 
     # --- status rendering -------------------------------------------------------------------
 
+    def problems(self, schedule: Schedule) -> tuple[str, ...]:
+        """What makes the Schedule invalid (validation.py), computed once per generation."""
+        known = self._problems.get(schedule.uid)
+        if known is None or known[0] != schedule.generation:
+            found = tuple(validation.schedule_problems(schedule.spec, schedule_id=schedule.id))
+            known = self._problems[schedule.uid] = (schedule.generation, found)
+        return known[1]
+
+    def _runnable_schedules_of(self, agent: ObjectKey) -> Sequence[Schedule]:
+        """An agent's schedule set: the valid Schedules that target it."""
+        return [schedule for schedule in self.index.schedules_of(agent) if not self.problems(schedule)]
+
     def _book(self, schedule: Schedule) -> statuses.ScheduleBook:
         if schedule.uid not in self._books:
             self._books[schedule.uid] = statuses.ScheduleBook.from_status(schedule.status)
@@ -454,7 +512,8 @@ class Controller:
                   if not statuses.is_terminal(self.dispatcher.status_of(job)) and not job.deleting]
         desired = statuses.schedule_status(
             schedule, book=book, targets=targets, connected=connected, resolved=resolved,
-            next_fire=next_fire, active=active, no_agents=self._no_agents(schedule), now=now)
+            next_fire=next_fire, active=active, no_agents=self._no_agents(schedule), now=now,
+            problems=self.problems(schedule))
         book.conditions = desired["conditions"]
         return Rendered(schedule.uid, schedule.status, desired)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,6 +30,11 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"  # the job for this fire exists already: done, nothing to report
     REFUSED = "refused"      # not honoured; an Event and refusedFires
     MISSED = "missed"        # past startingDeadlineSeconds; an Event and missedFires
+    # The agent may not fire this Schedule at all (another namespace's, one that does not
+    # target it, an invalid one no agent was given): logged, counted and answered with an
+    # error, but no state changes, so an agent cannot write into a Schedule it has no
+    # business with.
+    FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,18 @@ def decide(
     targeted: bool,
     jobs: Mapping[str, str],
     now: datetime,
+    problems: Sequence[str] = (),
 ) -> Decision:
     """Whether ``agent``'s fire is honoured.
 
     ``jobs`` maps the names of the Schedule's ResticJobs on that agent to their phases as
-    the operator knows them; ``targeted`` says whether the Schedule targets the agent now.
+    the operator knows them; ``targeted`` says whether the Schedule targets the agent now;
+    ``problems`` are what makes the Schedule invalid (validation.py), if anything.
     """
     fire_key = ObjectKey.parse(fire.id)
     when = format_time(fire.scheduled_at)
     if fire_key.namespace != agent.namespace:
-        return Decision(Verdict.REFUSED, "ForeignNamespace",
+        return Decision(Verdict.FORBIDDEN, "ForeignNamespace",
                         f"agent {agent} fired Schedule {fire.id} of another namespace")
     if schedule is None or schedule.deleting:
         return Decision(Verdict.REFUSED, "ScheduleNotFound",
@@ -117,8 +124,13 @@ def decide(
             return Decision(Verdict.DUPLICATE, "AlreadyCreated",
                             f"fire at {when} of agent {agent.name} already made ResticJob {made}", made)
     if not targeted:
-        return Decision(Verdict.REFUSED, "NotTargeted",
-                        f"fire at {when} from agent {agent.name}: the Schedule does not target that agent")
+        return Decision(Verdict.FORBIDDEN, "NotTargeted",
+                        f"fire at {when} from agent {agent.name}: Schedule {fire.id} does not target that agent")
+    if problems:
+        # An invalid Schedule is in no agent's set: this agent has no business firing it.
+        return Decision(Verdict.FORBIDDEN, "InvalidSchedule",
+                        f"fire at {when} from agent {agent.name}: Schedule {fire.id} is invalid and given to no "
+                        f"agent: {'; '.join(problems)}")
     if schedule.suspend:
         return Decision(Verdict.REFUSED, "Suspended",
                         f"fire at {when} from agent {agent.name}: spec.suspend is true")

@@ -1,10 +1,16 @@
-"""kopf's side of the operator: log in, and hand every watch event to the controller.
+"""kopf's side of the operator: log in, hand every watch event to the controller, and
+answer the validating admission webhook.
 
 Only ``on.event`` handlers: the controller keeps its own view and state, so kopf needs no
 finalizers, annotations or retries of its own on these objects (the one finalizer, on
-running ResticJobs, is the dispatcher's). Handlers are registered on a registry of their
-own so that nothing depends on module import order. All are ``async``: kopf runs plain
-functions on worker threads, and the controller belongs to the event loop.
+running ResticJobs, is the dispatcher's). Secrets are watched with a server-side label
+selector, so only the operator's token Secrets ever reach it. Handlers are registered on a
+registry of their own so that nothing depends on module import order. All are ``async``:
+kopf runs plain functions on worker threads, and the controller belongs to the event loop.
+
+With a webhook server, ``validate-schedule`` rejects a Schedule that validation.py finds
+wrong, naming every field; the ValidatingWebhookConfiguration (the chart's, or a test's)
+must point at the path ``/validate-schedule``.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from typing import Any
 import kopf
 import kubernetes.client
 
+from restic_manager.operator import validation
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.kube import connection_info
+from restic_manager.operator.kube import TOKEN_SECRETS, connection_info
 from restic_manager.operator.store import GROUP, VERSION
+
+VALIDATE_SCHEDULE = "validate-schedule"  # the webhook's id, and so its URL path
 
 
 def registry(
@@ -26,11 +35,14 @@ def registry(
     configuration: kubernetes.client.Configuration,
     *,
     on_stop: Callable[[], Awaitable[None]],
+    webhook: kopf.WebhookServer | None = None,
 ) -> kopf.OperatorRegistry:
     """A kopf registry with the operator's handlers, bound to ``controller``.
 
     ``on_stop`` runs when kopf begins to stop (signal or stop flag), before kopf cancels
     whatever tasks remain in the loop, so the controller shuts down in its own order.
+    ``webhook`` serves the validating admission webhook (kopf does not manage its
+    configuration: the chart registers it).
     """
     handlers = kopf.OperatorRegistry()
 
@@ -44,6 +56,8 @@ def registry(
         # Events would only echo the log.
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
+        settings.watching.label_selectors["", "v1", "secrets"] = TOKEN_SECRETS
+        settings.admission.server = webhook
 
     @kopf.on.cleanup(registry=handlers)
     async def stop(**_: Any) -> None:
@@ -60,5 +74,20 @@ def registry(
     @kopf.on.event(GROUP, VERSION, "resticjobs", registry=handlers)
     async def job_event(event: Mapping[str, Any], **_: Any) -> None:
         controller.observe("resticjobs", event["type"], event["object"])
+
+    @kopf.on.event("", "v1", "secrets", registry=handlers)
+    async def token_secret_event(event: Mapping[str, Any], **_: Any) -> None:
+        controller.observe("secrets", event["type"], event["object"])
+
+    if webhook is not None:
+        @kopf.on.validate(GROUP, VERSION, "schedules", id=VALIDATE_SCHEDULE, operations=["CREATE", "UPDATE"],
+                          registry=handlers)
+        async def validate_schedule(body: kopf.Body, old: kopf.Body | None, **_: Any) -> None:
+            if old is not None and (old.get("spec") == body.get("spec") or body.meta.get("deletionTimestamp")):
+                return  # metadata-only updates (labels, finalizers, deletion) of a stored Schedule pass
+            schedule_id = f"{body.meta.get('namespace')}/{body.meta.get('name') or body.meta.get('generateName')}"
+            problems = validation.schedule_problems(body.get("spec") or {}, schedule_id=schedule_id)
+            if problems:
+                raise kopf.AdmissionError(f"Schedule {schedule_id}: " + "; ".join(problems), code=422)
 
     return handlers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -28,6 +29,9 @@ from restic_manager.operator.store import GROUP, VERSION, ObjectKey, format_time
 
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "restic-manager-operator"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "restic-manager"}
+# The operator's token Secrets: the only Secrets it lists and watches.
+TOKEN_SECRETS = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
 
 
 class KubeError(Exception):
@@ -93,6 +97,7 @@ class Kube:
         self._client = kubernetes.client.ApiClient(configuration)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
         self._core = kubernetes.client.CoreV1Api(self._client)
+        self._authentication = kubernetes.client.AuthenticationV1Api(self._client)
 
     def close(self) -> None:
         self._client.close()
@@ -110,19 +115,33 @@ class Kube:
     # --- custom resources ---------------------------------------------------------------
 
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[dict[str, Any]], str]:
-        """Every object of ``plural`` (in ``namespaces``, or everywhere), and the listing's version."""
+        """Every object of ``plural`` (in ``namespaces``, or everywhere), and the listing's version.
+
+        ``secrets`` lists only the operator's token Secrets (selected by label).
+        """
+        if plural == "secrets":
+            everywhere = functools.partial(self._core.list_secret_for_all_namespaces, label_selector=TOKEN_SECRETS)
+            in_namespace = functools.partial(self._core.list_namespaced_secret, label_selector=TOKEN_SECRETS)
+            what = "token Secrets"
+        else:
+            everywhere = functools.partial(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
+            in_namespace = functools.partial(self._custom.list_namespaced_custom_object, GROUP, VERSION,
+                                             plural=plural)
+            what = plural
         if namespaces is None:
-            result = await self._call(f"list {plural}", self._custom.list_cluster_custom_object,
-                                      GROUP, VERSION, plural)
+            result = self._plain(await self._call(f"list {what}", everywhere))
             return result["items"], result["metadata"]["resourceVersion"]
         items: list[dict[str, Any]] = []
         versions = []
         for namespace in namespaces:
-            result = await self._call(f"list {plural} in {namespace}",
-                                      self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
+            result = self._plain(await self._call(f"list {what} in {namespace}", in_namespace, namespace=namespace))
             items += result["items"]
             versions.append(result["metadata"]["resourceVersion"])
         return items, min(versions, key=lambda v: int(v) if v.isdigit() else 0, default="0")
+
+    def _plain(self, value: Any) -> Any:
+        """A client model as the API's JSON (camelCase dicts)."""
+        return self._client.sanitize_for_serialization(value)
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
         return await self._call(f"get {plural} {key}", self._custom.get_namespaced_custom_object,
@@ -183,17 +202,25 @@ class Kube:
         secret = await self._call(f"get Secret {key}", self._core.read_namespaced_secret, key.name, key.namespace)
         return {name: base64.b64decode(value).decode() for name, value in (secret.data or {}).items()}
 
-    async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *, owner: Mapping[str, Any]) -> None:
+    async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *,
+                            owner: Mapping[str, Any]) -> dict[str, Any]:
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "Opaque",
-            "metadata": {"name": key.name, "namespace": key.namespace,
-                         "labels": {"app.kubernetes.io/managed-by": "restic-manager"},
+            "metadata": {"name": key.name, "namespace": key.namespace, "labels": dict(MANAGED_BY),
                          "ownerReferences": [dict(owner)]},
             "stringData": dict(data),
         }
-        await self._call(f"create Secret {key}", self._core.create_namespaced_secret, key.namespace, body)
+        created = await self._call(f"create Secret {key}", self._core.create_namespaced_secret, key.namespace, body)
+        return dict(self._plain(created))
+
+    async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
+        """The apiserver's verdict on ``token`` for ``audiences`` (a TokenReview's status)."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": audiences}}
+        result = await self._call("create TokenReview", self._authentication.create_token_review, body)
+        return dict(self._plain(result.status) or {})
 
     async def post_event(
         self, involved: Mapping[str, Any], *, type: str, reason: str, message: str,

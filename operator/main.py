@@ -4,6 +4,11 @@ kopf and the agents' WebSocket server share one event loop. kopf owns SIGINT/SIG
 cleanup handler stops the controller (server and loops) first, because kopf afterwards
 cancels every task it finds in the loop. When the controller fails (say the port is
 taken), kopf is told to stop through its stop flag.
+
+Agents connect over ``wss`` (``--tls-cert-file``/``--tls-key-file``); plain ``ws`` only
+with ``--insecure-listen``, which logs a warning. ``--agent-service-account`` lets
+in-cluster agents in with their projected ServiceAccount tokens; ``--webhook-listen``
+serves the validating admission webhook; ``--metrics-listen`` the refusal counters.
 """
 
 from __future__ import annotations
@@ -18,12 +23,23 @@ import kopf
 import kubernetes.client
 
 from restic_manager.operator import handlers
+from restic_manager.operator.authenticator import NodeAgents
 from restic_manager.operator.controller import Controller
+from restic_manager.operator.identity import DEFAULT_AUDIENCE
 from restic_manager.operator.kube import Kube, load_configuration
+from restic_manager.operator.server import ServingCertificate, TLSError
+from restic_manager.operator.store import ObjectKey
 
 log = logging.getLogger("restic_manager.operator")
 
 DEFAULT_LISTEN = "0.0.0.0:8765"
+# At DEBUG these print what crosses the wire: Secrets' data as the API returns it, frames
+# holding repository credentials. They never log below INFO, whatever --log-level says.
+WIRE_LOGGERS = ("kubernetes.client.rest", "urllib3", "websockets", "aiohttp.client")
+
+
+class UsageError(Exception):
+    """A combination of options the operator cannot start with."""
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -33,10 +49,38 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _namespaced_name(text: str) -> ObjectKey:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME, e.g. backup/restic-manager-agent")
+    return ObjectKey(namespace, name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `restic-manager operator`."""
     parser.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_LISTEN), metavar="HOST:PORT",
                         help=f"where agents connect (WebSocket; default: {DEFAULT_LISTEN})")
+    parser.add_argument("--tls-cert-file", type=Path, metavar="PATH",
+                        help="certificate chain (PEM) agents see: serve wss:// (with --tls-key-file)")
+    parser.add_argument("--tls-key-file", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
+    parser.add_argument("--insecure-listen", action="store_true",
+                        help="serve plain ws:// instead: agent tokens and repository credentials cross the network "
+                             "unencrypted; for local tests only")
+    parser.add_argument("--agent-service-account", type=_namespaced_name, metavar="NS/NAME",
+                        help="accept in-cluster agents presenting a projected token of this ServiceAccount "
+                             "(checked by TokenReview); each registers an Agent named after its node")
+    parser.add_argument("--agent-token-audience", default=DEFAULT_AUDIENCE, metavar="AUDIENCE",
+                        help=f"the audience those tokens must carry (default: {DEFAULT_AUDIENCE})")
+    parser.add_argument("--node-agent-namespace", metavar="NS",
+                        help="where in-cluster agents' Agents live (default: the ServiceAccount's namespace)")
+    parser.add_argument("--webhook-listen", type=_host_port, metavar="HOST:PORT",
+                        help="serve the validating admission webhook (HTTPS, path /validate-schedule) here")
+    parser.add_argument("--webhook-cert-file", type=Path, metavar="PATH",
+                        help="the webhook's certificate (default: --tls-cert-file)")
+    parser.add_argument("--webhook-key-file", type=Path, metavar="PATH",
+                        help="the webhook's private key (default: --tls-key-file)")
+    parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
+                        help="serve GET /metrics (refusal counters, Prometheus text) here")
     parser.add_argument("--kubeconfig", type=Path, metavar="PATH",
                         help="kubeconfig to use (default: in-cluster, else $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--namespace", action="append", metavar="NS", dest="namespaces",
@@ -47,32 +91,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: INFO")
 
 
+def agent_tls(args: argparse.Namespace) -> ServingCertificate | None:
+    """The agents' endpoint's certificate, None for --insecure-listen."""
+    if args.insecure_listen:
+        if args.tls_cert_file or args.tls_key_file:
+            raise UsageError("--insecure-listen and --tls-cert-file/--tls-key-file exclude each other")
+        return None
+    if not (args.tls_cert_file and args.tls_key_file):
+        raise UsageError("agents connect over TLS: give --tls-cert-file and --tls-key-file "
+                         "(or --insecure-listen for a local test, unencrypted)")
+    return ServingCertificate(args.tls_cert_file, args.tls_key_file)
+
+
+def webhook_server(args: argparse.Namespace) -> kopf.WebhookServer | None:
+    if args.webhook_listen is None:
+        return None
+    cert, key = args.webhook_cert_file or args.tls_cert_file, args.webhook_key_file or args.tls_key_file
+    if not (cert and key):
+        raise UsageError("--webhook-listen needs a certificate: --webhook-cert-file and --webhook-key-file "
+                         "(or --tls-cert-file and --tls-key-file)")
+    ServingCertificate(cert, key)  # fail now, naming the files, rather than inside kopf
+    host, port = args.webhook_listen
+    return kopf.WebhookServer(addr=host, port=port, certfile=cert, pkeyfile=key)
+
+
+def node_agents(args: argparse.Namespace) -> NodeAgents | None:
+    account = args.agent_service_account
+    if account is None:
+        if args.node_agent_namespace:
+            raise UsageError("--node-agent-namespace needs --agent-service-account")
+        return None
+    namespace = args.node_agent_namespace or account.namespace
+    if args.namespaces and namespace not in args.namespaces:
+        raise UsageError(f"in-cluster agents' Agents go to namespace {namespace}, which is not watched: add "
+                         f"--namespace {namespace} or choose another with --node-agent-namespace")
+    return NodeAgents(service_account=account, namespace=namespace, audience=args.agent_token_audience)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         # kopf logs every handler call, websockets every connection, aiohttp every probe:
         # the operator's own log says what matters.
-        for noisy in ("kopf", "websockets", "aiohttp.access"):
+        for noisy in ("kopf", "websockets", "restic_manager.operator.server.wire", "aiohttp.access"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    for wire in WIRE_LOGGERS:
+        logger = logging.getLogger(wire)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        tls = agent_tls(args)
+        webhook = webhook_server(args)
+        nodes = node_agents(args)
+    except (UsageError, TLSError) as error:
+        print(f"restic-manager operator: {error}", file=sys.stderr)
+        return 2
+    if tls is None:
+        log.warning("--insecure-listen: agents connect over plain ws://; their tokens and the repository "
+                    "credentials cross the network unencrypted")
     try:
         configuration = load_configuration(args.kubeconfig)
     except Exception as error:  # the kubernetes client raises several unrelated types here
         print(f"restic-manager operator: cannot load the Kubernetes configuration: {error}", file=sys.stderr)
         return 2
-    return asyncio.run(_main(args, configuration))
+    return asyncio.run(_main(args, configuration, tls=tls, webhook=webhook, nodes=nodes))
 
 
-async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration) -> int:
+async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, *,
+                tls: ServingCertificate | None, webhook: kopf.WebhookServer | None, nodes: NodeAgents | None) -> int:
     kube = Kube(configuration)
-    controller = Controller(kube=kube, namespaces=args.namespaces)
+    controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes)
     host, port = args.listen
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def started(bound: int) -> None:
-        log.info("serving agents on ws://%s:%d", host, bound)
+        log.info("serving agents on %s://%s:%d", "wss" if tls else "ws", host, bound)
         listening.set_result(bound)
 
-    served = asyncio.create_task(controller.run(host=host, port=port, started=started), name="controller")
+    served = asyncio.create_task(controller.run(host=host, port=port, tls=tls, started=started,
+                                                metrics_listen=args.metrics_listen), name="controller")
 
     async def stop_controller() -> None:
         served.cancel()
@@ -84,7 +180,7 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
             # No stop_flag: after a signal kopf leaves its waiter on that flag pending and
             # then waits for it as a hung task. A failing controller cancels kopf instead.
             operator = asyncio.create_task(kopf.operator(
-                registry=handlers.registry(controller, configuration, on_stop=stop_controller),
+                registry=handlers.registry(controller, configuration, on_stop=stop_controller, webhook=webhook),
                 standalone=True,
                 clusterwide=not args.namespaces,
                 namespaces=args.namespaces or (),

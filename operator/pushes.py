@@ -39,9 +39,10 @@ def compile_schedule(schedule: Schedule) -> cron.Cron | cron.CronError:
 def schedule_entries(schedules: Sequence[Schedule]) -> list[protocol.ScheduleEntry]:
     """The ``schedule.set`` entries for these Schedules.
 
-    The resolved expression is sent, so agents run exactly what the Schedule's status shows;
-    one that does not compile is sent as written, for the agent to reject it in its ack
-    (and so on the Schedule's status) instead of it vanishing silently.
+    The resolved expression is sent, so agents run exactly what the Schedule's status shows.
+    The controller passes only Schedules that validate; one that still does not compile is
+    sent as written, for the agent to reject it in its ack (and so on the Schedule's status)
+    instead of it vanishing silently.
     """
     entries = []
     for schedule in sorted(schedules, key=lambda s: s.key):

@@ -1,11 +1,20 @@
-"""The agents' WebSocket endpoint: one connection per agent, hello first, then frames.
+"""The agents' WebSocket endpoint: one connection per agent, credentials at the handshake,
+hello first, then frames.
 
-A connection's life reads top to bottom in :meth:`AgentServer._serve`: the handshake must
-carry a bearer token; the first frame must be a valid ``hello``; the token must be the one
-the operator issued for that Agent; the session is registered (replacing an older
-connection of the same agent); then every inbound frame is validated and handed to the
-:class:`SessionHandler` in order, and an invalid one is answered with an ``error`` frame
-and never ends the connection. What the frames mean is the handler's business.
+A connection's life reads top to bottom here: the HTTP upgrade must carry a bearer
+credential that :data:`Authenticate` turns into an :class:`~restic_manager.operator.identity.Identity`,
+or it is refused with 401/403 (the reason goes to the log and the metrics, nothing but the
+status to the peer); the first frame must be a ``hello`` naming that identity's Agent; the
+session is registered (replacing an older connection of the same agent); then every inbound
+frame is rate-limited, validated and handed to the :class:`SessionHandler` in order. An
+invalid, rate-limited or forbidden frame is answered with an ``error`` frame and never ends
+the connection; a frame over the size limit does (1009), before it is buffered. What the
+frames mean is the handler's business.
+
+TLS: ``serve(tls=...)`` serves ``wss`` with a :class:`ServingCertificate`, which reloads its
+files when they change (a renewed Secret) so new connections get the new certificate; plain
+``ws`` only when the caller passes none (``--insecure-listen``). Compression is off: frames carry repository credentials next to
+text a Schedule's author chooses, which is what compression side channels feed on.
 """
 
 from __future__ import annotations
@@ -13,10 +22,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
+from pathlib import Path
 from typing import Protocol
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -25,17 +38,25 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from restic_manager import protocol
+from restic_manager.operator.identity import AuthError, Identity
+from restic_manager.operator.limits import Limits, TokenBucket
+from restic_manager.operator.metrics import Metrics
 from restic_manager.operator.store import ObjectKey
 
 log = logging.getLogger(__name__)
+# websockets logs frames at DEBUG, and command.run frames hold repository credentials: its
+# logger for this server never goes below INFO, whatever the operator's log level.
+_WIRE_LOG = logging.getLogger(f"{__name__}.wire")
+_WIRE_LOG.setLevel(logging.INFO)
 
-HELLO_TIMEOUT = 10.0
 CLOSE_REPLACED = 4000  # a newer connection of the same agent took over
+CLOSE_REVOKED = 4001   # the credential the connection was opened with no longer holds
 REPLACED_CLOSE_TIMEOUT = 1.0
+LOGGED_REFUSALS = 10   # per connection; further refused frames are counted, not logged
 
 
-class AuthError(Exception):
-    """The agent may not connect; the message says why (it is sent to the agent)."""
+class TLSError(Exception):
+    """The serving certificate or key cannot be loaded; the message names the file."""
 
 
 class SessionHandler(Protocol):
@@ -46,7 +67,7 @@ class SessionHandler(Protocol):
     async def on_disconnect(self, session: Session) -> None: ...
 
 
-Authenticate = Callable[[protocol.Hello, str], Awaitable[ObjectKey]]
+Authenticate = Callable[[str], Awaitable[Identity]]
 
 _serials = itertools.count(1)
 
@@ -55,7 +76,7 @@ _serials = itertools.count(1)
 class Session:
     """One authenticated agent connection."""
 
-    agent: ObjectKey
+    identity: Identity
     hello: protocol.Hello
     connection: ServerConnection
     connected_at: datetime
@@ -63,11 +84,15 @@ class Session:
     # What this session has been told and asked, for the handler's bookkeeping.
     dispatched: set[str] = field(default_factory=set)
     pushed: tuple[protocol.ScheduleEntry, ...] | None = None
+    refusals_logged: int = 0
+
+    @property
+    def agent(self) -> ObjectKey:
+        return self.identity.agent
 
     @property
     def peer(self) -> str:
-        address = self.connection.remote_address
-        return f"{address[0]}:{address[1]}" if address else "unknown"
+        return _peer(self.connection)
 
     @property
     def open(self) -> bool:
@@ -81,27 +106,104 @@ class Session:
         except ConnectionClosed:
             return False
 
+    def log_refusal(self, message: str, *args: object) -> None:
+        """Log a refused frame, at most :data:`LOGGED_REFUSALS` times per connection, so a
+        peer cannot flood the log (the metrics count every one)."""
+        self.refusals_logged += 1
+        if self.refusals_logged <= LOGGED_REFUSALS:
+            log.warning("agent %s: " + message, self.agent, *args)
+        if self.refusals_logged == LOGGED_REFUSALS:
+            log.warning("agent %s: further refused frames on this connection are counted, not logged", self.agent)
+
+
+class ServingCertificate:
+    """The server side of ``wss``: TLS 1.2 or newer with a certificate chain and key from files,
+    loaded again when the files change."""
+
+    RELOAD_INTERVAL = 60.0
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._loaded = self._stamp()
+        self._load()
+
+    def _stamp(self) -> tuple[float, float]:
+        try:
+            return self.cert_file.stat().st_mtime, self.key_file.stat().st_mtime
+        except OSError:
+            return 0.0, 0.0
+
+    def _load(self) -> None:
+        # A pair that fails half-way would leave the live context with the new certificate
+        # and the old key: try it on a scratch context first.
+        for context in (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self.context):
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise TLSError(
+                    f"certificate {self.cert_file} / key {self.key_file}: cannot load them: {error}") from None
+
+    async def follow(self, *, interval: float = RELOAD_INTERVAL) -> None:
+        """Until cancelled: every ``interval``, :meth:`reload` if the files changed."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the files again if they changed since the last load; whether it did. A pair
+        that does not load (half written, say) is tried again next time; the current
+        certificate serves meanwhile."""
+        stamp = await asyncio.to_thread(self._stamp)
+        if stamp == self._loaded:
+            return False
+        try:
+            await asyncio.to_thread(self._load)
+        except TLSError as error:
+            log.warning("keeping the current certificate: %s", error)
+            return False
+        self._loaded = stamp
+        log.info("serving the renewed certificate %s", self.cert_file)
+        return True
+
 
 class AgentServer:
     """Serves agents on ``host:port`` until cancelled; ``sessions`` holds the live ones."""
 
-    def __init__(self, *, authenticate: Authenticate, handler: SessionHandler) -> None:
+    def __init__(
+        self,
+        *,
+        authenticate: Authenticate,
+        handler: SessionHandler,
+        limits: Limits = Limits(),
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._authenticate = authenticate
         self._handler = handler
+        self._limits = limits
+        self.metrics = metrics or Metrics()
+        self._clock = clock
         self.sessions: dict[ObjectKey, Session] = {}
+        # From the credential check to the connection's handler (one handshake each).
+        self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
 
     def session(self, agent: ObjectKey) -> Session | None:
         return self.sessions.get(agent)
 
-    async def serve(self, host: str, port: int, *, started: Callable[[int], None] | None = None) -> None:
-        # Frames up to twice the limit are read so that decode() can say what is wrong with
-        # them; anything larger closes the connection (1009) before it is buffered.
-        async with serve(self._serve, host, port, process_request=_require_token,
-                         max_size=2 * protocol.MAX_FRAME_BYTES) as server:
+    async def serve(self, host: str, port: int, *, tls: ServingCertificate | None = None,
+                    started: Callable[[int], None] | None = None) -> None:
+        limits = self._limits
+        async with serve(self._serve, host, port, ssl=tls.context if tls else None,
+                         process_request=self._check_credentials,
+                         max_size=limits.max_frame_bytes, compression=None, open_timeout=limits.open_timeout,
+                         ping_interval=limits.ping_interval, ping_timeout=limits.ping_timeout,
+                         server_header=None, logger=_WIRE_LOG) as server:
             if started is not None:
                 started(next(iter(server.sockets)).getsockname()[1])
             try:
-                await asyncio.Future()  # until cancelled
+                await (tls.follow() if tls else asyncio.Future())  # until cancelled
             finally:
                 server.close(close_connections=True)
 
@@ -110,22 +212,50 @@ class AgentServer:
         if session is not None:
             await session.connection.close(CloseCode.POLICY_VIOLATION, reason)
 
-    async def _serve(self, connection: ServerConnection) -> None:
-        token = _bearer(connection.request) if connection.request else ""
+    async def revoke(self, agent: ObjectKey, reason: str) -> None:
+        """End ``agent``'s connection at once because its credential no longer holds."""
+        session = self.sessions.get(agent)
+        if session is not None:
+            log.warning("agent %s: disconnected: %s", agent, reason)
+            await _close_quickly(session.connection, CLOSE_REVOKED, "credentials revoked")
+
+    async def _check_credentials(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The handshake's credential check: None lets the upgrade go on, a Response refuses it."""
         try:
-            hello = await self._receive_hello(connection)
-            agent = await self._authenticate(hello, token)
-        except AuthError as error:
-            log.warning("agent %s from %s refused: %s", hello.agent, connection.remote_address, error)
-            await _refuse(connection, protocol.Error(code="forbidden", message=str(error)))
-            return
+            token = _bearer(request)
+            if not token:
+                raise AuthError(HTTPStatus.UNAUTHORIZED, "no-token", "no Authorization: Bearer header")
+            self._identities[connection] = await self._authenticate(token)
+            return None
+        except AuthError as refusal:
+            self.metrics.handshakes_refused[refusal.reason] += 1
+            log.warning("agent connection from %s refused (%s, HTTP %d): %s",
+                        _peer(connection), refusal.reason, refusal.status, refusal)
+            response = connection.respond(refusal.status, f"{refusal.status.phrase}\n")
+            if refusal.status is HTTPStatus.UNAUTHORIZED:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager"'
+            return response
+
+    async def _serve(self, connection: ServerConnection) -> None:
+        identity = self._identities.pop(connection)
+        try:
+            hello = await self._receive_hello(connection, identity)
         except protocol.ProtocolError as error:
-            log.warning("agent connection from %s refused: %s", connection.remote_address, error)
+            self.metrics.handshakes_refused["invalid-hello"] += 1
+            log.warning("agent %s from %s refused: %s", identity.agent, _peer(connection), error)
             await _refuse(connection, protocol.Error(code="invalid-frame", message=str(error), ref=error.ref))
             return
-        except (TimeoutError, ConnectionClosed):
+        except TimeoutError:
+            self.metrics.handshakes_refused["hello-timeout"] += 1
+            log.warning("agent %s from %s refused: no hello within %.0f s", identity.agent, _peer(connection),
+                        self._limits.hello_timeout)
+            await _close_quickly(connection, CloseCode.POLICY_VIOLATION, "hello expected")
             return
-        session = Session(agent=agent, hello=hello, connection=connection, connected_at=datetime.now(timezone.utc))
+        except ConnectionClosed:
+            return
+        session = Session(identity=identity, hello=hello, connection=connection,
+                          connected_at=datetime.now(timezone.utc))
+        agent = session.agent
         previous = self.sessions.get(agent)
         self.sessions[agent] = session
         if previous is not None:
@@ -133,8 +263,8 @@ class AgentServer:
                      agent, session.peer, previous.peer)
             await _close_quickly(previous.connection, CLOSE_REPLACED,
                                  "replaced by a newer connection of the same agent")
-        log.info("agent %s connected from %s (agent %s, restic %s, %d running job(s))", agent, session.peer,
-                 hello.agent_version, hello.restic_version, len(hello.running_jobs))
+        log.info("agent %s connected from %s by %s (agent %s, restic %s, %d running job(s))", agent, session.peer,
+                 identity.method.value, hello.agent_version, hello.restic_version, len(hello.running_jobs))
         try:
             await self._handler.on_connect(session)
             await self._receive(session)
@@ -147,25 +277,42 @@ class AgentServer:
             if current:
                 await self._handler.on_disconnect(session)
 
-    async def _receive_hello(self, connection: ServerConnection) -> protocol.Hello:
-        async with asyncio.timeout(HELLO_TIMEOUT):
+    async def _receive_hello(self, connection: ServerConnection, identity: Identity) -> protocol.Hello:
+        async with asyncio.timeout(self._limits.hello_timeout):
             message = await connection.recv()
         frame = protocol.decode(message)
         if not isinstance(frame.payload, protocol.Hello):
             raise protocol.ProtocolError(f"the first frame must be hello, not {frame.type}", ref=frame.id)
-        if frame.payload.protocol_version != protocol.PROTOCOL_VERSION:
+        hello = frame.payload
+        if hello.protocol_version != protocol.PROTOCOL_VERSION:
             raise protocol.ProtocolError(
-                f"hello: protocolVersion {frame.payload.protocol_version} is not supported; "
+                f"hello: protocolVersion {hello.protocol_version} is not supported; "
                 f"this operator speaks {protocol.PROTOCOL_VERSION}", ref=frame.id)
-        return frame.payload
+        if hello.agent != identity.agent.name:
+            # The credential decides who the agent is; hello must agree with it.
+            raise protocol.ProtocolError(
+                f"hello: agent {hello.agent!r} is not the Agent these credentials belong to "
+                f"({identity.agent.name!r})", ref=frame.id)
+        return hello
 
     async def _receive(self, session: Session) -> None:
+        limits = self._limits
+        bucket = TokenBucket(rate=limits.frames_per_second, burst=limits.burst, now=self._clock())
         try:
             async for message in session.connection:
+                if not bucket.take(self._clock()):
+                    self.metrics.frames_refused["rate-limited"] += 1
+                    session.log_refusal("frame dropped: over %g frames per second", limits.frames_per_second)
+                    await session.send(protocol.Error(
+                        code="rate-limited",
+                        message=f"more than {limits.frames_per_second:g} frames per second (bursts up to "
+                                f"{limits.burst}): this frame was dropped; slow down"))
+                    continue
                 try:
                     frame = protocol.decode(message)
                 except protocol.ProtocolError as error:
-                    log.warning("agent %s sent an invalid frame: %s", session.agent, error)
+                    self.metrics.frames_refused["invalid-frame"] += 1
+                    session.log_refusal("invalid frame: %s", error)
                     await session.send(protocol.Error(code="invalid-frame", message=str(error), ref=error.ref))
                     continue
                 try:
@@ -179,15 +326,14 @@ class AgentServer:
             pass
 
 
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else "unknown"
+
+
 def _bearer(request: Request) -> str:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def _require_token(connection: ServerConnection, request: Request) -> Response | None:
-    if not _bearer(request):
-        return connection.respond(HTTPStatus.UNAUTHORIZED, "an Authorization: Bearer <token> header is required\n")
-    return None
 
 
 async def _close_quickly(connection: ServerConnection, code: int, reason: str) -> None:

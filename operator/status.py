@@ -110,9 +110,14 @@ class ScheduleBook:
 
 def applied_condition(
     *, generation: int, targets: Sequence[str], acks: Mapping[str, Ack], connected: Collection[str],
-    no_agents: str,
+    no_agents: str, problems: Sequence[str] = (),
 ) -> tuple[bool, str, str]:
-    """(status, reason, message) of the Schedule's ``Applied`` condition."""
+    """(status, reason, message) of the Schedule's ``Applied`` condition.
+
+    ``problems`` make the Schedule invalid (validation.py): it is given to no agent.
+    """
+    if problems:
+        return False, "Invalid", "; ".join(problems)
     if not targets:
         return False, "NoAgents", no_agents
     rejected = [
@@ -148,6 +153,7 @@ def schedule_status(
     active: Sequence[str],
     no_agents: str,
     now: datetime,
+    problems: Sequence[str] = (),
 ) -> Status:
     """The whole status of ``schedule``.
 
@@ -174,7 +180,8 @@ def schedule_status(
             entry["nextFireTime"] = format_time(next_fire)
         agents.append(entry)
     status_value, reason, message = applied_condition(
-        generation=generation, targets=targets, acks=book.acks, connected=connected, no_agents=no_agents
+        generation=generation, targets=targets, acks=book.acks, connected=connected, no_agents=no_agents,
+        problems=problems,
     )
     conditions = set_condition(
         book.conditions, type="Applied", status=status_value, reason=reason, message=message,

@@ -9,7 +9,10 @@ the object). Pure: no API calls; the I/O shells feed it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,6 +21,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 GROUP = "resticmanager.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+TOKEN_KEY = "token"
 
 Body = Mapping[str, Any]
 
@@ -50,6 +54,20 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def token_secret_name(agent: str) -> str:
+    """``<agent>-agent-token``, shortened with a hash where an Agent name is very long."""
+    name = f"{agent}-agent-token"
+    if len(name) <= 253:
+        return name
+    return f"{agent[:230]}-{hashlib.sha256(agent.encode()).hexdigest()[:8]}-agent-token"
+
+
+def token_digest(token: str) -> bytes:
+    """What the operator keeps of an agent token: its SHA-256 (surrounding whitespace
+    dropped, as the agent drops it from its token file)."""
+    return hashlib.sha256(token.strip().encode()).digest()
+
+
 @dataclass(frozen=True)
 class Agent:
     key: ObjectKey
@@ -58,6 +76,7 @@ class Agent:
     labels: Mapping[str, str]
     deleting: bool
     status: Mapping[str, Any]
+    node_name: str = ""  # set for an in-cluster agent: it authenticates as that node
 
     @classmethod
     def from_body(cls, body: Body) -> Agent:
@@ -69,6 +88,7 @@ class Agent:
             labels=dict(meta.get("labels") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
             status=copy.deepcopy(dict(body.get("status") or {})),
+            node_name=str((body.get("spec") or {}).get("nodeName") or ""),
         )
 
 
@@ -92,6 +112,7 @@ class Schedule:
     failed_jobs_history_limit: int
     template: Mapping[str, Any]
     status: Mapping[str, Any]
+    spec: Mapping[str, Any] = field(default_factory=dict)  # as applied, for validation
 
     @property
     def id(self) -> str:
@@ -122,6 +143,7 @@ class Schedule:
             failed_jobs_history_limit=int(spec.get("failedJobsHistoryLimit", 1)),
             template=copy.deepcopy(dict(spec.get("template") or {})),
             status=copy.deepcopy(dict(body.get("status") or {})),
+            spec=copy.deepcopy(dict(spec)),
         )
 
 
@@ -176,7 +198,38 @@ class Job:
         )
 
 
-T = TypeVar("T", Agent, Schedule, Job)
+@dataclass(frozen=True)
+class TokenSecret:
+    """An Agent's token Secret as the operator keeps it: the token's digest, never the token."""
+
+    key: ObjectKey
+    uid: str
+    resource_version: str
+    agent: str       # the name of the Agent that owns it ("" if no Agent does)
+    agent_uid: str
+    digest: bytes | None  # None when the Secret holds no readable token
+
+    @classmethod
+    def from_body(cls, body: Body) -> TokenSecret:
+        meta = body["metadata"]
+        owner = next((ref for ref in meta.get("ownerReferences") or ()
+                      if ref.get("kind") == "Agent" and ref.get("apiVersion") == API_VERSION), {})
+        encoded = (body.get("data") or {}).get(TOKEN_KEY)
+        try:
+            token = base64.b64decode(encoded, validate=True).decode() if isinstance(encoded, str) else ""
+        except (binascii.Error, UnicodeDecodeError):
+            token = ""
+        return cls(
+            key=ObjectKey.of(body),
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion", ""),
+            agent=owner.get("name", ""),
+            agent_uid=owner.get("uid", ""),
+            digest=token_digest(token) if token.strip() else None,
+        )
+
+
+T = TypeVar("T", Agent, Schedule, Job, TokenSecret)
 
 
 def _newer(candidate: str, known: str) -> bool:
@@ -265,9 +318,14 @@ class Store:
     agents: Collection[Agent] = field(default_factory=lambda: Collection(Agent.from_body))
     schedules: Collection[Schedule] = field(default_factory=lambda: Collection(Schedule.from_body))
     jobs: Collection[Job] = field(default_factory=lambda: Collection(Job.from_body))
+    token_secrets: Collection[TokenSecret] = field(default_factory=lambda: Collection(TokenSecret.from_body))
 
-    def agents_named(self, name: str) -> list[Agent]:
-        return [agent for agent in self.agents if agent.key.name == name]
+    def token_secret_of(self, agent: Agent) -> TokenSecret | None:
+        """The Agent's token Secret, if there is one that this very Agent (uid) owns."""
+        secret = self.token_secrets.get(ObjectKey(agent.key.namespace, token_secret_name(agent.key.name)))
+        if secret is None or secret.agent_uid != agent.uid:
+            return None
+        return secret
 
     def jobs_of_schedule(self, uid: str, *, agent: str | None = None) -> list[Job]:
         return [

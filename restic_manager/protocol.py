@@ -362,8 +362,8 @@ def decode(data: str | bytes) -> Frame:
     if isinstance(data, bytes):
         raise ProtocolError("binary frames are not part of the protocol; send JSON text frames")
     try:
-        raw = json.loads(data)
-    except (json.JSONDecodeError, RecursionError) as error:
+        raw = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_int64)
+    except (ValueError, RecursionError) as error:  # json.JSONDecodeError is a ValueError
         raise ProtocolError(f"frame is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("frame must be a JSON object with type, id and payload")
@@ -383,6 +383,31 @@ def decode(data: str | bytes) -> Frame:
         return Frame(id=frame_id, payload=payload)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ProtocolError(f"{kind}: {describe(error)}", ref=ref) from None
+
+
+# Numbers a frame may hold: what JSON and the Kubernetes API (int64, finite floats) accept,
+# so no value an agent sends can make a status the API refuses to store.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"a number of {len(text)} characters is out of range")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text) > 20:  # int() of a very long digit string is slow, and refused past 4300 digits
+        raise ValueError(f"an integer of {len(text)} digits is out of range (64 bits)")
+    value = int(text)
+    if value not in _INT64:
+        raise ValueError(f"integer {value} is out of range (64 bits)")
+    return value
 
 
 def describe(error: ValidationError) -> str:

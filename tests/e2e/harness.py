@@ -9,6 +9,10 @@ agent` as subprocesses, real restic, and a namespace per test.
 
 Every process a test starts is stopped when it ends; their logs stay in the test's
 tmp_path (named in assertion messages) so a failure can be read.
+
+The operator serves plain ws:// (--insecure-listen) unless started with ``tls=`` (a
+:class:`Certificates` from :func:`make_certificates`): then agents connect over wss://,
+verifying it against that CA.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +42,35 @@ RESTIC_MANAGER = Path(sys.executable).parent / "restic-manager"
 PASSWORD = "e2e-repository-password"
 WAIT = 60  # seconds any single expectation may take on a loaded two-core machine
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A CA and a serving certificate it signed, for 127.0.0.1 and localhost."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certificates(directory: Path, *, name: str = "operator") -> Certificates:
+    """A fresh CA and a certificate for 127.0.0.1/localhost (openssl, as the control plane's)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed for the TLS tests: apt-get install openssl", pytrace=False)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        result = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True)
+        assert result.returncode == 0, f"openssl {' '.join(args[:2])}: {result.stderr}"
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}-test-ca",
+            "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.crt")
+    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return Certificates(directory / f"{name}-ca.crt", directory / f"{name}.crt", directory / f"{name}.key")
 
 
 def free_port() -> int:
@@ -193,6 +227,7 @@ class World:
     restic: Path
     operator_port: int = field(default_factory=free_port)
     operator: Process | None = None
+    tls: Certificates | None = None  # the operator's, once started with TLS
     agents: dict[str, Process] = field(default_factory=dict)
     proxies: list[Proxy] = field(default_factory=list)
     holds: list[Path] = field(default_factory=list)
@@ -235,25 +270,36 @@ class World:
 
     # --- processes --------------------------------------------------------------------------
 
-    def start_operator(self) -> Process:
+    def start_operator(self, *, tls: Certificates | None = None, extra: Sequence[str] = ()) -> Process:
+        """Start (or restart) the operator; ``tls`` and ``extra`` count on the first start."""
         if self.operator is None:
+            self.tls = tls
+            serving = ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)] if tls else ["--insecure-listen"]
             self.operator = Process("operator", [
                 str(RESTIC_MANAGER), "operator", "--kubeconfig", str(self.kube.kubeconfig),
-                "--listen", f"127.0.0.1:{self.operator_port}", "--namespace", self.namespace,
+                "--listen", f"127.0.0.1:{self.operator_port}", "--namespace", self.namespace, *serving, *extra,
             ], self.directory / "operator.log")
         self.operator.start()
         return self.operator
 
+    @property
+    def server_url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.operator_port}/agent"
+
     def add_agent(self, name: str, *, labels: dict[str, str] | None = None, start: bool = True,
-                  restic: Path | None = None, via: Proxy | None = None) -> Process:
+                  restic: Path | None = None, via: Proxy | None = None, extra: Sequence[str] = ()) -> Process:
         """Create the Agent resource, fetch its token, and start its agent process."""
         self.apply(json.dumps({"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
                                "metadata": {"name": name, "labels": labels or {}}, "spec": {}}))
         token_file = self.directory / f"{name}.token"
         token_file.write_text(self.token(name))
         port = via.port if via is not None else self.operator_port
+        if self.tls is not None:
+            server = [f"wss://127.0.0.1:{port}/agent", "--ca-file", str(self.tls.ca)]
+        else:
+            server = [f"ws://127.0.0.1:{port}/agent", "--insecure"]
         agent = Process(f"agent {name}", [
-            str(RESTIC_MANAGER), "agent", "--server", f"ws://127.0.0.1:{port}/agent", "--insecure",
+            str(RESTIC_MANAGER), "agent", "--server", *server, *extra,
             "--token-file", str(token_file), "--state-dir", str(self.directory / f"{name}-state"),
             "--agent-name", name, "--restic", str(restic or self.restic),
         ], self.directory / f"agent-{name}.log")

@@ -137,11 +137,15 @@ def test_daemonset_mounts_node_paths_under_the_mount_root(helm: Helm, tmp_path: 
     assert mounts == {"/host": True, "/host/home": False, "/host/etc": True}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["RESTIC_MANAGER_AGENT_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    assert env["RESTIC_MANAGER_SERVER"] == "ws://r-restic-manager.backup.svc:8765"
-    assert env["RESTIC_MANAGER_INSECURE"] == "true"
+    assert env["RESTIC_MANAGER_SERVER"] == "wss://r-restic-manager.backup.svc:8765"
+    assert "RESTIC_MANAGER_INSECURE" not in env
+    assert env["RESTIC_MANAGER_CA_FILE"] == "/etc/restic-manager/ca/ca.crt"
     (token,) = [v for v in pod["volumes"] if v["name"] == "token"]
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "restic-manager"
     assert pod["automountServiceAccountToken"] is False
+    # The agents get the operator's CA, never its key.
+    (ca,) = [v for v in pod["volumes"] if v["name"] == "ca"]
+    assert ca["secret"] == {"secretName": "r-restic-manager-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
 
 
 # --- the chart on the real apiserver -------------------------------------------------------
@@ -222,6 +226,7 @@ def test_helm_install_every_object_is_accepted_by_the_apiserver(kube, helm: Helm
                 for doc in documents(manifest)}
     assert {kind for kind, _, _ in rendered} == {
         "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "DaemonSet",
+        "Secret", "ValidatingWebhookConfiguration",
         "RoleBinding" if release.watched else "ClusterRoleBinding",
     }
     stored = json.loads(kube.kubectl("get", "-f", "-", "-o", "json", input=manifest).stdout)
@@ -244,7 +249,7 @@ def test_helm_install_every_object_is_accepted_by_the_apiserver(kube, helm: Helm
 
     # NOTES.txt tells where agents connect and what to apply next.
     notes = helm("get", "notes", release.name, "--namespace", release.namespace, kubeconfig=kube.kubeconfig).stdout
-    assert f"ws://{release.service_account}.{release.namespace}.svc:8765" in notes
+    assert f"wss://{release.service_account}.{release.namespace}.svc:8765" in notes
     assert "wait --for=condition=Connected agent/HOST" in notes
     assert (", ".join(release.watched) if release.watched else "every namespace") in notes
 
@@ -289,12 +294,15 @@ GRANTED_IN_MANAGED_NAMESPACES = [
     *[("update", f"{plural}.resticmanager.io", "finalizers") for plural in ("agents", "schedules")],
     ("get", "secrets", None),
     ("create", "secrets", None),
+    # The token Secrets, by label: authentication from memory, rotation on deletion.
+    ("list", "secrets", None),
+    ("watch", "secrets", None),
     ("create", "events", None),
+    # The releases run the agent DaemonSet: a node's first connection registers its Agent.
+    ("create", "agents.resticmanager.io", None),
 ]
 # What it never does, even where it manages.
 DENIED_IN_MANAGED_NAMESPACES = [
-    ("list", "secrets", None),
-    ("watch", "secrets", None),
     ("update", "secrets", None),
     ("delete", "secrets", None),
     ("create", "pods", None),
@@ -314,11 +322,9 @@ DENIED_CLUSTER_WIDE = [
     ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
-    ("list", "secrets"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("create", "namespaces"),
     ("delete", "namespaces"),
-    ("create", "tokenreviews.authentication.k8s.io"),  # not until DaemonSet agents are checked
     ("impersonate", "serviceaccounts"),
 ]
 
@@ -344,6 +350,10 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
         # kopf follows the CRDs everywhere, and the namespaces when it watches a list of them.
         assert can_i(kube, kubeconfig, "watch", "customresourcedefinitions.apiextensions.k8s.io")
         assert can_i(kube, kubeconfig, "watch", "namespaces") == bool(release.watched)
+        # Listing Secrets everywhere only when it manages every namespace.
+        assert can_i(kube, kubeconfig, "list", "secrets") == (not release.watched)
+        # DaemonSet agents' tokens are checked by TokenReview (a cluster-scoped call).
+        assert can_i(kube, kubeconfig, "create", "tokenreviews.authentication.k8s.io")
     finally:
         if not release.watched:
             kube.kubectl("delete", "namespace", managed, "--wait=false", check=False)
@@ -456,7 +466,7 @@ def test_operator_with_only_the_chart_rbac_runs_a_schedule_end_to_end(
 
     with running(operator_log, [
         RESTIC_MANAGER, "operator", "--kubeconfig", kubeconfig, "--namespace", namespace,
-        "--listen", f"127.0.0.1:{port}", "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
+        "--listen", f"127.0.0.1:{port}", "--insecure-listen", "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
     ]):
         kubectl("-n", namespace, "apply", "-f", "-", input=(
             "apiVersion: resticmanager.io/v1alpha1\nkind: Agent\nmetadata: {name: smoke-host}\n"))

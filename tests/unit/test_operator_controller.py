@@ -3,7 +3,9 @@ status, fires into ResticJobs and Events. (The real thing end to end is tests/e2
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from restic_manager import protocol
 from restic_manager.operator.controller import Controller
 from restic_manager.operator.fires import job_name
 from restic_manager.operator.kube import AlreadyExists, NotFound
-from restic_manager.operator.server import AuthError
+from restic_manager.operator.identity import AuthError
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import Target
 
@@ -64,6 +66,9 @@ class FakeSession:
         self.sent.append(payload)
         return True
 
+    def log_refusal(self, message: str, *args: object) -> None:
+        pass
+
 
 def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}",
@@ -109,19 +114,23 @@ FIRE = protocol.ScheduleFire(id="ns/nightly", uid="uid-nightly", generation=1,
                              scheduled_at=datetime(2026, 3, 2, 2, 0, tzinfo=timezone.utc))
 
 
-async def test_an_agent_is_known_by_its_name_and_the_token_issued_for_it(controller: Controller) -> None:
-    kube: FakeKube = controller._kube  # type: ignore[assignment]
+def token_secret_body(agent: str, namespace: str, token: str) -> dict[str, Any]:
+    return {"metadata": {"name": f"{agent}-agent-token", "namespace": namespace, "uid": f"s-{namespace}-{agent}",
+                         "resourceVersion": "2",
+                         "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
+                                              "name": agent, "uid": f"uid-{namespace}-{agent}"}]},
+            "data": {"token": base64.b64encode(token.encode()).decode()}}
+
+
+async def test_an_agent_is_known_by_the_token_issued_for_it(controller: Controller) -> None:
     controller.observe("agents", "ADDED", agent_body("web-01", namespace="other"))
-    kube.secrets[ObjectKey("ns", "web-01-agent-token")] = {"token": "ns-token"}
-    kube.secrets[ObjectKey("other", "web-01-agent-token")] = {"token": "other-token"}
-    hello = FakeSession(ObjectKey("ns", "web-01")).hello
-    assert await controller.authenticate(hello, "other-token") == ObjectKey("other", "web-01")
-    assert await controller.authenticate(hello, "ns-token") == ObjectKey("ns", "web-01")
-    with pytest.raises(AuthError, match="not the one issued for Agent web-01"):
-        await controller.authenticate(hello, "guess")
-    stranger = protocol.Hello(agent="db-01", agent_version="1", restic_version="0", protocol_version=1)
-    with pytest.raises(AuthError, match="no Agent named db-01 exists"):
-        await controller.authenticate(stranger, "ns-token")
+    controller.observe("secrets", "ADDED", token_secret_body("web-01", "ns", "ns-token"))
+    controller.observe("secrets", "ADDED", token_secret_body("web-01", "other", "other-token"))
+    assert (await controller.authenticator.authenticate("other-token")).agent == ObjectKey("other", "web-01")
+    assert (await controller.authenticator.authenticate("ns-token")).agent == ObjectKey("ns", "web-01")
+    with pytest.raises(AuthError) as refused:
+        await controller.authenticator.authenticate("guess")
+    assert (refused.value.status, refused.value.reason) == (HTTPStatus.UNAUTHORIZED, "unknown-token")
 
 
 async def test_acks_of_the_current_generation_make_the_schedule_applied(controller: Controller) -> None:

@@ -1,5 +1,6 @@
-"""The agents' WebSocket endpoint on 127.0.0.1: hello first, bearer token, validated frames,
-one connection per agent. The handler and the authentication are fakes."""
+"""The agents' WebSocket endpoint on 127.0.0.1: bearer credentials at the handshake, hello
+first, validated frames, one connection per agent. The handler and the authentication are
+fakes (tests/unit/test_security_server.py has limits, rates and hostile input)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from http import HTTPStatus
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from restic_manager import protocol
-from restic_manager.operator.server import CLOSE_REPLACED, AgentServer, AuthError, Session
+from restic_manager.operator.identity import AuthError, Identity, Method
+from restic_manager.operator.server import CLOSE_REPLACED, AgentServer, Session
 from restic_manager.operator.store import ObjectKey
 
 TOKEN = "good-token"
@@ -41,10 +44,10 @@ class Handler:
             return await self.events.get()
 
 
-async def authenticate(hello: protocol.Hello, token: str) -> ObjectKey:
+async def authenticate(token: str) -> Identity:
     if token != TOKEN:
-        raise AuthError(f"the bearer token is not the one issued for Agent {hello.agent}")
-    return ObjectKey("ns", hello.agent)
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "unknown-token", "the token is not that of any Agent")
+    return Identity(ObjectKey("ns", "web-01"), Method.TOKEN, "digest")
 
 
 @pytest.fixture
@@ -104,17 +107,28 @@ async def test_an_unsupported_protocol_version_is_refused(served: tuple[str, Han
         assert isinstance(error, protocol.Error) and "protocolVersion 99 is not supported" in error.message
 
 
-async def test_a_wrong_token_is_forbidden(served: tuple[str, Handler, AgentServer]) -> None:
-    url, handler, _ = served
-    async with connect(url, **authorized("stolen")) as websocket:  # type: ignore[arg-type]
-        await websocket.send(hello())
+async def test_a_wrong_token_is_refused_at_the_handshake(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, server = served
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, **authorized("stolen")):  # type: ignore[arg-type]
+            pass
+    assert refused.value.response.status_code == 401
+    assert refused.value.response.body == b"Unauthorized\n"  # the reason is the log's, not the peer's
+    assert server.metrics.handshakes_refused == {"unknown-token": 1}
+    assert handler.events.empty()
+
+
+async def test_hello_must_name_the_authenticated_agent(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, server = served
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        await websocket.send(hello("db-01"))
         error = await receive(websocket)
-        assert isinstance(error, protocol.Error) and error.code == "forbidden"
-        assert "web-01" in error.message
+        assert isinstance(error, protocol.Error) and error.code == "invalid-frame"
+        assert "'db-01' is not the Agent these credentials belong to" in error.message
         with pytest.raises(ConnectionClosed):
             await receive(websocket)
         assert websocket.close_code == 1008
-    assert handler.events.empty()
+    assert handler.events.empty() and server.metrics.handshakes_refused == {"invalid-hello": 1}
 
 
 async def test_invalid_frames_are_answered_and_the_connection_goes_on(served: tuple[str, Handler, AgentServer]) -> None:

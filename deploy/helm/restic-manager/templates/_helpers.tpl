@@ -42,5 +42,16 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 
 {{/* The agents' endpoint inside the cluster: the chart's Service. */}}
 {{- define "restic-manager.agentServer" -}}
-{{- default (printf "ws://%s.%s.svc:%d" (include "restic-manager.fullname" .) .Release.Namespace (int .Values.operator.agentPort)) .Values.agentDaemonSet.server -}}
+{{- $scheme := ternary "ws" "wss" .Values.operator.insecureListen -}}
+{{- default (printf "%s://%s.%s.svc:%d" $scheme (include "restic-manager.fullname" .) .Release.Namespace (int .Values.operator.agentPort)) .Values.agentDaemonSet.server -}}
+{{- end -}}
+
+{{/* The Secret with the operator's certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "restic-manager.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "restic-manager.fullname" .)) .Values.operator.tls.secretName -}}
+{{- end -}}
+
+{{/* Where the nodes' Agents live. */}}
+{{- define "restic-manager.nodeAgentNamespace" -}}
+{{- .Values.agentDaemonSet.agentNamespace | default (first .Values.operator.watchNamespaces) | default .Release.Namespace -}}
 {{- end -}}

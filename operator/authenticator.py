@@ -1,0 +1,119 @@
+"""The I/O shell around :mod:`~restic_manager.operator.identity`: the credential an agent
+presents at the handshake becomes an :class:`~restic_manager.operator.identity.Identity`.
+
+A host agent's token is checked against the token Secrets the operator watches, in memory:
+an unauthenticated handshake never costs an API call. An in-cluster agent's ServiceAccount
+token is checked by TokenReview (a few at a time); the Agent named after its node is created
+the first time that node's agent connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from restic_manager.operator import identity
+from restic_manager.operator.identity import AuthError, Identity, Method
+from restic_manager.operator.kube import MANAGED_BY, AlreadyExists, Kube, KubeError
+from restic_manager.operator.store import API_VERSION, ObjectKey, Store
+
+log = logging.getLogger(__name__)
+
+CONCURRENT_REVIEWS = 4  # TokenReviews in flight at once; more handshakes wait their turn
+
+
+@dataclass(frozen=True)
+class NodeAgents:
+    """The in-cluster agents: the one ServiceAccount they run as, the audience their
+    projected tokens carry, and the namespace their per-node Agents live in."""
+
+    service_account: ObjectKey
+    namespace: str
+    audience: str = identity.DEFAULT_AUDIENCE
+
+
+def node_agent_body(node: str, namespace: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "Agent",
+            "metadata": {"name": node, "namespace": namespace, "labels": dict(MANAGED_BY)},
+            "spec": {"nodeName": node}}
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        kube: Kube,
+        primed: asyncio.Event,
+        node_agents: NodeAgents | None,
+        register: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self._store = store
+        self._kube = kube
+        self._primed = primed
+        self._node_agents = node_agents
+        self._register = register  # takes an Agent the authenticator created into the view
+        self._reviews = asyncio.Semaphore(CONCURRENT_REVIEWS)
+
+    async def authenticate(self, token: str) -> Identity:
+        """Who presents ``token``; raises AuthError saying why nobody does."""
+        await self._primed.wait()
+        if identity.is_service_account_token(token):
+            return await self._service_account(token)
+        return self._host_token(token)
+
+    def _host_token(self, token: str) -> Identity:
+        digests = {}
+        for agent in self._store.agents:
+            secret = self._store.token_secret_of(agent)
+            if secret is not None and secret.digest is not None and not agent.node_name:
+                digests[agent.key] = secret.digest
+        owner = identity.find_token_owner(digests, token)
+        if owner is None:
+            raise AuthError(HTTPStatus.UNAUTHORIZED, "unknown-token", "the token is not that of any Agent")
+        agent = self._store.agents.get(owner)
+        if agent is None or agent.deleting:
+            raise AuthError(HTTPStatus.FORBIDDEN, "agent-deleting", f"Agent {owner} is being deleted")
+        return Identity(owner, Method.TOKEN, digests[owner].hex())
+
+    async def _service_account(self, token: str) -> Identity:
+        config = self._node_agents
+        if config is None:
+            raise AuthError(HTTPStatus.UNAUTHORIZED, "service-account-token",
+                            "a ServiceAccount token, but no agent ServiceAccount is configured "
+                            "(--agent-service-account)")
+        identity.check_audience(token, config.audience)
+        async with self._reviews:
+            try:
+                review = await self._kube.token_review(token, audiences=[config.audience])
+            except KubeError as error:
+                raise AuthError(HTTPStatus.SERVICE_UNAVAILABLE, "tokenreview-failed", str(error)) from None
+        node, pod = identity.node_of_review(review, audience=config.audience,
+                                            service_account=config.service_account)
+        key = ObjectKey(config.namespace, node)
+        agent = self._store.agents.get(key)
+        if agent is None:
+            await self._create_node_agent(key)
+            agent = self._store.agents.get(key)
+        if agent is None or agent.deleting:
+            raise AuthError(HTTPStatus.FORBIDDEN, "agent-deleting", f"Agent {key} is being deleted")
+        if agent.node_name != node:
+            raise AuthError(HTTPStatus.FORBIDDEN, "not-a-node-agent",
+                            f"Agent {key} exists but is not the Agent of node {node} "
+                            f"(spec.nodeName {agent.node_name!r})")
+        return Identity(key, Method.SERVICE_ACCOUNT, pod)
+
+    async def _create_node_agent(self, key: ObjectKey) -> None:
+        try:
+            try:
+                created = await self._kube.create("agents", node_agent_body(key.name, key.namespace))
+                log.info("Agent %s registered for node %s", key, key.name)
+            except AlreadyExists:
+                created = await self._kube.get("agents", key)  # another connection of the node was first
+        except KubeError as error:
+            raise AuthError(HTTPStatus.SERVICE_UNAVAILABLE, "agent-registration-failed", str(error)) from None
+        self._register(created)

@@ -1,0 +1,143 @@
+"""Who an agent is, decided from the credential it presents at the WebSocket handshake.
+
+Two kinds of credential, told apart by their shape:
+
+* a host agent's **token**: random (256 bits, URL-safe, no dots), issued in its Agent's
+  token Secret. The operator keeps only SHA-256 digests and compares the presented token's
+  digest with every Agent's in constant time (:func:`find_token_owner`).
+* an in-cluster agent's **projected ServiceAccount token**: a JWT (three dot-separated
+  parts). Its audience is looked at before anything is asked of the API (a token for
+  another audience never costs a TokenReview); then the apiserver's TokenReview answer
+  decides (:func:`node_of_review`): authenticated for our audience, by the one agent
+  ServiceAccount, bound to a pod on a node. The node name comes from that binding, not
+  from what the agent says in ``hello``: the apiserver attests where the pod runs, so one
+  node's agent cannot pose as another's.
+
+Everything here is pure; :mod:`~restic_manager.operator.authenticator` does the I/O.
+A refusal is an :class:`AuthError` carrying the HTTP status the handshake gets, a short
+reason (the metrics label) and a detail for the operator's log only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from restic_manager.operator.store import ObjectKey, token_digest
+
+DEFAULT_AUDIENCE = "restic-manager"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+MAX_TOKEN_LENGTH = 16 * 1024  # far above any real token; bounds the work on junk
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+K = TypeVar("K")
+
+
+class AuthError(Exception):
+    """An agent may not connect. ``str()`` is for the operator's log, never for the agent."""
+
+    def __init__(self, status: HTTPStatus, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+
+
+class Method(enum.Enum):
+    TOKEN = "token"
+    SERVICE_ACCOUNT = "serviceaccount"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated agent: its Agent, how it proved it, and the credential to revoke by
+    (the token's SHA-256 in hex, or the pod uid the ServiceAccount token is bound to)."""
+
+    agent: ObjectKey
+    method: Method
+    credential: str
+
+
+def is_service_account_token(token: str) -> bool:
+    """Whether ``token`` has a JWT's shape (agent tokens never contain dots)."""
+    return len(token) <= MAX_TOKEN_LENGTH and _JWT.match(token) is not None
+
+
+def find_token_owner(digests: Mapping[K, bytes], token: str) -> K | None:
+    """The key whose digest is the token's; every digest is compared, in constant time."""
+    presented = token_digest(token)
+    owner = None
+    for key, digest in digests.items():
+        if hmac.compare_digest(digest, presented):
+            owner = key
+    return owner
+
+
+def claimed_audiences(token: str) -> list[str]:
+    """The ``aud`` claim of a JWT, unverified: only to skip a TokenReview that cannot succeed."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        return []
+    audience = claims.get("aud") if isinstance(claims, dict) else None
+    if isinstance(audience, str):
+        return [audience]
+    return [a for a in audience if isinstance(a, str)] if isinstance(audience, list) else []
+
+
+def check_audience(token: str, audience: str) -> None:
+    if audience not in claimed_audiences(token):
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "wrong-audience",
+                        f"a ServiceAccount token whose audience is not {audience!r}")
+
+
+def node_of_review(status: Mapping[str, Any], *, audience: str, service_account: ObjectKey) -> tuple[str, str]:
+    """(node name, pod uid) from a TokenReview's ``status``, or why the token is refused."""
+    if not status.get("authenticated"):
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "token-invalid",
+                        f"TokenReview: not authenticated ({status.get('error') or 'no reason given'})")
+    if audience not in (status.get("audiences") or ()):
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "wrong-audience",
+                        f"TokenReview: the token is not valid for audience {audience!r}")
+    user = status.get("user") or {}
+    expected = f"system:serviceaccount:{service_account.namespace}:{service_account.name}"
+    if user.get("username") != expected:
+        raise AuthError(HTTPStatus.FORBIDDEN, "wrong-service-account",
+                        f"TokenReview: {user.get('username')!r} is not the agent ServiceAccount {service_account}")
+    extra = user.get("extra") or {}
+    nodes = extra.get(NODE_NAME_EXTRA) or []
+    if len(nodes) != 1 or not isinstance(nodes[0], str):
+        raise AuthError(HTTPStatus.FORBIDDEN, "no-node-binding",
+                        "the ServiceAccount token is not bound to a pod on a node "
+                        "(a projected token of a DaemonSet pod is; Kubernetes 1.30 or newer)")
+    node = nodes[0]
+    if len(node) > 253 or not _DNS_SUBDOMAIN.match(node):
+        raise AuthError(HTTPStatus.FORBIDDEN, "no-node-binding", f"node name {node!r} is not a valid Agent name")
+    pods = extra.get(POD_UID_EXTRA) or [""]
+    return node, str(pods[0])
+
+
+def revoked(identity: Identity, *, node_name: str, digest: bytes | None) -> str | None:
+    """Why a connected agent's credential no longer holds for its Agent, or None.
+
+    ``node_name`` is the Agent's spec.nodeName; ``digest`` its token Secret's digest now.
+    """
+    if identity.method is Method.TOKEN:
+        if node_name:
+            return f"Agent {identity.agent} is now the Agent of node {node_name}; tokens no longer apply"
+        if digest is None or not hmac.compare_digest(digest.hex(), identity.credential):
+            return f"the token of Agent {identity.agent} was rotated"
+        return None
+    if node_name != identity.agent.name:
+        return f"Agent {identity.agent} is no longer the Agent of node {identity.agent.name}"
+    return None

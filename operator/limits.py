@@ -1,0 +1,47 @@
+"""What one agent connection may cost the operator: timeouts, frame size and message rate.
+
+:class:`Limits` holds the numbers; :class:`TokenBucket` is the per-connection rate decision
+(pure: the caller passes the time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from restic_manager import protocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    # TLS and HTTP upgrade, credential check included; a stalled client is dropped after it.
+    open_timeout: float = 10.0
+    # An authenticated connection must say hello within this.
+    hello_timeout: float = 10.0
+    # Keepalive: a peer that does not answer a ping within ping_timeout is gone. Agents are
+    # legitimately silent for hours between fires, so this, not silence, is the idle timeout.
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    # Larger frames close the connection (1009) before they are buffered.
+    max_frame_bytes: int = protocol.MAX_FRAME_BYTES
+    # Sustained frames per second, and the burst allowed above it. An agent sends a few
+    # frames a minute and, per running job, a progress report a second.
+    frames_per_second: float = 50.0
+    burst: int = 500
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; each frame takes one or is refused."""
+
+    def __init__(self, *, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True

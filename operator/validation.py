@@ -1,0 +1,91 @@
+"""Whether a Schedule's spec can run, with one message per problem naming the field.
+
+The same function answers the validating admission webhook (so ``kubectl apply`` of a bad
+Schedule fails with these messages) and the controller (so a Schedule that got past an
+unreachable webhook is marked ``Applied=False`` with reason ``Invalid`` and never reaches
+an agent). The CRD's schema and CEL rules check shapes; this checks meaning: the cron
+expression, the time zone, the job parameters as the agent will read them, and that names
+are names of objects in the Schedule's own namespace.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import ValidationError
+
+from restic_manager import cron, protocol
+from restic_manager.operator.targets import SelectorError, selector_matches
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_TYPES = ", ".join(t.value for t in protocol.JobType)
+
+
+def schedule_problems(spec: Mapping[str, Any], *, schedule_id: str) -> list[str]:
+    """Everything wrong with the Schedule ``schedule_id`` (namespace/name), or nothing."""
+    problems: list[str] = []
+    agent, selector = spec.get("agent"), spec.get("agentSelector")
+    if (agent is None) == (selector is None):
+        problems.append("spec: exactly one of agent and agentSelector must be set")
+    if agent is not None:
+        problems += _name_problems("spec.agent", agent, kind="Agent")
+    if isinstance(selector, Mapping):
+        try:
+            selector_matches(selector, {})
+        except SelectorError as error:
+            problems.append(f"spec.{error}")
+    problems += _name_problems("spec.repository", spec.get("repository"), kind="Repository")
+    problems += _cron_problems(spec.get("schedule"), schedule_id)
+    problems += _zone_problems(spec.get("timeZone", "UTC"))
+    problems += _template_problems(spec.get("template"))
+    return problems
+
+
+def _name_problems(field: str, value: object, *, kind: str) -> list[str]:
+    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        return [f"{field} {value!r}: must be the name of a {kind} in the Schedule's own namespace "
+                "(lowercase letters, digits, '-' and '.'; no namespace part)"]
+    return []
+
+
+def _cron_problems(expression: object, schedule_id: str) -> list[str]:
+    if not isinstance(expression, str):
+        return [f"spec.schedule: must be a cron expression, not {type(expression).__name__}"]
+    try:
+        cron.Cron(expression, "UTC", name=schedule_id)
+    except cron.CronError as error:
+        return [f"spec.schedule: {error}"]
+    return []
+
+
+def _zone_problems(zone: object) -> list[str]:
+    try:
+        ZoneInfo(zone)  # type: ignore[arg-type]
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        return [f"spec.timeZone {zone!r}: not a known IANA time zone, e.g. UTC or Europe/London"]
+    return []
+
+
+def _template_problems(template: object) -> list[str]:
+    if not isinstance(template, Mapping):
+        return ["spec.template: must be an object with at least a type"]
+    try:
+        job_type = protocol.JobType(template.get("type"))
+    except ValueError:
+        return [f"spec.template.type {template.get('type')!r}: must be one of {_TYPES}"]
+    problems = [f"spec.template.{other.value}: only allowed when type is {other.value}"
+                for other in protocol.JobType if other is not job_type and other.value in template]
+    block = template.get(job_type.value, {})
+    if not isinstance(block, Mapping):
+        return problems + [f"spec.template.{job_type.value}: must be an object"]
+    try:
+        protocol.ARGS_BY_TYPE[job_type].model_validate(block)
+    except ValidationError as error:
+        # One problem per field, named by its whole path (no input values echoed).
+        for item in error.errors(include_url=False, include_input=False):
+            path = ".".join(["spec", "template", job_type.value, *(str(part) for part in item["loc"])])
+            problems.append(f"{path}: {item['msg']}")
+    return problems

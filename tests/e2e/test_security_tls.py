@@ -1,0 +1,72 @@
+"""The agents' endpoint over TLS with real certificates (openssl) and the real agent connection
+code, no control plane: a renewed certificate is served without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from restic_manager.operator.identity import Identity, Method
+from restic_manager.operator.server import AgentServer, ServingCertificate, Session
+from restic_manager.operator.store import ObjectKey
+
+from e2e.harness import make_certificates
+
+TIMEOUT = 10
+
+
+class Handler:
+    async def on_connect(self, session: Session) -> None: ...
+
+    async def on_message(self, session: Session, frame: object) -> None: ...
+
+    async def on_disconnect(self, session: Session) -> None: ...
+
+
+async def anyone(token: str) -> Identity:
+    return Identity(ObjectKey("ns", "web-01"), Method.TOKEN, "digest")
+
+
+async def handshake(url: str, ca: Path) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        async with connect(url, ssl=ssl.create_default_context(cafile=str(ca)),
+                           additional_headers={"Authorization": "Bearer t"}):
+            pass
+
+
+async def test_a_renewed_certificate_is_served_to_new_connections(tmp_path: Path) -> None:
+    old, new = make_certificates(tmp_path / "old"), make_certificates(tmp_path / "new")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(old.cert, cert)
+    shutil.copy(old.key, key)
+    certificate = ServingCertificate(cert, key)
+    server = AgentServer(authenticate=anyone, handler=Handler())
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(server.serve("127.0.0.1", 0, tls=certificate, started=port.set_result))
+    try:
+        url = f"wss://127.0.0.1:{await asyncio.wait_for(port, TIMEOUT)}/agent"
+        await handshake(url, old.ca)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await handshake(url, new.ca)
+        assert not await certificate.reload()  # nothing changed
+
+        # A renewal caught in the middle (new certificate, key not yet written) keeps the old pair.
+        shutil.copy(new.cert, cert)
+        key.write_text("half-written")
+        assert not await certificate.reload()
+        await handshake(url, old.ca)
+
+        shutil.copy(new.cert, cert)
+        shutil.copy(new.key, key)
+        assert await certificate.reload()
+        await handshake(url, new.ca)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await handshake(url, old.ca)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)

@@ -1,0 +1,254 @@
+"""The pure security decisions, as tables: who a credential belongs to, whether a TokenReview
+answer lets an in-cluster agent in, when a connection's credential is revoked, the
+per-connection rate, and what makes a Schedule invalid."""
+
+from __future__ import annotations
+
+import base64
+import json
+from http import HTTPStatus
+from typing import Any
+
+import pytest
+
+from restic_manager.operator import identity
+from restic_manager.operator.identity import AuthError, Identity, Method
+from restic_manager.operator.kube import new_token
+from restic_manager.operator.limits import TokenBucket
+from restic_manager.operator.metrics import Metrics
+from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest
+from restic_manager.operator.validation import schedule_problems
+
+SA = ObjectKey("backup", "restic-manager-agent")
+AUDIENCE = "restic-manager"
+
+
+def jwt(claims: dict[str, Any]) -> str:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+# --- host agents' tokens -----------------------------------------------------------------
+
+
+def test_issued_tokens_carry_256_bits_and_never_look_like_a_jwt() -> None:
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100
+    for token in tokens:
+        assert len(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) == 32
+        assert not identity.is_service_account_token(token)
+
+
+def test_a_token_belongs_to_the_agent_whose_digest_it_has() -> None:
+    digests = {ObjectKey("a", "web-01"): token_digest("tok-1"), ObjectKey("b", "web-01"): token_digest("tok-2")}
+    assert identity.find_token_owner(digests, "tok-2") == ObjectKey("b", "web-01")
+    assert identity.find_token_owner(digests, " tok-1\n") == ObjectKey("a", "web-01")  # as read from a file
+    assert identity.find_token_owner(digests, "tok-3") is None
+    assert identity.find_token_owner({}, "tok-1") is None
+
+
+def secret_body(*, token: str | None, owner_uid: str = "uid-web-01", data: Any = None) -> dict[str, Any]:
+    encoded = {"token": base64.b64encode(token.encode()).decode()} if token is not None else {}
+    return {"metadata": {"name": "web-01-agent-token", "namespace": "ns", "uid": "s1", "resourceVersion": "3",
+                         "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
+                                              "name": "web-01", "uid": owner_uid}]},
+            "data": encoded if data is None else data}
+
+
+@pytest.mark.parametrize(("case", "body", "counts"), [
+    ("owned by the Agent", secret_body(token="tok"), True),
+    ("owned by an older Agent of that name", secret_body(token="tok", owner_uid="uid-old"), False),
+    ("empty", secret_body(token=""), False),
+    ("no token key", secret_body(token=None), False),
+    ("not base64", secret_body(token=None, data={"token": "%%%"}), False),
+])
+def test_only_a_token_secret_the_agent_owns_counts(case: str, body: dict[str, Any], counts: bool) -> None:
+    store = Store()
+    store.agents.upsert({"metadata": {"name": "web-01", "namespace": "ns", "uid": "uid-web-01",
+                                      "resourceVersion": "1"}})
+    store.token_secrets.upsert(body)
+    [agent] = list(store.agents)
+    secret = store.token_secret_of(agent)
+    assert (secret is not None and secret.digest is not None) == counts, case
+    if counts:
+        assert secret is not None and secret.digest == token_digest("tok")
+
+
+def test_the_operator_keeps_a_tokens_digest_never_the_token() -> None:
+    secret = TokenSecret.from_body(secret_body(token="tok-secret"))
+    assert "tok-secret" not in repr(secret) and secret.digest == token_digest("tok-secret")
+
+
+# --- in-cluster agents' ServiceAccount tokens ----------------------------------------------
+
+
+@pytest.mark.parametrize(("token", "is_jwt"), [
+    (jwt({"aud": [AUDIENCE]}), True),
+    ("eyJhbGciOiJSUzI1NiJ9.eyJhIjoxfQ.", True),
+    ("abc_DEF-123", False),
+    ("a.b", False),
+    ("a.b.c.d", False),
+    ("x" * 20000 + ".y.z", False),
+])
+def test_a_serviceaccount_token_is_told_apart_by_its_shape(token: str, is_jwt: bool) -> None:
+    assert identity.is_service_account_token(token) is is_jwt
+
+
+@pytest.mark.parametrize(("token", "audiences"), [
+    (jwt({"aud": [AUDIENCE, "other"]}), [AUDIENCE, "other"]),
+    (jwt({"aud": AUDIENCE}), [AUDIENCE]),
+    (jwt({"aud": 7}), []),
+    (jwt({}), []),
+    ("eyJ.!!!.x", []),
+    ("a.bm90IGpzb24.c", []),
+])
+def test_the_claimed_audience_is_read_without_trusting_it(token: str, audiences: list[str]) -> None:
+    assert identity.claimed_audiences(token) == audiences
+
+
+def test_a_token_for_another_audience_is_refused_before_any_tokenreview() -> None:
+    with pytest.raises(AuthError) as refused:
+        identity.check_audience(jwt({"aud": ["https://kubernetes.default.svc"]}), AUDIENCE)
+    assert (refused.value.status, refused.value.reason) == (HTTPStatus.UNAUTHORIZED, "wrong-audience")
+    identity.check_audience(jwt({"aud": [AUDIENCE]}), AUDIENCE)
+
+
+def review(*, authenticated: bool = True, audiences: tuple[str, ...] = (AUDIENCE,),
+           username: str = f"system:serviceaccount:{SA.namespace}:{SA.name}",
+           node: list[str] | None = None, pod: str = "pod-uid") -> dict[str, Any]:
+    extra = {"authentication.kubernetes.io/pod-uid": [pod]}
+    if node is not None:
+        extra["authentication.kubernetes.io/node-name"] = node
+    status: dict[str, Any] = {"authenticated": authenticated, "audiences": list(audiences),
+                              "user": {"username": username, "extra": extra}}
+    if not authenticated:
+        status = {"error": "token has expired", "user": {}}
+    return status
+
+
+@pytest.mark.parametrize(("case", "status", "expected"), [
+    ("a DaemonSet pod's token", review(node=["node-a"]), ("node-a", "pod-uid")),
+    ("not authenticated", review(authenticated=False), (HTTPStatus.UNAUTHORIZED, "token-invalid")),
+    ("for another audience", review(audiences=("other",), node=["node-a"]), (HTTPStatus.UNAUTHORIZED, "wrong-audience")),
+    ("another ServiceAccount", review(username="system:serviceaccount:backup:default", node=["node-a"]),
+     (HTTPStatus.FORBIDDEN, "wrong-service-account")),
+    ("the same name in another namespace", review(username=f"system:serviceaccount:other:{SA.name}", node=["node-a"]),
+     (HTTPStatus.FORBIDDEN, "wrong-service-account")),
+    ("a user, not a ServiceAccount", review(username="admin", node=["node-a"]),
+     (HTTPStatus.FORBIDDEN, "wrong-service-account")),
+    ("not bound to a pod on a node", review(), (HTTPStatus.FORBIDDEN, "no-node-binding")),
+    ("a node name that is no Agent name", review(node=["Node_A"]), (HTTPStatus.FORBIDDEN, "no-node-binding")),
+    ("two node names", review(node=["a", "b"]), (HTTPStatus.FORBIDDEN, "no-node-binding")),
+])
+def test_a_tokenreview_answer_names_the_node_or_says_no(case: str, status: dict[str, Any],
+                                                         expected: tuple[Any, Any]) -> None:
+    if isinstance(expected[0], str):
+        assert identity.node_of_review(status, audience=AUDIENCE, service_account=SA) == expected, case
+        return
+    with pytest.raises(AuthError) as refused:
+        identity.node_of_review(status, audience=AUDIENCE, service_account=SA)
+    assert (refused.value.status, refused.value.reason) == expected, case
+
+
+TOKEN_IDENTITY = Identity(ObjectKey("ns", "web-01"), Method.TOKEN, token_digest("tok").hex())
+NODE_IDENTITY = Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-uid")
+
+
+@pytest.mark.parametrize(("case", "who", "node_name", "digest", "revoked"), [
+    ("token unchanged", TOKEN_IDENTITY, "", token_digest("tok"), None),
+    ("token rotated", TOKEN_IDENTITY, "", token_digest("new"), "was rotated"),
+    ("token Secret deleted", TOKEN_IDENTITY, "", None, "was rotated"),
+    ("Agent became a node's", TOKEN_IDENTITY, "web-01", token_digest("tok"), "tokens no longer apply"),
+    ("node agent unchanged", NODE_IDENTITY, "node-a", None, None),
+    ("Agent no longer the node's", NODE_IDENTITY, "", None, "no longer the Agent of node node-a"),
+])
+def test_a_connection_whose_credential_no_longer_holds_is_revoked(
+        case: str, who: Identity, node_name: str, digest: bytes | None, revoked: str | None) -> None:
+    why = identity.revoked(who, node_name=node_name, digest=digest)
+    assert (why is None) == (revoked is None), case
+    assert revoked is None or (why is not None and revoked in why), (case, why)
+
+
+def test_agents_parse_their_node_name_from_the_spec() -> None:
+    body = {"metadata": {"name": "node-a", "namespace": "backup", "uid": "u", "resourceVersion": "1"},
+            "spec": {"nodeName": "node-a"}}
+    assert Agent.from_body(body).node_name == "node-a"
+    assert Agent.from_body({**body, "spec": {}}).node_name == ""
+
+
+# --- message rate --------------------------------------------------------------------------
+
+
+def test_the_rate_limit_allows_a_burst_then_the_sustained_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.05) is False   # half a token back
+    assert bucket.take(0.1) is True     # one token back
+    assert [bucket.take(10.0) for _ in range(4)] == [True, True, True, False]  # never above the burst
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_the_counters_are_served_as_prometheus_text() -> None:
+    metrics = Metrics()
+    metrics.handshakes_refused["unknown-token"] += 2
+    metrics.fires_refused['we"ird'] += 1
+    text = metrics.exposition()
+    assert 'restic_manager_agent_handshakes_refused_total{reason="unknown-token"} 2\n' in text
+    assert 'restic_manager_fires_refused_total{reason="we\\"ird"} 1\n' in text
+    assert "# TYPE restic_manager_agent_frames_refused_total counter\n" in text
+
+
+# --- Schedule validation -------------------------------------------------------------------
+
+
+GOOD = {"agent": "web-01", "repository": "offsite", "schedule": "0 2 * * *", "timeZone": "Europe/London",
+        "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}
+
+
+@pytest.mark.parametrize(("case", "change", "expected"), [
+    ("valid", {}, []),
+    ("valid with H and seconds", {"schedule": "*/30 H * * * *"}, []),
+    ("minute out of range", {"schedule": "61 * * * *"}, ["spec.schedule: '61 * * * *': minute must be 0-59"]),
+    ("too few fields", {"schedule": "* *"}, ["spec.schedule: '* *': expected 5 fields (or 6 with seconds first), got 2"]),
+    ("unknown zone", {"timeZone": "Mars/Olympus"},
+     ["spec.timeZone 'Mars/Olympus': not a known IANA time zone, e.g. UTC or Europe/London"]),
+    ("a path as zone", {"timeZone": "../../etc/passwd"},
+     ["spec.timeZone '../../etc/passwd': not a known IANA time zone, e.g. UTC or Europe/London"]),
+    ("another namespace's Agent", {"agent": "team-b/web-01"},
+     ["spec.agent 'team-b/web-01': must be the name of a Agent in the Schedule's own namespace "
+      "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
+    ("another namespace's Repository", {"repository": "team-b/offsite"},
+     ["spec.repository 'team-b/offsite': must be the name of a Repository in the Schedule's own namespace "
+      "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
+    ("no paths", {"template": {"type": "backup", "backup": {"paths": []}}},
+     ["spec.template.backup.paths: List should have at least 1 item after validation, not 0"]),
+    ("forget without a rule", {"template": {"type": "forget", "forget": {"prune": True}}},
+     ["spec.template.forget: Value error, forget needs at least one keep* rule"]),
+    ("a bad retention duration", {"template": {"type": "forget", "forget": {"keepWithin": "7x"}}},
+     ["spec.template.forget.keepWithin: String should match pattern '^(\\d+[yMwdhms])*$'"]),
+    ("an unknown parameter", {"template": {"type": "check", "check": {"readData": True}}},
+     ["spec.template.check.readData: Extra inputs are not permitted"]),
+    ("a block of another type", {"template": {"type": "prune", "backup": {"paths": ["/"]}}},
+     ["spec.template.backup: only allowed when type is backup"]),
+    ("unknown type", {"template": {"type": "rm"}},
+     ["spec.template.type 'rm': must be one of backup, forget, prune, check, restore, unlock, init"]),
+    ("both agent and selector", {"agentSelector": {"matchLabels": {"a": "b"}}},
+     ["spec: exactly one of agent and agentSelector must be set"]),
+    ("a selector that cannot be evaluated", {"agent": None, "agentSelector": {"matchExpressions": [
+        {"key": "role", "operator": "In"}]}},
+     ["spec.agentSelector.matchExpressions[0]: operator In needs at least one value"]),
+])
+def test_schedule_validation_names_the_field_and_the_problem(case: str, change: dict[str, Any],
+                                                              expected: list[str]) -> None:
+    spec = {key: value for key, value in {**GOOD, **change}.items() if value is not None}
+    assert schedule_problems(spec, schedule_id="backups/nightly") == expected, case
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    spec = {**GOOD, "schedule": "0 25 * * *", "timeZone": "Nowhere", "repository": "a/b"}
+    problems = schedule_problems(spec, schedule_id="backups/nightly")
+    assert [problem.split(" ")[0].rstrip(":") for problem in problems] == [
+        "spec.repository", "spec.schedule", "spec.timeZone"]

@@ -1,0 +1,303 @@
+"""What one agent connection may cost the operator, on 127.0.0.1 with fake authentication and
+handler: the frame size limit, the message-rate limit, the hello timeout, a bounded log,
+revocation; the handshake saying nothing that helps an attacker; the authenticator's
+decisions for in-cluster agents with a fake TokenReview; the operator's TLS options."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from restic_manager import protocol
+from restic_manager.operator import main as operator_main
+from restic_manager.operator.authenticator import Authenticator, NodeAgents
+from restic_manager.operator.identity import AuthError, Identity, Method
+from restic_manager.operator.kube import AlreadyExists, KubeError
+from restic_manager.operator.limits import Limits
+from restic_manager.operator.server import (
+    CLOSE_REVOKED, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
+)
+from restic_manager.operator.store import ObjectKey, Store
+
+TOKEN = "good-token"
+AGENT = ObjectKey("ns", "web-01")
+TIMEOUT = 5
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.sessions: asyncio.Queue[Session] = asyncio.Queue()
+        self.frames: list[protocol.Frame] = []
+
+    async def on_connect(self, session: Session) -> None:
+        await self.sessions.put(session)
+
+    async def on_message(self, session: Session, frame: protocol.Frame) -> None:
+        self.frames.append(frame)
+        if isinstance(frame.payload, protocol.CommandCancel):  # a barrier: answered, like the controller does
+            await session.send(protocol.Error(code="invalid-frame", ref=frame.id, message="barrier"))
+
+    async def on_disconnect(self, session: Session) -> None:
+        pass
+
+
+async def authenticate(token: str) -> Identity:
+    if token != TOKEN:
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "unknown-token", "the token is not that of any Agent")
+    return Identity(AGENT, Method.TOKEN, "digest")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Served:
+    def __init__(self, url: str, handler: Handler, server: AgentServer, clock: Clock) -> None:
+        self.url, self.handler, self.server, self.clock = url, handler, server, clock
+
+
+@pytest.fixture
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    limits = getattr(request, "param", Limits())
+    handler, clock = Handler(), Clock()
+    server = AgentServer(authenticate=authenticate, handler=handler, limits=limits, clock=clock)
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(server.serve("127.0.0.1", 0, started=port.set_result))
+    async with asyncio.timeout(TIMEOUT):
+        url = f"ws://127.0.0.1:{await port}/agent"
+    yield Served(url, handler, server, clock)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def open_agent(url: str, **options: Any) -> Any:
+    return connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, **options)
+
+
+async def say_hello(websocket: ClientConnection, handler: Handler) -> Session:
+    await websocket.send(protocol.encode(protocol.Hello(agent=AGENT.name, agent_version="1", restic_version="0",
+                                                        protocol_version=protocol.PROTOCOL_VERSION)))
+    async with asyncio.timeout(TIMEOUT):
+        return await handler.sessions.get()
+
+
+async def answers_until(websocket: ClientConnection, barrier: str) -> list[protocol.Payload]:
+    await websocket.send(protocol.encode(protocol.CommandCancel(job="ns/x"), frame_id=barrier))
+    received = []
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            payload = protocol.decode(await websocket.recv()).payload
+            if isinstance(payload, protocol.Error) and payload.ref == barrier:
+                return received
+            received.append(payload)
+
+
+def ack(version: int) -> str:
+    return json.dumps({"type": "schedule.ack", "id": f"ack-{version}",
+                       "payload": {"version": version, "appliedAt": "2026-03-02T02:00:00Z"}})
+
+
+async def test_a_refused_handshake_says_only_its_status(served: Served) -> None:
+    for headers, reason in (({}, "no-token"), ({"Authorization": "Bearer guess"}, "unknown-token"),
+                            ({"Authorization": "Basic dXNlcjpwYXNz"}, "no-token")):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(served.url, additional_headers=headers):
+                pass
+        response = refused.value.response
+        assert (response.status_code, response.body) == (401, b"Unauthorized\n")
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="restic-manager"'
+        assert "Server" not in response.headers  # no product or version to look up exploits for
+    assert served.server.metrics.handshakes_refused == {"no-token": 2, "unknown-token": 1}
+
+
+async def test_a_frame_over_the_size_limit_closes_only_that_connection(served: Served) -> None:
+    async with open_agent(served.url, max_size=None) as big:
+        await say_hello(big, served.handler)
+        await big.send("x" * (protocol.MAX_FRAME_BYTES + 1))
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(TIMEOUT):
+                await big.recv()
+        assert big.close_code == 1009  # message too big, before it was buffered
+    async with open_agent(served.url) as other:
+        await say_hello(other, served.handler)
+        assert await answers_until(other, "b") == []
+
+
+@pytest.mark.parametrize("served", [Limits(frames_per_second=2, burst=3)], indirect=True)
+async def test_frames_over_the_rate_are_refused_unhandled_until_the_rate_allows_again(served: Served) -> None:
+    async with open_agent(served.url) as websocket:
+        await say_hello(websocket, served.handler)
+        for version in range(5):
+            await websocket.send(ack(version))
+        await websocket.send(protocol.encode(protocol.CommandCancel(job="ns/x"), frame_id="late"))
+        async with asyncio.timeout(TIMEOUT):
+            answers = [protocol.decode(await websocket.recv()).payload for _ in range(3)]
+        assert all(isinstance(a, protocol.Error) and a.code == "rate-limited" for a in answers)
+        assert "more than 2 frames per second" in answers[0].message  # type: ignore[union-attr]
+        assert [f.id for f in served.handler.frames] == ["ack-0", "ack-1", "ack-2"]
+        assert served.server.metrics.frames_refused == {"rate-limited": 3}
+
+        served.clock.now += 1.0  # two frames' worth
+        assert await answers_until(websocket, "barrier") == []
+        assert [f.id for f in served.handler.frames][-1] == "barrier"
+
+
+@pytest.mark.parametrize("served", [Limits(hello_timeout=0.2)], indirect=True)
+async def test_a_connection_that_never_says_hello_is_closed(served: Served) -> None:
+    async with open_agent(served.url) as silent:
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(TIMEOUT):
+                await silent.recv()
+        assert (silent.close_code, silent.close_reason) == (1008, "hello expected")
+    assert served.server.metrics.handshakes_refused == {"hello-timeout": 1}
+    assert served.handler.sessions.empty()
+
+
+async def test_refused_frames_are_counted_every_time_but_logged_a_bounded_number_of_times(
+        served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    async with open_agent(served.url) as websocket:
+        await say_hello(websocket, served.handler)
+        caplog.set_level(logging.WARNING, logger="restic_manager.operator.server")
+        for _ in range(3 * LOGGED_REFUSALS):
+            await websocket.send("{not json")
+        answers = await answers_until(websocket, "barrier")
+    assert len(answers) == 3 * LOGGED_REFUSALS
+    assert served.server.metrics.frames_refused["invalid-frame"] == 3 * LOGGED_REFUSALS
+    logged = [r.getMessage() for r in caplog.records if "invalid frame" in r.getMessage()]
+    assert len(logged) == LOGGED_REFUSALS
+    assert any("counted, not logged" in r.getMessage() for r in caplog.records)
+
+
+async def test_revoking_an_agent_disconnects_it_at_once(served: Served) -> None:
+    async with open_agent(served.url) as websocket:
+        await say_hello(websocket, served.handler)
+        await served.server.revoke(AGENT, "the token of Agent ns/web-01 was rotated")
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(TIMEOUT):
+                await websocket.recv()
+        assert (websocket.close_code, websocket.close_reason) == (CLOSE_REVOKED, "credentials revoked")
+
+
+# --- the authenticator for in-cluster agents ---------------------------------------------
+
+
+def jwt(audience: str) -> str:
+    claims = base64.urlsafe_b64encode(json.dumps({"aud": [audience]}).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln"
+
+
+class ReviewingKube:
+    """TokenReview answers by token, and Agent creation."""
+
+    def __init__(self, reviews: dict[str, dict[str, Any]]) -> None:
+        self.reviews = reviews
+        self.asked: list[str] = []
+        self.created: list[dict[str, Any]] = []
+
+    async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
+        self.asked.append(token)
+        if token not in self.reviews:
+            raise KubeError("create TokenReview: 500 Internal Server Error")
+        return self.reviews[token]
+
+    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
+            raise AlreadyExists("409")
+        made = {**body, "metadata": {**body["metadata"], "uid": "uid-" + body["metadata"]["name"],
+                                     "resourceVersion": "5"}}
+        self.created.append(made)
+        return made
+
+
+NODES = NodeAgents(service_account=ObjectKey("backup", "agent"), namespace="backup")
+
+
+def reviewed(node: str) -> dict[str, Any]:
+    return {"authenticated": True, "audiences": ["restic-manager"],
+            "user": {"username": "system:serviceaccount:backup:agent",
+                     "extra": {"authentication.kubernetes.io/node-name": [node],
+                               "authentication.kubernetes.io/pod-uid": [f"pod-on-{node}"]}}}
+
+
+async def authenticator(kube: ReviewingKube, store: Store, *, nodes: NodeAgents | None = NODES) -> Authenticator:
+    primed = asyncio.Event()
+    primed.set()
+    return Authenticator(store=store, kube=kube, primed=primed, node_agents=nodes,  # type: ignore[arg-type]
+                         register=lambda body: store.agents.upsert(body))
+
+
+async def test_a_node_agent_is_registered_on_its_first_connection_and_known_after() -> None:
+    token = jwt("restic-manager")
+    kube, store = ReviewingKube({token: reviewed("node-a")}), Store()
+    auth = await authenticator(kube, store)
+    first = await auth.authenticate(token)
+    assert first == Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-on-node-a")
+    [body] = kube.created
+    assert body["spec"] == {"nodeName": "node-a"} and body["metadata"]["namespace"] == "backup"
+    assert await auth.authenticate(token) == first and len(kube.created) == 1
+
+
+async def test_serviceaccount_tokens_that_cannot_be_let_in_are_refused() -> None:
+    wrong_audience, broken_api = jwt("https://kubernetes.default.svc"), jwt("restic-manager")
+    hijack = jwt("restic-manager") + "x"
+    store = Store()
+    # A host Agent that happens to carry a node's name must not become that node's.
+    store.agents.upsert({"metadata": {"name": "node-b", "namespace": "backup", "uid": "u", "resourceVersion": "1"}})
+    kube = ReviewingKube({hijack: reviewed("node-b")})
+    auth = await authenticator(kube, store)
+    for token, status, reason in ((wrong_audience, HTTPStatus.UNAUTHORIZED, "wrong-audience"),
+                                  (broken_api, HTTPStatus.SERVICE_UNAVAILABLE, "tokenreview-failed"),
+                                  (hijack, HTTPStatus.FORBIDDEN, "not-a-node-agent")):
+        with pytest.raises(AuthError) as refused:
+            await auth.authenticate(token)
+        assert (refused.value.status, refused.value.reason) == (status, reason)
+    assert kube.asked == [broken_api, hijack]  # the wrong audience cost no API call
+    without = await authenticator(kube, store, nodes=None)
+    with pytest.raises(AuthError) as refused:
+        await without.authenticate(jwt("restic-manager"))
+    assert refused.value.reason == "service-account-token"
+
+
+# --- the operator's TLS options ----------------------------------------------------------
+
+
+def options(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    operator_main.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ((), "agents connect over TLS: give --tls-cert-file and --tls-key-file"),
+    (("--tls-cert-file", "c.pem"), "agents connect over TLS"),
+    (("--insecure-listen", "--tls-key-file", "k.pem"), "exclude each other"),
+    (("--insecure-listen", "--webhook-listen", "127.0.0.1:9443"), "--webhook-listen needs a certificate"),
+    (("--insecure-listen", "--node-agent-namespace", "x"), "needs --agent-service-account"),
+    (("--insecure-listen", "--namespace", "team-a", "--agent-service-account", "backup/agent"),
+     "Agents go to namespace backup, which is not watched"),
+])
+def test_the_operator_serves_plain_ws_only_when_told_to(argv: tuple[str, ...], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert operator_main.run(options(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unreadable_certificate_is_named(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(TLSError, match=f"certificate {tmp_path / 'cert.pem'}"):
+        ServingCertificate(tmp_path / "cert.pem", tmp_path / "key.pem")
