@@ -198,8 +198,9 @@ class Connection:
             case protocol.CommandCancel(job=job):
                 if not await self._runner.cancel(job):
                     log.info("job %s: cancel requested, but it is not running here", job)
-            case protocol.Error() as error:
-                log.warning("the operator reports %s about frame %s: %s", error.code, error.ref, error.message)
+            case protocol.Error() as reported:
+                log.warning("the operator reports %s about frame %s: %s",
+                            reported.code, reported.ref, reported.message)
             case _:
                 await self._send(websocket, protocol.Error(
                     code="invalid-frame", ref=frame.id,

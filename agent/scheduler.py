@@ -192,7 +192,7 @@ class Timer:
 
     async def _sleep(self, deadline: datetime | None) -> None:
         """Until `deadline` (never, if None) or the next apply, whichever comes first."""
-        waits = [asyncio.ensure_future(self._changed.wait())]
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._changed.wait())]
         if deadline is not None:
             waits.append(asyncio.ensure_future(self._clock.sleep_until(deadline)))
         try:

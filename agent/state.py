@@ -178,7 +178,7 @@ def _decode_state(text: str) -> AgentState:
         if until.tzinfo is None:
             raise ValueError(f"cursor of {schedule_id}: until has no UTC offset")
         cursors[schedule_id] = Cursor(uid=str(cursor["uid"]), until=until)
-    outbox = []
+    outbox: list[protocol.Payload] = []
     for text_frame in raw["outbox"]:
         try:
             outbox.append(protocol.decode(text_frame).payload)

@@ -75,8 +75,8 @@ class Authenticator:
         owner = identity.find_token_owner(digests, token)
         if owner is None:
             raise AuthError(HTTPStatus.UNAUTHORIZED, "unknown-token", "the token is not that of any Agent")
-        agent = self._store.agents.get(owner)
-        if agent is None or agent.deleting:
+        owner_agent = self._store.agents.get(owner)
+        if owner_agent is None or owner_agent.deleting:
             raise AuthError(HTTPStatus.FORBIDDEN, "agent-deleting", f"Agent {owner} is being deleted")
         return Identity(owner, Method.TOKEN, digests[owner].hex())
 

@@ -82,7 +82,7 @@ def registry(
     if webhook is not None:
         @kopf.on.validate(GROUP, VERSION, "schedules", id=VALIDATE_SCHEDULE, operations=["CREATE", "UPDATE"],
                           registry=handlers)
-        async def validate_schedule(body: kopf.Body, old: kopf.Body | None, **_: Any) -> None:
+        async def validate_schedule(*, body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:
             if old is not None and (old.get("spec") == body.get("spec") or body.meta.get("deletionTimestamp")):
                 return  # metadata-only updates (labels, finalizers, deletion) of a stored Schedule pass
             schedule_id = f"{body.meta.get('namespace')}/{body.meta.get('name') or body.meta.get('generateName')}"

@@ -120,8 +120,11 @@ class Kube:
         ``secrets`` lists only the operator's token Secrets (selected by label).
         """
         if plural == "secrets":
-            everywhere = functools.partial(self._core.list_secret_for_all_namespaces, label_selector=TOKEN_SECRETS)
-            in_namespace = functools.partial(self._core.list_namespaced_secret, label_selector=TOKEN_SECRETS)
+            # Callable, not partial[V1SecretList]: the custom-object branch returns another type.
+            everywhere: Callable[..., object] = functools.partial(
+                self._core.list_secret_for_all_namespaces, label_selector=TOKEN_SECRETS)
+            in_namespace: Callable[..., object] = functools.partial(
+                self._core.list_namespaced_secret, label_selector=TOKEN_SECRETS)
             what = "token Secrets"
         else:
             everywhere = functools.partial(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)

@@ -175,7 +175,7 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
         await asyncio.wait([served])
 
     try:
-        await asyncio.wait([served, listening], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((served, listening), return_when=asyncio.FIRST_COMPLETED)
         if not served.done():
             # No stop_flag: after a signal kopf leaves its waiter on that flag pending and
             # then waits for it as a hung task. A failing controller cancels kopf instead.

@@ -212,7 +212,7 @@ class TokenSecret:
     @classmethod
     def from_body(cls, body: Body) -> TokenSecret:
         meta = body["metadata"]
-        owner = next((ref for ref in meta.get("ownerReferences") or ()
+        owner: Mapping[str, Any] = next((ref for ref in meta.get("ownerReferences") or ()
                       if ref.get("kind") == "Agent" and ref.get("apiVersion") == API_VERSION), {})
         encoded = (body.get("data") or {}).get(TOKEN_KEY)
         try:

@@ -63,7 +63,7 @@ def _cron_problems(expression: object, schedule_id: str) -> list[str]:
 
 def _zone_problems(zone: object) -> list[str]:
     try:
-        ZoneInfo(zone)  # type: ignore[arg-type]
+        ZoneInfo(zone)  # type: ignore[arg-type]  # any JSON value; a non-string raises TypeError
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         return [f"spec.timeZone {zone!r}: not a known IANA time zone, e.g. UTC or Europe/London"]
     return []

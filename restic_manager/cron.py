@@ -129,7 +129,8 @@ class _Calendar:
             if self.day_matches(day):
                 time = _smallest_at_least((self.hours, self.minutes, self.seconds), clock)
                 if time is not None:
-                    return datetime(day.year, day.month, day.day, *time)
+                    hour, minute, second = time
+                    return datetime(day.year, day.month, day.day, hour, minute, second)
             if day.month in self.months:
                 day += timedelta(days=1)
             else:
@@ -313,8 +314,8 @@ def _expand(expression: str, name: str) -> tuple[str, list[str]]:
     if len(texts) not in (5, 6):
         raise CronError(f"{expression!r}: expected 5 fields (or 6 with seconds first), got {len(texts)}")
     fields = _FIELDS if len(texts) == 6 else _FIELDS[1:]
-    resolved = [_resolve_hash(part, spec, name, expression) for part, spec in zip(texts, fields)]
-    return (expression if resolved == texts else " ".join(resolved)), resolved
+    resolved_texts = [_resolve_hash(part, spec, name, expression) for part, spec in zip(texts, fields)]
+    return (expression if resolved_texts == texts else " ".join(resolved_texts)), resolved_texts
 
 
 def _resolve_hash(text: str, spec: _Field, name: str, expression: str) -> str:

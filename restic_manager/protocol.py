@@ -380,6 +380,7 @@ def decode(data: str | bytes) -> Frame:
         raise ProtocolError(f"{kind}: payload must be a JSON object", ref=ref)
     try:
         payload = model.model_validate(raw["payload"])
+        # Unchecked id and base-typed payload on purpose: pydantic validates both here.
         return Frame(id=frame_id, payload=payload)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ProtocolError(f"{kind}: {describe(error)}", ref=ref) from None

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from support.package_tree import REPO, assemble
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -20,13 +20,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_contracts_hold(tmp_path: Path) -> None:
-    # import-linter walks one directory per package; assemble the installed shape
-    # (operator/ and agent/ inside restic_manager/) as a wheel would.
-    package = tmp_path / "restic_manager"
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(REPO / "restic_manager", package, ignore=ignore)
-    shutil.copytree(REPO / "operator", package / "operator", ignore=ignore)
-    shutil.copytree(REPO / "agent", package / "agent", ignore=ignore)
+    assemble(tmp_path)  # import-linter walks one directory per package
     result = lint_imports(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
