@@ -95,8 +95,6 @@ def test_spec_change_bumps_generation_and_status_write_does_not(kube, namespace:
                      "spec.template.backup", id="block-of-other-type"),
         pytest.param(GOOD_SPEC.replace("type: backup\n    backup: {paths: [/etc]}", "type: forget\n    forget: {prune: true}"),
                      "forget needs at least one keep rule", id="forget-without-policy"),
-        pytest.param(GOOD_SPEC.replace("repository: offsite", "repository: other/offsite"),
-                     "spec.repository", id="repository-in-another-namespace"),
         pytest.param(GOOD_SPEC.replace("agent: web-01", "agent: Web_01"), "spec.agent", id="agent-not-a-name"),
         pytest.param(GOOD_SPEC + "  concurrencyPolicy: Sometimes\n",
                      "spec.concurrencyPolicy", id="bad-concurrency-policy"),
