@@ -77,6 +77,7 @@ kubectl create namespace "$SMOKE_NAMESPACE" --dry-run=client -o yaml | kubectl a
   --kubeconfig "$KUBECONFIG_FILE" --namespace "$RELEASE_NAMESPACE" --create-namespace \
   --set "operator.image.tag=$TAG" --set "agentDaemonSet.image.tag=$TAG" \
   --set "operator.watchNamespaces={$SMOKE_NAMESPACE}" \
+  --set operator.insecureListen=true \
   --wait --timeout 5m
 
 say "smoke: an agent on this machine, through a port-forward, backs up to a local repository"

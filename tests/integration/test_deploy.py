@@ -300,6 +300,7 @@ GRANTED_IN_MANAGED_NAMESPACES = [
     ("create", "events", None),
     # The releases run the agent DaemonSet: a node's first connection registers its Agent.
     ("create", "agents.resticmanager.io", None),
+    ("get", "agents.resticmanager.io", None),
 ]
 # What it never does, even where it manages.
 DENIED_IN_MANAGED_NAMESPACES = [

@@ -95,7 +95,8 @@ def rules(objects: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str
 def test_rights_for_in_cluster_agents_only_with_the_daemonset(helm: Helm) -> None:
     without, with_daemonset = rules(render(helm)), rules(render(helm, "agentDaemonSet.enabled=true"))
     extra = [rule for rule in with_daemonset if rule not in without]
-    assert extra == [("authentication.k8s.io", "tokenreviews", "create"), ("resticmanager.io", "agents", "create")]
+    assert extra == [("authentication.k8s.io", "tokenreviews", "create"), ("resticmanager.io", "agents", "create"),
+                     ("resticmanager.io", "agents", "get")]
     assert "--agent-service-account" not in " ".join(operator_args(render(helm)))
 
 
