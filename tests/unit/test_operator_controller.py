@@ -17,6 +17,7 @@ from restic_manager.operator.kube import AlreadyExists, NotFound
 from restic_manager.operator.identity import AuthError
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import Target
+from support.operator_fakes import FakeSession
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 
@@ -51,23 +52,6 @@ class FakeKube:
 
     async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
         self.events.append({"involved": involved, **event})
-
-
-class FakeSession:
-    def __init__(self, agent: ObjectKey) -> None:
-        self.agent = agent
-        self.hello = protocol.Hello(agent=agent.name, agent_version="1", restic_version="0.19.1", protocol_version=1)
-        self.dispatched: set[str] = set()
-        self.pushed = None
-        self.open = True
-        self.sent: list[protocol.Payload] = []
-
-    async def send(self, payload: protocol.Payload) -> bool:
-        self.sent.append(payload)
-        return True
-
-    def log_refusal(self, message: str, *args: object) -> None:
-        pass
 
 
 def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
