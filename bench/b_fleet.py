@@ -224,5 +224,8 @@ def plot(result: dict[str, Any], axes: Any) -> None:
     right.set_ylabel("apply → Applied (ms, log scale)")
     right.set_yscale("log")
     right.grid(True, which="both", alpha=0.3)
+    for failed in (s for s in result["steps"] if "error" in s):
+        left.text(0.02, 0.6, f"step to {failed['agents']:,} agents did not finish:\n{failed['error']}",
+                  transform=left.transAxes, fontsize=8, color="tab:red")
     right.set_title(f"apply → Applied while the fleet is connected "
                     f"({result['parameters']['edit_rate_per_s']:g} edits/s)")

@@ -18,20 +18,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the --quick results instead of the full ones")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    print("| benchmark | target | measured | limit | met | code | command |")
-    print("|---|---|---|---|---|---|---|")
+    print("| benchmark | target | measured | limit | met | code under test |")
+    print("|---|---|---|---|---|---|")
     for name in ORDER:
         path = args.results / f"{name}{'.quick' if args.quick else ''}.json"
         if not path.exists():
-            print(f"| {name} | (no result) | | | | | |")
+            print(f"| {name} | (no result) | | | | |")
             continue
         result = json.loads(path.read_text())
         code = result.get("machine", {}).get("code_under_test", "?")
+        partial = f" (partial: {result['partial']})" if result.get("partial") else ""
         for target in result.get("targets", []):
-            print(f"| {name} | {target['target']} | {target['value']} {target['unit']} | "
+            value = target["value"]
+            measured = "none (nothing within the bound)" if value is None else f"{value} {target['unit']}"
+            print(f"| {name} | {target['target']} | {measured} | "
                   f"{target['comparison']} {target['limit']} {target['unit']} | "
-                  f"{'yes' if target['met'] else '**no**'} | "
-                  f"{code} | `{result['command']}` |")
+                  f"{'yes' if target['met'] else '**no**'} | {code}{partial} |")
 
 
 if __name__ == "__main__":
