@@ -8,7 +8,8 @@ A connection's life, as `Connection.run` and `_serve` spell it out:
 3. serve the operator's frames: `schedule.set` → apply → `schedule.ack`; `command.run` and
    `command.cancel` → the job runner; `error` → logged; anything invalid → an `error` frame back;
 4. once this connection's first set is acknowledged, deliver the mailbox (fires and job
-   messages, including those that piled up while disconnected), each batch confirmed by a ping;
+   messages, including those that piled up while disconnected), each batch sent when posted
+   and confirmed by a ping;
 5. on shutdown, close with code 1001 and a reason; on any loss, go back to 1.
 """
 
@@ -142,7 +143,9 @@ class Connection:
             "ping_interval": self._endpoint.ping_interval,
             "open_timeout": self._endpoint.open_timeout,
             "max_size": protocol.MAX_FRAME_BYTES,
-            # Credentials travel next to text others choose: no compression side channel.
+            # No permessage-deflate: credentials travel next to text others choose (a
+            # compression side channel), and frames are small JSON, so deflate would only cost
+            # a compressor per connection on the operator and CPU on both ends.
             "compression": None,
             "logger": _WIRE_LOG,
         }
@@ -208,19 +211,32 @@ class Connection:
                 ))
 
     async def _deliver(self, websocket: ClientConnection, *, after: asyncio.Event) -> None:
-        """Send the mailbox in order. Messages leave it only once a ping sent after them is
-        answered: the operator's end has then read them. Whatever was in flight when the
+        """Send the mailbox in order, each batch as soon as it is posted. A batch leaves the
+        mailbox only once a ping sent after it is answered: the operator's end has then read
+        it. Confirming runs beside sending, so a new batch (the next wake-up's fires) never
+        waits for the previous one's pong and save. Whatever was in flight when the
         connection dropped is sent again on the next one."""
         await after.wait()
+        unconfirmed: asyncio.Queue[tuple[Awaitable[float], list[int]]] = asyncio.Queue()
         try:
-            while True:
-                batch = await self._mailbox.pending()
-                for payload in batch:
-                    await self._send(websocket, payload)
-                await (await websocket.ping())
-                await self._mailbox.delivered(batch)
-        except ConnectionClosed:
-            return  # _receive sees the same close and ends the session
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._confirm(unconfirmed))
+                sent = 0
+                while True:
+                    batch = await self._mailbox.pending(after=sent)
+                    for payload in batch.values():
+                        await self._send(websocket, payload)
+                    sent = max(batch)
+                    unconfirmed.put_nowait((await websocket.ping(), list(batch)))
+        except* ConnectionClosed:
+            pass  # _receive sees the same close and ends the session
+
+    async def _confirm(self, unconfirmed: asyncio.Queue[tuple[Awaitable[float], list[int]]]) -> None:
+        """Batches in the order sent: each leaves the mailbox when its pong arrives."""
+        while True:
+            pong, numbers = await unconfirmed.get()
+            await pong
+            await self._mailbox.delivered(numbers)
 
     async def _send(self, websocket: ClientConnection, payload: protocol.Payload) -> None:
         await websocket.send(protocol.encode(payload))

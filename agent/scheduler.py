@@ -22,7 +22,7 @@ from restic_manager import protocol
 from restic_manager.cron import Cron, CronError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cursor:
     """How far a schedule's fire times are dealt with: every time up to and including `until`
     has fired, or fell before the schedule was applied, or while it was suspended.
@@ -36,9 +36,13 @@ class Cursor:
     until: datetime
 
 
-@dataclass
+@dataclass(slots=True)
 class _Armed:
-    entry: protocol.ScheduleEntry
+    # The entry's fields the timer needs, not the entry itself: an agent may hold
+    # thousands, and a wire model's instance is several times the size.
+    uid: str
+    generation: int
+    suspend: bool
     cron: Cron
     next_fire: datetime | None  # None while suspended
 
@@ -66,6 +70,9 @@ class Scheduler:
         """
         armed: dict[str, _Armed] = {}
         cursors: dict[str, Cursor] = {}
+        # Schedules with the same times (after H is resolved) in the same zone share one Cron:
+        # a set of thousands often holds a few expressions, and each Cron is ~3 kB.
+        crons: dict[tuple[str, str], Cron] = {}
         applied: list[protocol.AppliedEntry] = []
         rejected: list[protocol.RejectedEntry] = []
         for entry in schedule_set.schedules:
@@ -81,10 +88,12 @@ class Scheduler:
             except CronError as error:
                 rejected.append(protocol.RejectedEntry(id=entry.id, generation=entry.generation, error=str(error)))
                 continue
+            cron = crons.setdefault((cron.resolved, entry.time_zone), cron)
             cursor = self._carry_cursor(entry, now=now)
             cursors[entry.id] = cursor
             armed[entry.id] = _Armed(
-                entry=entry, cron=cron, next_fire=None if entry.suspend else cron.next_after(cursor.until)
+                uid=entry.uid, generation=entry.generation, suspend=entry.suspend, cron=cron,
+                next_fire=None if entry.suspend else cron.next_after(cursor.until),
             )
             applied.append(protocol.AppliedEntry(id=entry.id, generation=entry.generation))
         self._armed, self._cursors = armed, cursors
@@ -97,7 +106,7 @@ class Scheduler:
         if old is None or old.uid != entry.uid:
             return Cursor(uid=entry.uid, until=now)
         previous = self._armed.get(entry.id)
-        if entry.suspend or (previous is not None and previous.entry.suspend):
+        if entry.suspend or (previous is not None and previous.suspend):
             return Cursor(uid=entry.uid, until=max(old.until, now))
         return old
 
@@ -115,14 +124,18 @@ class Scheduler:
         for schedule_id, armed in self._armed.items():
             if armed.next_fire is None or armed.next_fire > now:
                 continue
-            latest = armed.cron.latest_between(self._cursors[schedule_id].until, now)
-            assert latest is not None, "next_fire <= now implies a fire time in (cursor, now]"
-            entry = armed.entry
+            # On time, the next fire is the newest passed one and the search is skipped;
+            # only after a sleep past several fire times is the newest searched for.
+            latest, following = armed.next_fire, armed.cron.next_after(armed.next_fire)
+            if following <= now:
+                newest = armed.cron.latest_between(latest, now)
+                assert newest is not None, "following <= now is a fire time in (latest, now]"
+                latest, following = newest, armed.cron.next_after(newest)
             fires.append(protocol.ScheduleFire(
-                id=entry.id, uid=entry.uid, generation=entry.generation, scheduled_at=latest
+                id=schedule_id, uid=armed.uid, generation=armed.generation, scheduled_at=latest
             ))
-            self._cursors[schedule_id] = Cursor(uid=entry.uid, until=latest)
-            armed.next_fire = armed.cron.next_after(latest)
+            self._cursors[schedule_id] = Cursor(uid=armed.uid, until=latest)
+            armed.next_fire = following
         return fires
 
 
@@ -158,14 +171,14 @@ class SystemClock:
 
 class Timer:
     """Runs a `Scheduler` against a `Clock`: sleeps until the earliest next fire, then delivers
-    what is due. `apply` swaps the set and wakes the sleeping timer at once."""
+    what is due, all together. `apply` swaps the set and wakes the sleeping timer at once."""
 
     def __init__(
         self,
         scheduler: Scheduler,
         *,
         clock: Clock,
-        deliver: Callable[[protocol.ScheduleFire], Awaitable[None]],
+        deliver: Callable[[list[protocol.ScheduleFire]], Awaitable[None]],
         save: Callable[[], Awaitable[None]],
     ) -> None:
         self._scheduler = scheduler
@@ -186,8 +199,9 @@ class Timer:
         while True:
             # Cleared before looking at the set, so an apply during a delivery is not lost.
             self._changed.clear()
-            for fire in self._scheduler.due(self._clock.now()):
-                await self._deliver(fire)
+            # All of one wake-up's fires in one delivery: one state save, however many are due.
+            if fires := self._scheduler.due(self._clock.now()):
+                await self._deliver(fires)
             await self._sleep(self._scheduler.next_wake())
 
     async def _sleep(self, deadline: datetime | None) -> None:

@@ -9,6 +9,9 @@ Delivery is at least once: a message leaves the outbox only when the operator's 
 read it (see `Connection._deliver`), so one in flight when a connection drops is sent again
 on the next. A repeated fire is harmless because the operator derives the ResticJob's name
 from it (SPEC §4, exactly-once jobs); a repeated job message repeats a fact.
+
+Saves are per batch, not per message: the fires due at one wake-up are posted together and
+saved once, and a delivered batch leaves with one save.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,42 +45,60 @@ class Outbox:
     """Messages for the operator, oldest first, holding only what is still worth sending.
 
     Per schedule only the newest fire is kept (a missed backup runs once); per job only the
-    newest progress, and none once the job is done.
+    newest progress, and none once the job is done. Each message is numbered when put, in
+    posting order: a connection sends what is numbered after the last it sent, and discards
+    by number what the operator has read, so a newer message put meanwhile is never lost.
     """
 
     def __init__(self, payloads: Iterable[protocol.Payload] = ()) -> None:
-        self._items: list[protocol.Payload] = []
+        self._items: dict[int, protocol.Payload] = {}  # by number; dicts keep insertion order
+        self._slots: dict[tuple[str, str], int] = {}  # the number of the message holding each slot
+        self._last = 0
         for payload in payloads:
             self.put(payload)
 
-    def put(self, payload: protocol.Payload) -> None:
-        match payload:
-            case protocol.ScheduleFire(id=schedule_id):
-                self._drop(lambda p: isinstance(p, protocol.ScheduleFire) and p.id == schedule_id)
-            case protocol.JobProgress(job=job) | protocol.JobDone(job=job):
-                self._drop(lambda p: isinstance(p, protocol.JobProgress) and p.job == job)
-        self._items.append(payload)
+    def put(self, payload: protocol.Payload) -> int:
+        """Keep `payload`, replacing what it makes stale; returns its number."""
+        slot = _slot(payload)
+        stale = ("progress", payload.job) if isinstance(payload, protocol.JobDone) else slot
+        if stale is not None and (old := self._slots.pop(stale, None)) is not None:
+            del self._items[old]
+        self._last += 1
+        self._items[self._last] = payload
+        if slot is not None:
+            self._slots[slot] = self._last
+        return self._last
 
-    def first(self) -> protocol.Payload | None:
-        return self._items[0] if self._items else None
+    def after(self, number: int) -> dict[int, protocol.Payload]:
+        """The messages numbered after `number`, oldest first."""
+        return {n: payload for n, payload in self._items.items() if n > number}
 
-    def discard(self, payload: protocol.Payload) -> bool:
-        """Remove this very message (not an equal one posted since); False if it had gone already."""
-        before = len(self._items)
-        self._drop(lambda p: p is payload)
-        return len(self._items) < before
+    def discard(self, number: int) -> protocol.Payload | None:
+        """Remove message `number` (not a newer one for the same slot); None if it had gone already."""
+        payload = self._items.pop(number, None)
+        slot = None if payload is None else _slot(payload)
+        if slot is not None and self._slots.get(slot) == number:
+            del self._slots[slot]
+        return payload
 
     def durable(self) -> list[protocol.Payload]:
-        return [p for p in self._items if is_durable(p)]
+        return [p for p in self._items.values() if is_durable(p)]
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __iter__(self) -> Iterator[protocol.Payload]:
-        return iter(list(self._items))
+        return iter(list(self._items.values()))
 
-    def _drop(self, matches: Callable[[protocol.Payload], bool]) -> None:
-        self._items = [p for p in self._items if not matches(p)]
+
+def _slot(payload: protocol.Payload) -> tuple[str, str] | None:
+    """What a message stands for in the outbox: a newer message for the same slot replaces it."""
+    match payload:
+        case protocol.ScheduleFire(id=schedule_id):
+            return ("fire", schedule_id)
+        case protocol.JobProgress(job=job):
+            return ("progress", job)
+    return None
 
 
 @dataclass
@@ -98,6 +119,7 @@ class StateStore:
         self._sequence = 0
         self._written = 0
         self._write_lock = threading.Lock()
+        self._encoded_cursors: dict[str, tuple[Cursor, dict[str, str]]] = {}
 
     def load(self) -> AgentState:
         """The saved state; empty, with the reason logged, when the file is missing or unusable."""
@@ -122,7 +144,17 @@ class StateStore:
 
     async def save(self, state: AgentState) -> None:
         self._sequence += 1
-        await asyncio.to_thread(self._write, self._sequence, _encode_state(state))
+        await asyncio.to_thread(self._write, self._sequence, self._encode(state))
+
+    def _encode(self, state: AgentState) -> str:
+        # A wake-up moves only the cursors that fired; the others' encodings are reused
+        # (a Cursor is immutable: the same object encodes the same).
+        encoded: dict[str, tuple[Cursor, dict[str, str]]] = {}
+        for schedule_id, cursor in sorted(state.cursors.items()):
+            cached = self._encoded_cursors.get(schedule_id)
+            encoded[schedule_id] = cached if cached and cached[0] is cursor else (cursor, _encode_cursor(cursor))
+        self._encoded_cursors = encoded
+        return _encode_state({schedule_id: fields for schedule_id, (_, fields) in encoded.items()}, state.outbox)
 
     def _write(self, sequence: int, text: str) -> None:
         with self._write_lock:
@@ -153,18 +185,19 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-def _encode_state(state: AgentState) -> str:
+def _encode_cursor(cursor: Cursor) -> dict[str, str]:
+    return {"uid": cursor.uid, "until": cursor.until.isoformat()}
+
+
+def _encode_state(cursors: Mapping[str, dict[str, str]], outbox: Iterable[protocol.Payload]) -> str:
     return json.dumps(
         {
             "format": STATE_FORMAT,
-            "cursors": {
-                schedule_id: {"uid": cursor.uid, "until": cursor.until.isoformat()}
-                for schedule_id, cursor in sorted(state.cursors.items())
-            },
+            "cursors": cursors,
             # Whole wire frames, so loading validates them exactly as a receiver would.
-            "outbox": [protocol.encode(payload) for payload in state.outbox],
+            "outbox": [protocol.encode(payload) for payload in outbox],
         },
-        indent=1,
+        separators=(",", ":"),  # compact, and without indent json uses its C encoder
     )
 
 
@@ -189,7 +222,14 @@ def _decode_state(text: str) -> AgentState:
 
 class Mailbox:
     """Where the timer and the job runner post messages for the operator and the connection
-    picks them up; every change to the durable part is saved before it is acted on."""
+    picks them up.
+
+    Every change to the durable part is saved. A post's messages go out while its save is
+    on its way to disk: the save has captured the state before they are sent, but they do
+    not wait for the fsync. Should the agent die before the write lands, nothing is lost
+    that waiting would have kept, and a fire the operator did read is fired again after
+    the restart, which yields no second job (SPEC §4).
+    """
 
     def __init__(self, outbox: Outbox, *, save: Callable[[], Awaitable[None]]) -> None:
         self._outbox = outbox
@@ -197,21 +237,29 @@ class Mailbox:
         self._posted = asyncio.Event()
 
     async def post(self, payload: protocol.Payload) -> None:
-        self._outbox.put(payload)
-        if is_durable(payload):
-            await self._save()
-        self._posted.set()
+        await self.post_many([payload])
 
-    async def pending(self) -> list[protocol.Payload]:
-        """The messages waiting, oldest first, once there are any; they stay in the box until
-        `delivered`."""
-        while not self._outbox:
+    async def post_many(self, payloads: Sequence[protocol.Payload]) -> None:
+        """Post several messages with one save: the fires due at one wake-up are one write."""
+        for payload in payloads:
+            self._outbox.put(payload)
+        # Set first: the connection runs only once the save has captured the state and waits
+        # on its write (see the class docstring).
+        self._posted.set()
+        if any(is_durable(payload) for payload in payloads):
+            await self._save()
+
+    async def pending(self, *, after: int = 0) -> dict[int, protocol.Payload]:
+        """The messages numbered after `after`, oldest first, once there are any; they stay
+        in the box until `delivered`."""
+        while not (batch := self._outbox.after(after)):
             self._posted.clear()
             await self._posted.wait()
-        return list(self._outbox)
+        return batch
 
-    async def delivered(self, payloads: Iterable[protocol.Payload]) -> None:
-        removed = [payload for payload in payloads if self._outbox.discard(payload)]
+    async def delivered(self, numbers: Iterable[int]) -> None:
+        """The operator has read these messages: they leave the box, with one save."""
+        removed = [payload for number in numbers if (payload := self._outbox.discard(number)) is not None]
         if any(is_durable(payload) for payload in removed):
             await self._save()
 

@@ -1,15 +1,42 @@
-"""`restic-manager`: the one entry point, with the operator, agent and next subcommands."""
+"""`restic-manager`: the one entry point, with the operator, agent and next subcommands.
+
+A subcommand's module is imported only when that subcommand runs: the operator's brings
+kopf, kubernetes and aiohttp (tens of MB), which an agent on every host must not carry.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from restic_manager import __version__, cron
-from restic_manager.agent import main as agent_main
-from restic_manager.operator import main as operator_main
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A subcommand whose module (with `add_arguments` and `run`) is imported only when it is
+    the one chosen."""
+
+    module: str
+    help: str
+    description: str
+
+
+_LAZY = {
+    "operator": _Lazy(
+        "restic_manager.operator.main", help="run the operator (kopf) and its agent WebSocket server",
+        description="Run the operator: watches Schedules and ResticJobs and serves agents over WebSocket.",
+    ),
+    "agent": _Lazy(
+        "restic_manager.agent.main", help="run a host agent",
+        description="Run a host agent: keeps its schedules locally, fires them on time and runs restic. "
+        "Every option can also come from the config file or a RESTIC_MANAGER_* environment variable.",
+    ),
+}
 
 
 def _next(args: argparse.Namespace) -> int:
@@ -39,7 +66,9 @@ def _next(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; only `command`'s module is imported, so only its options are known
+    (the others' are known by name, for the usage line and the command list)."""
     parser = argparse.ArgumentParser(
         prog="restic-manager",
         description="Kubernetes-native manager for restic backups across a fleet of hosts.",
@@ -47,20 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"restic-manager {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    operator = commands.add_parser(
-        "operator", help="run the operator (kopf) and its agent WebSocket server",
-        description="Run the operator: watches Schedules and ResticJobs and serves agents over WebSocket.",
-    )
-    operator_main.add_arguments(operator)
-    operator.set_defaults(func=operator_main.run)
-
-    agent = commands.add_parser(
-        "agent", help="run a host agent",
-        description="Run a host agent: keeps its schedules locally, fires them on time and runs restic. "
-        "Every option can also come from the config file or a RESTIC_MANAGER_* environment variable.",
-    )
-    agent_main.add_arguments(agent)
-    agent.set_defaults(func=agent_main.run)
+    for name, lazy in _LAZY.items():
+        sub = commands.add_parser(name, help=lazy.help, description=lazy.description)
+        if name == command:
+            module = importlib.import_module(lazy.module)
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.run)
 
     nxt = commands.add_parser(
         "next", help="print the next fire times of a cron expression",
@@ -77,9 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv`: its first word that is not an option (the top level's
+    options, --help and --version, take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     return int(args.func(args))
 
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -105,10 +105,41 @@ class HighestDelay(random.Random):
         return b
 
 
+class SaveGate:
+    """Stands in front of the agent's state saves: once closed, the saves it still lets pass
+    go through and the next waits at it until it opens."""
+
+    def __init__(self) -> None:
+        self._passes = math.inf
+        self._open = asyncio.Event()
+        self.waiting = asyncio.Event()  # a save has come to the closed gate
+
+    def close(self, *, passes: int = 0) -> None:
+        self._passes = passes
+
+    def open(self) -> None:
+        self._passes = math.inf
+        self._open.set()
+
+    def guard(self, save: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def guarded() -> None:
+            if self._passes > 0:
+                self._passes -= 1
+            else:
+                self.waiting.set()
+                await self._open.wait()
+            await save()
+
+        return guarded
+
+
 class Agent:
     """One agent assembled as agent/main.py assembles it, apart from the runner and the clock."""
 
-    def __init__(self, operator: FakeOperator, state_dir: Path, *, clock: Clock, running: list[str] = ()) -> None:
+    def __init__(
+        self, operator: FakeOperator, state_dir: Path, *, clock: Clock, running: list[str] = (),
+        gate: SaveGate | None = None,
+    ) -> None:
         token_file = state_dir / "token"
         token_file.write_text(TOKEN + "\n")
         store = StateStore(state_dir / "state.json")
@@ -116,8 +147,10 @@ class Agent:
         self.scheduler = Scheduler(saved.cursors)
         self.outbox = Outbox(saved.outbox)
         save = state_saver(store, cursors=self.scheduler.cursors, outbox=self.outbox)
+        if gate is not None:
+            save = gate.guard(save)
         self.mailbox = Mailbox(self.outbox, save=save)
-        self.timer = Timer(self.scheduler, clock=clock, deliver=self.mailbox.post, save=save)
+        self.timer = Timer(self.scheduler, clock=clock, deliver=self.mailbox.post_many, save=save)
         self.runner = FakeRunner(list(running))
         self.retries = Retries()
         self.connection = Connection(
@@ -290,6 +323,28 @@ async def test_a_message_the_operator_never_read_is_sent_again_after_reconnect(
         await operator.expect(protocol.Hello)
         await operator.apply([], version=1)
         assert await operator.expect(protocol.JobDone) == done
+
+
+async def test_a_new_message_is_sent_while_the_last_batch_is_still_being_confirmed(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    gate = SaveGate()
+    agent = Agent(operator, tmp_path, clock=clock, gate=gate)
+    done = protocol.JobDone(job="ns/job-1", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=T0)
+    started = protocol.JobStarted(job="ns/job-2", started_at=T0)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        gate.close(passes=1)  # posting `done` saves; confirming it (after its pong) will hang
+        await agent.mailbox.post(done)
+        assert await operator.expect(protocol.JobDone) == done
+        async with asyncio.timeout(TIMEOUT):
+            await gate.waiting.wait()
+
+        await agent.mailbox.post(started)
+
+        assert await operator.expect(protocol.JobStarted) == started
+        gate.open()
 
 
 async def test_undelivered_messages_survive_an_agent_restart(

@@ -69,14 +69,33 @@ def test_only_fires_and_job_results_are_durable() -> None:
 
 
 def test_discard_removes_the_message_sent_not_a_newer_equal_one() -> None:
-    sent = fire("ns/a", 11)
-    outbox = Outbox([sent])
-    newer = fire("ns/a", 11)  # the same schedule fired again meanwhile, an equal but new message
-    outbox.put(newer)
+    outbox = Outbox()
+    sent = outbox.put(fire("ns/a", 11))
+    newer = outbox.put(fire("ns/a", 11))  # the same schedule fired again meanwhile: equal, but new
 
-    outbox.discard(sent)
+    assert outbox.discard(sent) is None  # already replaced
+    assert outbox.after(0) == {newer: fire("ns/a", 11)}
+    assert outbox.discard(newer) == fire("ns/a", 11)
+    assert len(outbox) == 0
 
-    assert len(outbox) == 1 and outbox.first() is newer
+
+def test_after_a_fire_is_discarded_the_next_fire_of_its_schedule_is_kept_beside_others() -> None:
+    outbox = Outbox()
+    first = outbox.put(fire("ns/a", 11))
+    outbox.put(fire("ns/b", 11))
+    outbox.discard(first)
+    later = outbox.put(fire("ns/a", 12))
+
+    assert list(outbox.after(first).values()) == [fire("ns/b", 11), fire("ns/a", 12)]
+    assert list(outbox.after(later)) == []
+
+
+def test_messages_are_numbered_in_posting_order() -> None:
+    outbox = Outbox()
+    numbers = [outbox.put(payload) for payload in (started("ns/j"), fire("ns/a", 11), done("ns/j"))]
+
+    assert numbers == sorted(numbers)
+    assert outbox.after(numbers[0]) == {numbers[1]: fire("ns/a", 11), numbers[2]: done("ns/j")}
 
 
 # --- the state file --------------------------------------------------------------------------
@@ -101,6 +120,18 @@ async def test_the_last_save_wins(tmp_path: Path) -> None:
     await asyncio.gather(*(store.save(state) for state in saves))
 
     assert store.load() == saves[-1]
+
+
+async def test_each_save_writes_the_cursors_as_they_are_then(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    cursors = {f"ns/s{n}": Cursor(uid=f"u{n}", until=T0) for n in range(3)}
+    await store.save(AgentState(cursors=cursors))
+    moved = {**cursors, "ns/s1": Cursor(uid="u1", until=T0.replace(hour=11))}  # it fired
+    del moved["ns/s2"]  # its schedule was deleted
+
+    await store.save(AgentState(cursors=moved))
+
+    assert store.load() == AgentState(cursors=moved)
 
 
 def test_a_missing_state_file_starts_empty(tmp_path: Path) -> None:
@@ -150,28 +181,71 @@ async def test_a_failing_save_is_logged_and_does_not_stop_the_agent(
 # --- the mailbox -----------------------------------------------------------------------------
 
 
+class CountingSave:
+    """The mailbox's save, counting its calls instead of writing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self) -> None:
+        self.count += 1
+
+
 async def test_the_mailbox_hands_out_messages_in_order_and_saves_durable_changes() -> None:
-    saves = 0
-
-    async def save() -> None:
-        nonlocal saves
-        saves += 1
-
+    save = CountingSave()
     mailbox = Mailbox(Outbox(), save=save)
     waiting = asyncio.create_task(mailbox.pending())
     await asyncio.sleep(0)  # let it wait on the empty box
     assert not waiting.done()
 
     await mailbox.post(progress("ns/j", 1))
-    assert (await waiting, saves) == ([progress("ns/j", 1)], 0)
+    assert (list((await waiting).values()), save.count) == ([progress("ns/j", 1)], 0)
     await mailbox.post(fire("ns/a", 11))
-    assert saves == 1
+    assert save.count == 1
 
     batch = await mailbox.pending()
-    assert batch == [progress("ns/j", 1), fire("ns/a", 11)]
+    assert list(batch.values()) == [progress("ns/j", 1), fire("ns/a", 11)]
     await mailbox.post(fire("ns/b", 12))  # while the batch is on its way
+    assert list((await mailbox.pending(after=max(batch))).values()) == [fire("ns/b", 12)]
     await mailbox.delivered(batch)
 
-    assert (await mailbox.pending(), saves) == ([fire("ns/b", 12)], 3)
-    await mailbox.delivered([fire("ns/b", 12)])  # an equal message, not the one in the box
-    assert (await mailbox.pending(), saves) == ([fire("ns/b", 12)], 3)
+    left = await mailbox.pending()
+    assert (list(left.values()), save.count) == ([fire("ns/b", 12)], 3)
+    await mailbox.delivered(batch)  # again: nothing left to remove, nothing saved
+    assert (await mailbox.pending(), save.count) == (left, 3)
+
+
+async def test_posted_messages_can_be_sent_while_their_save_is_still_writing() -> None:
+    writing, landed = asyncio.Event(), asyncio.Event()
+
+    async def save() -> None:
+        writing.set()
+        await landed.wait()
+
+    mailbox = Mailbox(Outbox(), save=save)
+    posting = asyncio.create_task(mailbox.post(fire("ns/a", 11)))
+    await writing.wait()
+
+    assert list((await mailbox.pending()).values()) == [fire("ns/a", 11)]
+    assert not posting.done()
+    landed.set()
+    await posting
+
+
+async def test_fires_posted_together_are_saved_once_and_delivered_with_one_save() -> None:
+    save = CountingSave()
+    mailbox = Mailbox(Outbox(), save=save)
+    await mailbox.post_many([fire(f"ns/s{n}", 11) for n in range(50)])
+    assert save.count == 1
+
+    await mailbox.delivered(await mailbox.pending())
+    assert save.count == 2
+
+
+async def test_a_batch_without_durable_messages_is_not_saved() -> None:
+    save = CountingSave()
+    mailbox = Mailbox(Outbox(), save=save)
+    await mailbox.post_many([started("ns/j"), progress("ns/j", 5)])
+    await mailbox.delivered(await mailbox.pending())
+
+    assert save.count == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -108,3 +110,49 @@ def test_count_must_be_a_number(capsys: pytest.CaptureFixture[str]) -> None:
         main(["next", "0 0 * * *", "--count", "many"])
     assert exited.value.code == 2
     assert "argument --count: invalid int value: 'many'" in capsys.readouterr().err
+
+
+# --- which modules each subcommand loads ---------------------------------------------------
+
+# Runs a subcommand's --help in a fresh interpreter (the parser is built as for a real run,
+# its module imported) and prints the top-level packages then loaded.
+LOADED = """
+import sys
+from restic_manager.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules} | set(sys.modules))))
+"""
+
+
+def loaded_by(*argv: str) -> set[str]:
+    result = subprocess.run([sys.executable, "-c", LOADED, *argv], capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "loads", "never"),
+    [
+        pytest.param(["agent", "--help"], {"restic_manager.agent.main"},
+                     {"kopf", "kubernetes", "aiohttp", "restic_manager.operator"}, id="agent"),
+        pytest.param(["operator", "--help"], {"restic_manager.operator.main", "kopf"}, set(), id="operator"),
+        pytest.param(["next", "0 0 * * *", "--count", "1"], set(),
+                     {"kopf", "restic_manager.operator", "restic_manager.agent"}, id="next"),
+    ],
+)
+def test_a_subcommand_loads_only_its_own_module(argv: list[str], loads: set[str], never: set[str]) -> None:
+    loaded = loaded_by(*argv)
+
+    assert loads <= loaded
+    assert not loaded & never
+
+
+def test_the_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert all(f"    {name} " in out for name in ("operator", "agent", "next"))

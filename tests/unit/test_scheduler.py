@@ -201,6 +201,22 @@ def test_a_new_generation_keeps_the_last_fire_time(uid: str, expected: list[tupl
     assert all(f.generation == 2 for f in fires)
 
 
+def test_schedules_with_one_expression_fire_by_their_own_zone_and_name() -> None:
+    # Schedules share a Cron when their times are the same; a zone or an H spread tells them apart.
+    scheduler = Scheduler()
+    scheduler.apply(schedule_set(
+        entry("ns/utc", "0 2 * * *"), entry("ns/utc-too", "0 2 * * *"),
+        entry("ns/tokyo", "0 2 * * *", time_zone="Asia/Tokyo"),
+        entry("ns/spread-a", "H 2 * * *"), entry("ns/spread-b", "H 2 * * *"),
+    ), now=at("2026-03-02T00:00Z"))
+
+    fires = {fire.id: fire.scheduled_at for fire in scheduler.due(at("2026-03-03T03:00Z"))}
+
+    assert fires["ns/utc"] == fires["ns/utc-too"] == at("2026-03-03T02:00Z")
+    assert fires["ns/tokyo"] == at("2026-03-03T02:00+09:00")
+    assert fires["ns/spread-a"] != fires["ns/spread-b"]
+
+
 def test_daylight_saving_time_comes_from_cron() -> None:
     # Europe/London goes back at 02:00 BST on 2026-10-25: 01:30 happens twice, a fixed-time
     # schedule fires at the first one only.
@@ -253,17 +269,18 @@ async def nothing_to_save() -> None:
 
 
 class Harness:
-    """A Timer on a ManualClock whose fires are collected (or posted to a mailbox)."""
+    """A Timer on a ManualClock whose fires are collected, each delivery's apart (and posted
+    to a mailbox, if given)."""
 
     def __init__(self, start: datetime, *, mailbox: Mailbox | None = None) -> None:
         self.clock = ManualClock(start)
-        self.fires: list[protocol.ScheduleFire] = []
+        self.deliveries: list[list[protocol.ScheduleFire]] = []
         self.scheduler = Scheduler()
 
-        async def deliver(fire: protocol.ScheduleFire) -> None:
-            self.fires.append(fire)
+        async def deliver(fires: list[protocol.ScheduleFire]) -> None:
+            self.deliveries.append(fires)
             if mailbox is not None:
-                await mailbox.post(fire)
+                await mailbox.post_many(fires)
 
         self.timer = Timer(self.scheduler, clock=self.clock, deliver=deliver, save=nothing_to_save)
 
@@ -276,6 +293,10 @@ class Harness:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @property
+    def fires(self) -> list[protocol.ScheduleFire]:
+        return [fire for delivery in self.deliveries for fire in delivery]
 
 
 async def test_the_timer_wakes_once_per_fire_not_every_second() -> None:
@@ -328,3 +349,23 @@ async def test_while_disconnected_one_pending_fire_per_schedule_is_kept() -> Non
 
     assert len(harness.fires) == 5 + 20
     assert fired(list(outbox)) == [("ns/hourly", at("2026-03-02T15:00Z")), ("ns/quarter", at("2026-03-02T15:00Z"))]
+
+
+async def test_fires_due_at_one_wake_up_are_delivered_together_and_saved_once() -> None:
+    saves = 0
+
+    async def save() -> None:
+        nonlocal saves
+        saves += 1
+
+    outbox = Outbox()
+    harness = Harness(at("2026-03-02T10:00:30Z"), mailbox=Mailbox(outbox, save=save))
+    async with harness.running():
+        await harness.timer.apply(schedule_set(
+            *(entry(f"ns/hourly-{n}", "0 * * * *") for n in range(50)), entry("ns/half", "30 * * * *"),
+        ))
+        await harness.clock.run_until(at("2026-03-02T11:45Z"))
+
+    assert [len(delivery) for delivery in harness.deliveries] == [1, 50, 1]  # 10:30, 11:00, 11:30
+    assert saves == 3
+    assert len(outbox) == 51
