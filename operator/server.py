@@ -13,8 +13,9 @@ frames mean is the handler's business.
 
 TLS: ``serve(tls=...)`` serves ``wss`` with a :class:`ServingCertificate`, which reloads its
 files when they change (a renewed Secret) so new connections get the new certificate; plain
-``ws`` only when the caller passes none (``--insecure-listen``). Compression is off: frames carry repository credentials next to
-text a Schedule's author chooses, which is what compression side channels feed on.
+``ws`` only when the caller passes none (``--insecure-listen``). Compression is off: frames
+carry repository credentials next to text a Schedule's author chooses, which is what
+compression side channels feed on; and each connection would keep a zlib state (~50 kB).
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ class ServingCertificate:
         self.cert_file, self.key_file = cert_file, key_file
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # No TLS 1.3 session tickets. They arrive after the handshake, while the client is
+        # already sending its HTTP upgrade; a client reading on one thread while it writes on
+        # another (websockets' sync client) can then lose the request, and the handshake
+        # times out. Agents never resume sessions: the tickets bought nothing.
+        self.context.num_tickets = 0
         self._loaded = self._stamp()
         self._load()
 

@@ -181,3 +181,18 @@ async def test_a_second_connection_of_an_agent_replaces_the_first(served: tuple[
         # Only the connection that was current says the agent left.
         assert (kind, session) == ("disconnect", new)
     assert server.session(ObjectKey("ns", "web-01")) is None
+
+
+async def test_a_client_offering_compression_gets_a_connection_without_it(
+        served: tuple[str, Handler, AgentServer]) -> None:
+    """permessage-deflate would cost each connection a zlib state (~50 kB) and open a
+    compression side channel on frames carrying credentials: the offer is declined."""
+    url, handler, _ = served
+    async with connect(url, compression="deflate", **authorized()) as websocket:  # type: ignore[arg-type]
+        assert websocket.request is not None and websocket.response is not None
+        assert "permessage-deflate" in websocket.request.headers["Sec-WebSocket-Extensions"]
+        assert "Sec-WebSocket-Extensions" not in websocket.response.headers
+        assert websocket.protocol.extensions == []
+        await websocket.send(hello())
+        kind, _, _ = await handler.next()
+        assert kind == "connect"

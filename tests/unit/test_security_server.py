@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
@@ -29,6 +30,8 @@ from restic_manager.operator.server import (
     CLOSE_REVOKED, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
 )
 from restic_manager.operator.store import ObjectKey, Store
+
+from e2e.harness import make_certificates
 
 TOKEN = "good-token"
 AGENT = ObjectKey("ns", "web-01")
@@ -301,3 +304,26 @@ def test_an_unreadable_certificate_is_named(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("not a certificate")
     with pytest.raises(TLSError, match=f"certificate {tmp_path / 'cert.pem'}"):
         ServingCertificate(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+async def test_the_tls_endpoint_sends_no_session_tickets(tmp_path: Path) -> None:
+    """TLS 1.3 tickets reach the client after the handshake, while it sends its HTTP upgrade;
+    a client that reads and writes on two threads (websockets' sync client) can lose the
+    request to that race, and its handshake times out. Agents never resume sessions, so the
+    operator sends none."""
+    certificates = make_certificates(tmp_path / "pki")
+    certificate = ServingCertificate(certificates.cert, certificates.key)
+    server = AgentServer(authenticate=authenticate, handler=Handler())
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(server.serve("127.0.0.1", 0, tls=certificate, started=port.set_result))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            url = f"wss://127.0.0.1:{await port}/agent"
+            # The upgrade's answer comes after any ticket, so the client has seen them all.
+            async with open_agent(url, ssl=ssl.create_default_context(cafile=str(certificates.ca))) as websocket:
+                tls = websocket.transport.get_extra_info("ssl_object")
+                assert tls.version() == "TLSv1.3"
+                assert tls.session is not None and not tls.session.has_ticket
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
