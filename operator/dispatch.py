@@ -4,13 +4,20 @@ Level-triggered: whenever a job, or its agent's connection, changes, :func:`next
 compares the job's phase with what the agent's connection says and names the one thing to
 do; :class:`Dispatcher` carries it out:
 
-* Pending and its agent connected → read the Repository and its Secrets now, add the
-  cancel-on-delete finalizer, send ``command.run``, Running;
+* Pending and its agent connected → take the Repository from the watch (read it from the
+  API only when the watch has not shown it) and read its Secrets now, add the
+  cancel-on-delete finalizer unless the job holds it already (fired jobs are created with
+  it), send ``command.run``, Running;
 * Running but the agent's hello did not list it and this connection never got it → the
   agent lost it: Failed, reason AgentLost; the same when the agent stays away past the
   job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays Running forever;
 * being deleted while Running → ``command.cancel`` to the agent, then let it go;
 * finished → drop the finalizer; prune the Schedule's history beyond its limits.
+
+Finalizers are changed from the store's copy of the job (no read first); a stale copy costs
+a failed patch and one read (:meth:`Kube.set_finalizer`). Secrets are read per dispatch, not
+watched or cached: the operator may list and watch only its own token Secrets, and a
+rotated credential must reach the very next job.
 
 ``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py.
 """
@@ -29,14 +36,13 @@ from pydantic import ValidationError
 from restic_manager import protocol
 from restic_manager.operator import status as statuses
 from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import Kube, NotFound
+from restic_manager.operator.kube import FinalizersSeen, Kube, NotFound
 from restic_manager.operator.server import Session
-from restic_manager.operator.store import Job, ObjectKey, Store, parse_time
+from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
 from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
 
 log = logging.getLogger(__name__)
 
-FINALIZER = "resticmanager.io/cancel-on-delete"
 PLURAL = "resticjobs"
 RETRY_DELAY = 10.0  # a job waiting for its Repository or Secret looks again this often
 LOST_GRACE = 300.0  # beyond its timeout, how long a job waits for its agent to come back
@@ -124,13 +130,12 @@ def command_args(job: Job) -> dict[str, Any]:
     return dict(job.spec.get(job.type) or {})
 
 
-def repository_env(repository: Mapping[str, Any], secrets: Mapping[str, Mapping[str, str]], *,
+def repository_env(spec: Mapping[str, Any], secrets: Mapping[str, Mapping[str, str]], *,
                    where: str) -> dict[str, str]:
-    """restic's environment for a Repository: RESTIC_PASSWORD plus every envFrom Secret's keys.
+    """restic's environment for a Repository's ``spec``: RESTIC_PASSWORD plus every envFrom Secret's keys.
 
     ``secrets`` maps Secret names to their data; ``where`` names the Repository in messages.
     """
-    spec = repository.get("spec") or {}
     ref = spec.get("passwordSecretRef") or {}
     env: dict[str, str] = {}
     for source in spec.get("envFrom") or []:
@@ -262,9 +267,13 @@ class Dispatcher:
             assert session is not None
             log.info("job %s deleted while running: cancelling it on agent %s", job.key, job.agent)
             await session.send(protocol.CommandCancel(job=str(job.key)))
-            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=False)
+            await self._set_finalizer(job, present=False)
         elif step is Step.RELEASE:
-            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=False)
+            await self._set_finalizer(job, present=False)
+
+    async def _set_finalizer(self, job: Job, *, present: bool) -> None:
+        await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=present,
+                                       seen=FinalizersSeen(job.uid, job.finalizers))
 
     async def _dispatch(self, job: Job, session: Session) -> None:
         status = self.status_of(job)
@@ -278,8 +287,8 @@ class Dispatcher:
             self._set(job, statuses.job_ended(status, phase="Failed", reason="InvalidSpec",
                                               message=str(problem), now=self._clock()))
             return
-        if FINALIZER not in job.finalizers:
-            await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=True)
+        if FINALIZER not in job.finalizers:  # a kubectl-created job; a fired one has it from the start
+            await self._set_finalizer(job, present=True)
         current = self._store.jobs.get(job.key)
         moved = current is None or current.uid != job.uid or current.deleting
         if moved or self._session_of(job.agent_key) is not session:
@@ -299,12 +308,10 @@ class Dispatcher:
         namespace = job.key.namespace
         repository_key = ObjectKey(namespace, job.repository)
         where = f"ResticJob {job.key}: spec.repository {job.repository}"
-        try:
-            repository = await self._kube.get("repositories", repository_key)
-        except NotFound:
-            raise RepositoryUnavailable(
-                "RepositoryNotFound", f"{where}: no such Repository in namespace {namespace}") from None
-        spec = repository.get("spec") or {}
+        repository = await self._repository(repository_key)
+        if repository is None:
+            raise RepositoryUnavailable("RepositoryNotFound", f"{where}: no such Repository in namespace {namespace}")
+        spec = repository.spec
         names = [spec.get("passwordSecretRef", {}).get("name", "")]
         names += [source["secretRef"]["name"] for source in spec.get("envFrom") or []]
         secrets: dict[str, dict[str, str]] = {}
@@ -315,7 +322,7 @@ class Dispatcher:
                 raise RepositoryUnavailable(
                     "SecretNotFound", f"{where}: Secret {name} of Repository {repository_key} does not exist"
                 ) from None
-        env = repository_env(repository, secrets, where=f"Repository {repository_key}")
+        env = repository_env(spec, secrets, where=f"Repository {repository_key}")
         try:
             return protocol.CommandRun.model_validate({
                 "job": str(job.key),
@@ -326,6 +333,17 @@ class Dispatcher:
             })
         except ValidationError as error:
             raise InvalidJob(f"ResticJob {job.key}: {protocol.describe(error)}") from None
+
+    async def _repository(self, key: ObjectKey) -> Repository | None:
+        """The Repository as the watch last showed it; read from the API while the watch has not
+        shown it (just created, or the operator just started)."""
+        known = self._store.repositories.get(key)
+        if known is not None:
+            return known
+        try:
+            return Repository.from_body(await self._kube.get("repositories", key))
+        except NotFound:
+            return None
 
     def _set(self, job: Job, new: dict[str, Any], *, delay: float = 0.0) -> None:
         old = self.status_of(job)

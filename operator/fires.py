@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from restic_manager.operator.store import API_VERSION, ObjectKey, Schedule, format_time
+from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey, Schedule, format_time
 from restic_manager.protocol import ScheduleFire
 
 MAX_NAME = 63
@@ -158,7 +158,11 @@ def decide(
 
 
 def job_body(schedule: Schedule, *, agent: str, name: str, scheduled_at: datetime) -> dict[str, Any]:
-    """The ResticJob a fire of ``schedule`` on ``agent`` creates: the template plus where and why."""
+    """The ResticJob a fire of ``schedule`` on ``agent`` creates: the template plus where and why.
+
+    It holds the cancel-on-delete finalizer from the start, which spares the dispatcher a
+    read and a patch to add it per job.
+    """
     spec = copy.deepcopy(dict(schedule.template))
     spec.update(
         agent=agent,
@@ -173,6 +177,7 @@ def job_body(schedule: Schedule, *, agent: str, name: str, scheduled_at: datetim
             "name": name,
             "namespace": schedule.key.namespace,
             "labels": {LABEL_SCHEDULE: label_value(schedule.key.name), LABEL_AGENT: label_value(agent)},
+            "finalizers": [FINALIZER],
             "ownerReferences": [{
                 "apiVersion": API_VERSION,
                 "kind": "Schedule",

@@ -1,10 +1,16 @@
 """Kubernetes API access for the operator's own writes.
 
 kopf watches; everything the operator writes besides (ResticJobs, status, finalizers, token
-Secrets, Events) goes through here. It uses the synchronous ``kubernetes`` client on worker
-threads (``asyncio.to_thread``): that client understands every kubeconfig and in-cluster
-login, kopf's own login is derived from the same configuration, and the writes are few and
-small, so a thread each costs nothing that matters. Nothing here blocks the event loop.
+Secrets, Events) and the few reads it makes go through here: JSON over one aiohttp session
+whose connection pool (:data:`POOL_SIZE`) is large enough for a storm of fires' creates next
+to the dispatch and status traffic. The login is the ``kubernetes`` client's Configuration
+(a kubeconfig or the in-cluster ServiceAccount), the same one kopf's login is derived from:
+host, CA or no verification, client certificate, bearer token or basic auth. A token the
+Configuration can refresh (the in-cluster token file, which the kubelet rotates; a kubeconfig's
+credential plugin) is asked for again every :data:`TOKEN_REFRESH_INTERVAL` and after a 401,
+on a worker thread, because refreshing reads a file or runs a program. A 429 or 503 with a
+Retry-After is asked again after that wait, as client-go does (the sync client's urllib3 did
+too). Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -12,26 +18,49 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
+import json
+import math
 import os
 import secrets
-from collections.abc import Callable, Mapping
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
+import aiohttp
 import kopf
 import kubernetes.client
 import kubernetes.config
-from kubernetes.client.exceptions import ApiException
 
 from restic_manager.operator.store import GROUP, VERSION, ObjectKey, format_time
 
+JSON = "application/json"
+JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "restic-manager-operator"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "restic-manager"}
 # The operator's token Secrets: the only Secrets it lists and watches.
 TOKEN_SECRETS = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
+# Connections to the apiserver at once: a fire storm's creates (one per agent firing) queue
+# here, next to at most a few dozen dispatch, status and Secret requests.
+POOL_SIZE = 64
+# How long an idle connection is kept: opening 64 TLS connections at once costs a storm a few
+# hundred milliseconds, and fires come once a minute. Below the apiserver's own idle timeout
+# (90 s), so it is the client that closes, never a request sent on a connection being closed.
+KEEPALIVE = 75.0
+# No single call may hang a loop's worker for ever; a timeout is a KubeError like any other.
+REQUEST_TIMEOUT = 60.0
+TOKEN_REFRESH_INTERVAL = 60.0
+FINALIZER_ATTEMPTS = 5
+# The apiserver answers 429 (too many requests; storage still initializing) or 503 with a
+# Retry-After when a call should simply be made again: as client-go, wait and ask again.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+RETRIES_AFTER = 5
+MAX_RETRY_AFTER = 10.0
+MAX_MESSAGE = 300  # of the apiserver's Status message, in an error
 
 
 class KubeError(Exception):
@@ -68,21 +97,100 @@ def load_configuration(kubeconfig: Path | None) -> kubernetes.client.Configurati
 
 def connection_info(configuration: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
     """kopf's credentials from the same configuration, so kopf and the writes log in alike."""
-    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
-        "authorization"
-    )
-    scheme, _, token = (header or "").rpartition(" ")
+    scheme, _, token = (authorization_of(configuration) or "").rpartition(" ")
+    basic = scheme.lower() == "basic"
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,
         username=configuration.username or None,
         password=configuration.password or None,
-        scheme=scheme or None,
-        token=token or None,
+        scheme=None if basic else scheme or None,
+        token=None if basic else token or None,
         certificate_path=configuration.cert_file,
         private_key_path=configuration.key_file,
     )
+
+
+def authorization_of(configuration: kubernetes.client.Configuration) -> str | None:
+    """The Authorization header the configuration gives: its bearer token, else basic auth.
+
+    Runs the configuration's refresh hook, if it has one (which may read a file or run a
+    credential plugin).
+    """
+    token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+    if token:
+        return str(token)
+    if configuration.username:
+        return str(configuration.get_basic_auth_token())
+    return None
+
+
+def ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContext:
+    """TLS as the configuration says: its CA (else the system's) or no verification, and its
+    client certificate."""
+    if configuration.verify_ssl:
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return context
+
+
+def api_error(what: str, status: int, body: bytes) -> KubeError:
+    """The exception for an error response to ``what``: its class from the status code and
+    the reason in the apiserver's Status, its message with the Status's own message."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    reported = parsed if isinstance(parsed, dict) else {}
+    reason = str(reported.get("reason") or "")
+    message = str(reported.get("message") or "")[:MAX_MESSAGE]
+    kind: type[KubeError] = {404: NotFound, 409: Conflict}.get(status, KubeError)
+    if status == 409 and reason == "AlreadyExists":
+        kind = AlreadyExists
+    text = f"{what}: {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
+    return kind(text, status=status)
+
+
+def retry_after(status: int, header: str | None) -> float | None:
+    """Seconds to wait before making a call again, when the response says so (None: do not)."""
+    if status not in RETRY_AFTER_STATUSES or header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        return None  # an HTTP date: the apiserver never sends one
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
+
+
+class FinalizersSeen(NamedTuple):
+    """An object as its owner last saw it, as far as its finalizers go."""
+
+    uid: str
+    finalizers: Sequence[str]
+
+
+def finalizer_patch(seen: FinalizersSeen, finalizer: str, *, present: bool) -> list[dict[str, Any]] | None:
+    """The JSON patch that adds or removes ``finalizer`` on the object ``seen`` (None: nothing to do).
+
+    Its tests hold only for that very object (uid) with exactly those finalizers (an absent
+    list tests as null), so a concurrent change of either fails the patch (422) instead of
+    being overwritten; a change of anything else (status, labels) does not get in the way.
+    """
+    current = list(seen.finalizers)
+    if (finalizer in current) == present:
+        return None
+    wanted = current + [finalizer] if present else [name for name in current if name != finalizer]
+    return [
+        {"op": "test", "path": "/metadata/uid", "value": seen.uid},
+        {"op": "test", "path": "/metadata/finalizers", "value": current or None},
+        {"op": "add", "path": "/metadata/finalizers", "value": wanted},
+    ]
 
 
 def new_token() -> str:
@@ -90,27 +198,131 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _path(plural: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+    """The URL path of a resticmanager.io collection or object (names quoted: they come from objects)."""
+    path = f"/apis/{GROUP}/{VERSION}"
+    if namespace is not None:
+        path += f"/namespaces/{quote(namespace, safe='')}"
+    path += f"/{plural}"
+    if name is not None:
+        path += f"/{quote(name, safe='')}"
+    if subresource is not None:
+        path += f"/{subresource}"
+    return path
+
+
+def _core_path(plural: str, namespace: str | None = None, name: str | None = None) -> str:
+    path = "/api/v1"
+    if namespace is not None:
+        path += f"/namespaces/{quote(namespace, safe='')}"
+    path += f"/{plural}"
+    if name is not None:
+        path += f"/{quote(name, safe='')}"
+    return path
+
+
+class _Authorization:
+    """The Authorization header, refreshed when the configuration can refresh it.
+
+    Each value read has a generation, so that after a 401 many requests in flight with the
+    same refused header cause one refresh, not one each.
+    """
+
+    def __init__(self, configuration: kubernetes.client.Configuration, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._configuration = configuration
+        self._clock = clock
+        self.renewable = configuration.refresh_api_key_hook is not None
+        # Without a refresh hook, asking the configuration costs nothing and never changes.
+        self._header = None if self.renewable else authorization_of(configuration)
+        self._generation = 0
+        self._fetched_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def header(self) -> tuple[int, str | None]:
+        """The header to send, and its generation (to name it in :meth:`renew`)."""
+        if self.renewable and self._clock() - self._fetched_at >= TOKEN_REFRESH_INTERVAL:
+            await self.renew(self._generation)
+        return self._generation, self._header
+
+    async def renew(self, refused: int) -> None:
+        """Ask the configuration again, unless that happened since generation ``refused``."""
+        async with self._lock:
+            if self._generation == refused:
+                self._header = await asyncio.to_thread(authorization_of, self._configuration)
+                self._generation += 1
+                self._fetched_at = self._clock()
+
+
 class Kube:
-    """Async wrappers over the API calls the operator makes."""
+    """Async wrappers over the API calls the operator makes.
+
+    Built before the loop runs (it reads the CA and client certificate files then); its HTTP
+    session is opened by the first call, on the running loop, and closed by :meth:`close`.
+    """
 
     def __init__(self, configuration: kubernetes.client.Configuration) -> None:
-        self._client = kubernetes.client.ApiClient(configuration)
-        self._custom = kubernetes.client.CustomObjectsApi(self._client)
-        self._core = kubernetes.client.CoreV1Api(self._client)
-        self._authentication = kubernetes.client.AuthenticationV1Api(self._client)
+        self._host = configuration.host.rstrip("/")
+        self._ssl = ssl_context(configuration) if self._host.startswith("https:") else None
+        self._options: dict[str, Any] = {}
+        if configuration.tls_server_name:
+            self._options["server_hostname"] = configuration.tls_server_name
+        if configuration.proxy:
+            self._options["proxy"] = configuration.proxy
+        self._authorization = _Authorization(configuration)
+        self._session: aiohttp.ClientSession | None = None
 
-    def close(self) -> None:
-        self._client.close()
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def _call(self, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=POOL_SIZE, keepalive_timeout=KEEPALIVE, ssl=self._ssl or True),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+            )
+        return self._session
+
+    async def _request(
+        self, what: str, method: str, path: str, *, body: Any = None, content_type: str = JSON,
+        query: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One API call; the response's JSON. ``what`` names the call in errors."""
+        data = None if body is None else json.dumps(body).encode()
+        renewed, waits = False, 0
+        while True:
+            generation, authorization = await self._authorization.header()
+            status, delay, payload = await self._send(what, method, path, data=data, content_type=content_type,
+                                                      query=query, authorization=authorization)
+            if status == 401 and self._authorization.renewable and not renewed:
+                # The token may have rotated since it was read: read it again, and try once more.
+                await self._authorization.renew(generation)
+                renewed = True
+            elif delay is not None and waits < RETRIES_AFTER:
+                waits += 1
+                await asyncio.sleep(delay)
+            elif status >= 400:
+                raise api_error(what, status, payload)
+            else:
+                return json.loads(payload) if payload else None
+
+    async def _send(self, what: str, method: str, path: str, *, data: bytes | None, content_type: str,
+                    query: Mapping[str, str] | None, authorization: str | None) -> tuple[int, float | None, bytes]:
+        """The response's status, how long it asks to wait before a retry (if it does), its body."""
+        headers = {"Accept": JSON}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        if authorization:
+            headers["Authorization"] = authorization
         try:
-            return await asyncio.to_thread(function, *args, **kwargs)
-        except ApiException as error:
-            message = f"{what}: {error.status} {error.reason}"
-            kind = {404: NotFound, 409: Conflict}.get(error.status or 0, KubeError)
-            if error.status == 409 and '"reason":"AlreadyExists"' in (error.body or "").replace(" ", ""):
-                kind = AlreadyExists
-            raise kind(message, status=error.status) from None
+            async with self._client().request(method, self._host + path, data=data, headers=headers,
+                                              params=query, **self._options) as response:
+                delay = retry_after(response.status, response.headers.get("Retry-After"))
+                return response.status, delay, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise KubeError(f"{what}: {type(error).__name__}: {error}") from error
 
     # --- custom resources ---------------------------------------------------------------
 
@@ -119,91 +331,89 @@ class Kube:
 
         ``secrets`` lists only the operator's token Secrets (selected by label).
         """
-        if plural == "secrets":
-            # Callable, not partial[V1SecretList]: the custom-object branch returns another type.
-            everywhere: Callable[..., object] = functools.partial(
-                self._core.list_secret_for_all_namespaces, label_selector=TOKEN_SECRETS)
-            in_namespace: Callable[..., object] = functools.partial(
-                self._core.list_namespaced_secret, label_selector=TOKEN_SECRETS)
-            what = "token Secrets"
-        else:
-            everywhere = functools.partial(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
-            in_namespace = functools.partial(self._custom.list_namespaced_custom_object, GROUP, VERSION,
-                                             plural=plural)
-            what = plural
+        token_secrets = plural == "secrets"
+        query = {"labelSelector": TOKEN_SECRETS} if token_secrets else {}
+        what = "token Secrets" if token_secrets else plural
+
+        def path(namespace: str | None) -> str:
+            return _core_path("secrets", namespace) if token_secrets else _path(plural, namespace)
+
         if namespaces is None:
-            result = self._plain(await self._call(f"list {what}", everywhere))
+            result = await self._request(f"list {what}", "GET", path(None), query=query)
             return result["items"], result["metadata"]["resourceVersion"]
         items: list[dict[str, Any]] = []
         versions = []
         for namespace in namespaces:
-            result = self._plain(await self._call(f"list {what} in {namespace}", in_namespace, namespace=namespace))
+            result = await self._request(f"list {what} in {namespace}", "GET", path(namespace), query=query)
             items += result["items"]
             versions.append(result["metadata"]["resourceVersion"])
         return items, min(versions, key=lambda v: int(v) if v.isdigit() else 0, default="0")
 
-    def _plain(self, value: Any) -> Any:
-        """A client model as the API's JSON (camelCase dicts)."""
-        return self._client.sanitize_for_serialization(value)
-
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
-        return await self._call(f"get {plural} {key}", self._custom.get_namespaced_custom_object,
-                                GROUP, VERSION, key.namespace, plural, key.name)
+        return dict(await self._request(f"get {plural} {key}", "GET", _path(plural, key.namespace, key.name)))
 
     async def create(self, plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
         key = ObjectKey.of(body)
-        return await self._call(f"create {plural} {key}", self._custom.create_namespaced_custom_object,
-                                GROUP, VERSION, key.namespace, plural, body)
+        return dict(await self._request(f"create {plural} {key}", "POST", _path(plural, key.namespace),
+                                        body=dict(body)))
 
     async def delete(self, plural: str, key: ObjectKey) -> None:
         with contextlib.suppress(NotFound):
-            await self._call(f"delete {plural} {key}", self._custom.delete_namespaced_custom_object,
-                             GROUP, VERSION, key.namespace, plural, key.name)
+            await self._request(f"delete {plural} {key}", "DELETE", _path(plural, key.namespace, key.name))
 
     async def patch_status(
         self, plural: str, key: ObjectKey, status: Mapping[str, Any], *, uid: str
     ) -> dict[str, Any]:
-        """JSON-merge-patch ``status`` into the status subresource of the object with ``uid``.
+        """JSON-merge-patch ``status`` into the status subresource of the object ``key``.
 
-        The uid in the patch is a precondition: a recreated object of the same name is not
-        touched (Conflict).
+        ``uid`` goes along in the patch's metadata, but the apiserver drops metadata from a
+        status patch before it compares anything: it is no precondition, and a recreated
+        object of the same name gets the patch too (tests/integration/test_operator_kube.py).
         """
-        return await self._call(
-            f"patch {plural} {key} status", self._custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, key.namespace, plural, key.name,
-            {"metadata": {"uid": uid}, "status": dict(status)},
-            _content_type=MERGE_PATCH,
-        )
+        return dict(await self._request(
+            f"patch {plural} {key} status", "PATCH", _path(plural, key.namespace, key.name, "status"),
+            body={"metadata": {"uid": uid}, "status": dict(status)}, content_type=MERGE_PATCH))
 
-    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool) -> None:
-        """Add or remove one finalizer without touching others (optimistic lock, retried on conflict)."""
-        for _ in range(5):
+    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
+                            seen: FinalizersSeen | None = None) -> None:
+        """Add or remove one finalizer without touching others.
+
+        ``seen`` is the object as the caller's watch last showed it: the first attempt patches
+        from it without a GET, and only that object (uid) is ever changed. A stale view fails
+        the patch's tests; then the object is read and the patch tried again.
+        """
+        what = f"patch {plural} {key} finalizers"
+        uid = seen.uid if seen is not None else None
+        for _ in range(FINALIZER_ATTEMPTS):
+            if seen is None:
+                try:
+                    meta = (await self.get(plural, key))["metadata"]
+                except NotFound:
+                    return
+                if uid is not None and meta["uid"] != uid:
+                    return  # the object seen is gone; another of its name is none of this call's business
+                seen = FinalizersSeen(meta["uid"], tuple(meta.get("finalizers") or ()))
+            patch = finalizer_patch(seen, finalizer, present=present)
+            if patch is None:
+                return
             try:
-                body = await self.get(plural, key)
+                await self._request(what, "PATCH", _path(plural, key.namespace, key.name), body=patch,
+                                    content_type=JSON_PATCH)
+                return
             except NotFound:
                 return
-            current = list(body["metadata"].get("finalizers") or [])
-            if (finalizer in current) == present:
-                return
-            wanted = current + [finalizer] if present else [f for f in current if f != finalizer]
-            patch = {"metadata": {"finalizers": wanted, "resourceVersion": body["metadata"]["resourceVersion"]}}
-            try:
-                await self._call(f"patch {plural} {key} finalizers", self._custom.patch_namespaced_custom_object,
-                                 GROUP, VERSION, key.namespace, plural, key.name, patch,
-                                 _content_type=MERGE_PATCH)
-                return
-            except Conflict:
-                continue
-            except NotFound:
-                return
-        raise KubeError(f"patch {plural} {key} finalizers: still conflicting after 5 attempts")
+            except KubeError as error:
+                if error.status not in (409, 422):  # 422: a test failed, the object changed meanwhile
+                    raise
+            seen = None
+        raise KubeError(f"{what}: the object kept changing; gave up after {FINALIZER_ATTEMPTS} attempts")
 
     # --- Secrets and Events -------------------------------------------------------------
 
     async def read_secret(self, key: ObjectKey) -> dict[str, str]:
         """The Secret's data, decoded."""
-        secret = await self._call(f"get Secret {key}", self._core.read_namespaced_secret, key.name, key.namespace)
-        return {name: base64.b64decode(value).decode() for name, value in (secret.data or {}).items()}
+        secret = await self._request(f"get Secret {key}", "GET", _core_path("secrets", key.namespace, key.name))
+        return {name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()}
 
     async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *,
                             owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,15 +425,16 @@ class Kube:
                          "ownerReferences": [dict(owner)]},
             "stringData": dict(data),
         }
-        created = await self._call(f"create Secret {key}", self._core.create_namespaced_secret, key.namespace, body)
-        return dict(self._plain(created))
+        return dict(await self._request(f"create Secret {key}", "POST", _core_path("secrets", key.namespace),
+                                        body=body))
 
     async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
         """The apiserver's verdict on ``token`` for ``audiences`` (a TokenReview's status)."""
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": audiences}}
-        result = await self._call("create TokenReview", self._authentication.create_token_review, body)
-        return dict(self._plain(result.status) or {})
+        result = await self._request("create TokenReview", "POST", "/apis/authentication.k8s.io/v1/tokenreviews",
+                                     body=body)
+        return dict(result.get("status") or {})
 
     async def post_event(
         self, involved: Mapping[str, Any], *, type: str, reason: str, message: str,
@@ -247,5 +458,5 @@ class Kube:
             "lastTimestamp": stamp,
             "count": 1,
         }
-        await self._call(f"create Event for {involved['kind']} {namespace}/{involved['name']}",
-                         self._core.create_namespaced_event, namespace, body)
+        await self._request(f"create Event for {involved['kind']} {namespace}/{involved['name']}", "POST",
+                            _core_path("events", namespace), body=body)

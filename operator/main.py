@@ -150,15 +150,15 @@ def run(args: argparse.Namespace) -> int:
                     "credentials cross the network unencrypted")
     try:
         configuration = load_configuration(args.kubeconfig)
-    except Exception as error:  # the kubernetes client raises several unrelated types here
+        kube = Kube(configuration)  # reads the CA and client certificate files now, off the loop
+    except Exception as error:  # the kubernetes client and ssl raise several unrelated types here
         print(f"restic-manager operator: cannot load the Kubernetes configuration: {error}", file=sys.stderr)
         return 2
-    return asyncio.run(_main(args, configuration, tls=tls, webhook=webhook, nodes=nodes))
+    return asyncio.run(_main(args, configuration, kube, tls=tls, webhook=webhook, nodes=nodes))
 
 
-async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, *,
+async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, kube: Kube, *,
                 tls: ServingCertificate | None, webhook: kopf.WebhookServer | None, nodes: NodeAgents | None) -> int:
-    kube = Kube(configuration)
     controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes)
     host, port = args.listen
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -192,7 +192,7 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
             await asyncio.wait([operator])
     finally:
         await stop_controller()
-        kube.close()
+        await kube.close()
     if not served.cancelled() and served.exception() is not None:
         log.error("the agent server or a controller loop failed", exc_info=served.exception())
         return 1

@@ -1,10 +1,12 @@
-"""The operator's in-memory view of Agents, Schedules and ResticJobs.
+"""The operator's in-memory view of Agents, Schedules, ResticJobs and Repositories.
 
 Fed by two sources: kopf's watch events, and one listing per kind that the operator makes
 itself at startup so it knows when its view is complete ("primed") before it serves agents.
 The two may arrive in any order, so every update keeps the newer resourceVersion and a
 listing drops only objects it proves deleted (absent at a collection version newer than
-the object). Pure: no API calls; the I/O shells feed it.
+the object). Repositories come from the watch alone (no startup listing): a Repository the
+view does not hold yet is read from the API by whoever needs it. Pure: no API calls; the I/O
+shells feed it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import base64
 import binascii
 import copy
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -22,6 +24,9 @@ GROUP = "resticmanager.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 TOKEN_KEY = "token"
+# Held by a ResticJob from its creation (fires) or dispatch (kubectl's) until it ends, so that
+# deleting it while it runs reaches the operator, which cancels restic on the agent.
+FINALIZER = "resticmanager.io/cancel-on-delete"
 
 Body = Mapping[str, Any]
 
@@ -68,6 +73,12 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.strip().encode()).digest()
 
 
+def _identity(body: Body) -> dict[str, Any]:
+    """The fields every stored kind has: key, uid, resourceVersion."""
+    meta = body["metadata"]
+    return {"key": ObjectKey.of(body), "uid": meta["uid"], "resource_version": meta.get("resourceVersion", "")}
+
+
 @dataclass(frozen=True)
 class Agent:
     key: ObjectKey
@@ -82,9 +93,7 @@ class Agent:
     def from_body(cls, body: Body) -> Agent:
         meta = body["metadata"]
         return cls(
-            key=ObjectKey.of(body),
-            uid=meta["uid"],
-            resource_version=meta.get("resourceVersion", ""),
+            **_identity(body),
             labels=dict(meta.get("labels") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
             status=copy.deepcopy(dict(body.get("status") or {})),
@@ -125,9 +134,7 @@ class Schedule:
         created = parse_time(meta.get("creationTimestamp"))
         assert created is not None, "the API server always sets creationTimestamp"
         return cls(
-            key=ObjectKey.of(body),
-            uid=meta["uid"],
-            resource_version=meta.get("resourceVersion", ""),
+            **_identity(body),
             generation=int(meta.get("generation", 1)),
             created=created,
             deleting=bool(meta.get("deletionTimestamp")),
@@ -182,9 +189,7 @@ class Job:
         meta, spec = body["metadata"], body.get("spec") or {}
         ref = spec.get("scheduleRef")
         return cls(
-            key=ObjectKey.of(body),
-            uid=meta["uid"],
-            resource_version=meta.get("resourceVersion", ""),
+            **_identity(body),
             created=parse_time(meta.get("creationTimestamp")),
             deleting=bool(meta.get("deletionTimestamp")),
             finalizers=tuple(meta.get("finalizers") or ()),
@@ -220,16 +225,26 @@ class TokenSecret:
         except (binascii.Error, UnicodeDecodeError):
             token = ""
         return cls(
-            key=ObjectKey.of(body),
-            uid=meta["uid"],
-            resource_version=meta.get("resourceVersion", ""),
+            **_identity(body),
             agent=owner.get("name", ""),
             agent_uid=owner.get("uid", ""),
             digest=token_digest(token) if token.strip() else None,
         )
 
 
-T = TypeVar("T", Agent, Schedule, Job, TokenSecret)
+@dataclass(frozen=True)
+class Repository:
+    key: ObjectKey
+    uid: str
+    resource_version: str
+    spec: Mapping[str, Any]
+
+    @classmethod
+    def from_body(cls, body: Body) -> Repository:
+        return cls(**_identity(body), spec=copy.deepcopy(dict(body.get("spec") or {})))
+
+
+T = TypeVar("T", Agent, Schedule, Job, TokenSecret, Repository)
 
 
 def _newer(candidate: str, known: str) -> bool:
@@ -250,10 +265,19 @@ class Change(NamedTuple, Generic[T]):
 
 @dataclass
 class Collection(Generic[T]):
-    """All objects of one kind, keyed by namespace/name."""
+    """All objects of one kind, keyed by namespace/name.
+
+    With ``group_by``, the keys of the objects are also kept by group (None: in none), so
+    :meth:`in_group` costs the group's size, not the collection's. ``objects`` is read-only
+    outside this class: every change goes through :meth:`_put` / :meth:`_drop`, which keep
+    the groups.
+    """
 
     parse: Callable[[Body], T]
+    group_by: Callable[[T], Hashable | None] | None = None
     objects: dict[ObjectKey, T] = field(default_factory=dict)
+    # Insertion-ordered (a dict as an ordered set), so a group lists alike every time.
+    _groups: dict[Hashable, dict[ObjectKey, None]] = field(default_factory=dict)
     # Versions of deletions seen before the startup listing was reconciled, so a listing
     # taken earlier cannot resurrect them. Cleared once the listing is in.
     _tombstones: dict[ObjectKey, str] = field(default_factory=dict)
@@ -268,6 +292,33 @@ class Collection(Generic[T]):
     def in_namespace(self, namespace: str) -> list[T]:
         return [obj for key, obj in self.objects.items() if key.namespace == namespace]
 
+    def in_group(self, group: Hashable) -> list[T]:
+        """The objects ``group_by`` puts in ``group``, in the order they were first seen."""
+        return [self.objects[key] for key in self._groups.get(group, ())]
+
+    def _put(self, obj: T) -> None:
+        old = self.objects.get(obj.key)
+        self.objects[obj.key] = obj
+        group = self._group(obj)
+        if old is not None and self._group(old) != group:
+            self._ungroup(old)
+        if group is not None:
+            self._groups.setdefault(group, {})[obj.key] = None  # a key already there keeps its place
+
+    def _drop(self, key: ObjectKey) -> None:
+        self._ungroup(self.objects.pop(key))
+
+    def _group(self, obj: T) -> Hashable | None:
+        return self.group_by(obj) if self.group_by is not None else None
+
+    def _ungroup(self, obj: T) -> None:
+        group = self._group(obj)
+        members = self._groups.get(group) if group is not None else None
+        if members is not None:
+            members.pop(obj.key, None)
+            if not members:
+                del self._groups[group]
+
     def upsert(self, body: Body) -> Change[T] | None:
         """Take a newer version of an object; None when ``body`` is not newer."""
         new = self.parse(body)
@@ -279,7 +330,7 @@ class Collection(Generic[T]):
             if tomb is not None and not _newer(new.resource_version, tomb):
                 return None
             self._tombstones.pop(new.key, None)
-        self.objects[new.key] = new
+        self._put(new)
         return Change(old, new)
 
     def delete(self, body: Body) -> Change[T] | None:
@@ -289,7 +340,7 @@ class Collection(Generic[T]):
         old = self.objects.get(key)
         if old is None or old.uid != body["metadata"].get("uid", old.uid):
             return None
-        del self.objects[key]
+        self._drop(key)
         return Change(old, None)
 
     def reconcile_listing(
@@ -304,7 +355,7 @@ class Collection(Generic[T]):
         for key, obj in list(self.objects.items()):
             in_scope = namespaces is None or key.namespace in namespaces
             if in_scope and key not in listed and not _newer(obj.resource_version, list_version):
-                del self.objects[key]
+                self._drop(key)
                 changes.append(Change(obj, None))
         return changes
 
@@ -313,12 +364,20 @@ class Collection(Generic[T]):
         self._tombstones.clear()
 
 
+def _schedule_uid(job: Job) -> str | None:
+    return job.schedule_ref.uid if job.schedule_ref is not None else None
+
+
 @dataclass
 class Store:
     agents: Collection[Agent] = field(default_factory=lambda: Collection(Agent.from_body))
     schedules: Collection[Schedule] = field(default_factory=lambda: Collection(Schedule.from_body))
-    jobs: Collection[Job] = field(default_factory=lambda: Collection(Job.from_body))
+    jobs: Collection[Job] = field(default_factory=lambda: Collection(Job.from_body, group_by=_schedule_uid))
     token_secrets: Collection[TokenSecret] = field(default_factory=lambda: Collection(TokenSecret.from_body))
+    # Fed by one watch alone, whose events arrive in order: no listing to reconcile, so no
+    # tombstones to keep.
+    repositories: Collection[Repository] = field(
+        default_factory=lambda: Collection(Repository.from_body, primed=True))
 
     def token_secret_of(self, agent: Agent) -> TokenSecret | None:
         """The Agent's token Secret, if there is one that this very Agent (uid) owns."""
@@ -328,11 +387,8 @@ class Store:
         return secret
 
     def jobs_of_schedule(self, uid: str, *, agent: str | None = None) -> list[Job]:
-        return [
-            job for job in self.jobs
-            if job.schedule_ref is not None and job.schedule_ref.uid == uid
-            and (agent is None or job.agent == agent)
-        ]
+        """The ResticJobs fired from the Schedule with ``uid`` (on ``agent`` only, if given)."""
+        return [job for job in self.jobs.in_group(uid) if agent is None or job.agent == agent]
 
     def jobs_on_agent(self, key: ObjectKey) -> list[Job]:
         return [job for job in self.jobs.in_namespace(key.namespace) if job.agent == key.name]

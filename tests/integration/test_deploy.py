@@ -289,7 +289,7 @@ def can_i(kube, kubeconfig: Path, verb: str, resource: str, *, namespace: str | 
 GRANTED_IN_MANAGED_NAMESPACES = [
     *[(verb, f"{plural}.resticmanager.io", None) for plural in ("agents", "schedules") for verb in ("list", "watch")],
     *[(verb, "resticjobs.resticmanager.io", None) for verb in ("get", "list", "watch", "create", "delete", "patch")],
-    ("get", "repositories.resticmanager.io", None),
+    *[(verb, "repositories.resticmanager.io", None) for verb in ("get", "list", "watch")],
     *[("patch", f"{plural}.resticmanager.io", "status") for plural in ("agents", "schedules", "resticjobs", "repositories")],
     *[("update", f"{plural}.resticmanager.io", "finalizers") for plural in ("agents", "schedules")],
     ("get", "secrets", None),
@@ -315,7 +315,6 @@ DENIED_IN_MANAGED_NAMESPACES = [
     ("update", "agents.resticmanager.io", None),
     ("delete", "agents.resticmanager.io", None),
     ("create", "repositories.resticmanager.io", None),
-    ("list", "repositories.resticmanager.io", None),
     ("patch", "repositories.resticmanager.io", None),
     ("create", "rolebindings.rbac.authorization.k8s.io", None),
 ]

@@ -9,7 +9,6 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.operator.dispatch import (
-    FINALIZER,
     LOST_GRACE,
     AgentView,
     Dispatcher,
@@ -19,8 +18,8 @@ from restic_manager.operator.dispatch import (
     next_step,
     repository_env,
 )
-from restic_manager.operator.kube import NotFound
-from restic_manager.operator.store import Job, ObjectKey, Store
+from restic_manager.operator.kube import FinalizersSeen, NotFound
+from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
 from restic_manager.operator.writer import StatusWriter
 
 UTC = timezone.utc
@@ -69,6 +68,7 @@ STEPS = [
     ("deleted while running", job(deleting=True, finalizer=True), "Running", LISTS_IT, Step.CANCEL),
     ("deleted while running, agent away", job(deleting=True, finalizer=True), "Running", None, Step.RELEASE),
     ("deleted while pending", job(deleting=True), "Pending", CONNECTED, Step.NOTHING),
+    ("fired, deleted while pending", job(deleting=True, finalizer=True), "Pending", CONNECTED, Step.RELEASE),
     ("finished, finalizer held", job(finalizer=True), "Succeeded", CONNECTED, Step.RELEASE),
     ("finished", job(), "Failed", None, Step.NOTHING),
 ]
@@ -102,12 +102,13 @@ def test_history_limit_zero_keeps_nothing_finished() -> None:
     assert [key.name for key in history_to_delete(jobs, succeeded=0, failed=0)] == ["ok"]
 
 
-REPOSITORY = {"spec": {"url": "/srv/repo", "passwordSecretRef": {"name": "pw", "key": "password"},
+REPOSITORY = {"metadata": {"name": "offsite", "namespace": "ns", "uid": "uid-offsite", "resourceVersion": "1"},
+              "spec": {"url": "/srv/repo", "passwordSecretRef": {"name": "pw", "key": "password"},
                        "envFrom": [{"secretRef": {"name": "s3"}}], "initialize": True}}
 
 
 def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
-    env = repository_env(REPOSITORY, {"pw": {"password": "hunter2"}, "s3": {"AWS_ACCESS_KEY_ID": "AK"}},
+    env = repository_env(REPOSITORY["spec"], {"pw": {"password": "hunter2"}, "s3": {"AWS_ACCESS_KEY_ID": "AK"}},
                          where="Repository ns/offsite")
     assert env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
 
@@ -115,7 +116,7 @@ def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
 def test_repository_env_names_a_missing_password_key() -> None:
     complaint = "Repository ns/offsite: spec.passwordSecretRef: Secret pw has no key 'password'"
     with pytest.raises(RepositoryUnavailable, match=complaint):
-        repository_env(REPOSITORY, {"pw": {"pass": "x"}, "s3": {}}, where="Repository ns/offsite")
+        repository_env(REPOSITORY["spec"], {"pw": {"pass": "x"}, "s3": {}}, where="Repository ns/offsite")
 
 
 # --- the dispatcher with a fake API and a fake connection ---------------------------------------
@@ -126,9 +127,11 @@ class FakeKube:
         self.repositories: dict[ObjectKey, dict[str, Any]] = {ObjectKey("ns", "offsite"): REPOSITORY}
         self.secrets: dict[ObjectKey, dict[str, str]] = {
             ObjectKey("ns", "pw"): {"password": "hunter2"}, ObjectKey("ns", "s3"): {"AWS_ACCESS_KEY_ID": "AK"}}
-        self.finalizers: list[tuple[ObjectKey, bool]] = []
+        self.finalizers: list[tuple[ObjectKey, bool, FinalizersSeen | None]] = []
+        self.gets: list[ObjectKey] = []
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
+        self.gets.append(key)
         if key not in self.repositories:
             raise NotFound(f"get {plural} {key}: 404")
         return self.repositories[key]
@@ -138,8 +141,9 @@ class FakeKube:
             raise NotFound(f"get Secret {key}: 404")
         return self.secrets[key]
 
-    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool) -> None:
-        self.finalizers.append((key, present))
+    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
+                            seen: FinalizersSeen | None = None) -> None:
+        self.finalizers.append((key, present, seen))
 
 
 class FakeSession:
@@ -193,9 +197,40 @@ async def test_a_pending_job_is_sent_to_its_connected_agent_with_credentials() -
     assert command.repository.env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
     assert command.repository.initialize is True
     assert command.args == protocol.BackupArgs(paths=["/srv"])
-    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), True)]
+    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), True, FinalizersSeen("uid-j", ()))]
     assert harness.phase() == "Running"
     assert "hunter2" not in repr(command)
+    assert harness.kube.gets == [ObjectKey("ns", "offsite")]  # the watch had not shown the Repository
+
+
+async def test_a_fired_job_holds_its_finalizer_already_and_is_sent_without_a_patch() -> None:
+    harness = Harness(FakeSession())
+    harness.add(finalizer=True)
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    assert isinstance(harness.session.sent[0], protocol.CommandRun)  # type: ignore[union-attr]
+    assert harness.kube.finalizers == []
+
+
+async def test_the_repository_is_taken_from_the_watch_without_a_read() -> None:
+    harness = Harness(FakeSession())
+    harness.store.repositories.upsert({**REPOSITORY, "spec": {**REPOSITORY["spec"], "url": "/srv/watched"}})
+    harness.add(finalizer=True)
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    [command] = harness.session.sent  # type: ignore[union-attr]
+    assert isinstance(command, protocol.CommandRun) and command.repository.url == "/srv/watched"
+    assert harness.kube.gets == []
+
+
+async def test_a_repository_deleted_from_the_watch_makes_the_job_wait() -> None:
+    harness = Harness(FakeSession())
+    harness.store.repositories.upsert(REPOSITORY)
+    harness.store.repositories.delete(REPOSITORY)
+    del harness.kube.repositories[ObjectKey("ns", "offsite")]
+    harness.add(finalizer=True)
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Pending", "RepositoryNotFound")
+    assert harness.session.sent == []  # type: ignore[union-attr]
 
 
 async def test_a_job_waits_while_its_agent_is_away() -> None:
@@ -261,7 +296,15 @@ async def test_deleting_a_running_job_cancels_it_on_the_agent() -> None:
     harness.add(phase="Running", deleting=True, finalizer=True)
     await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
     assert harness.session.sent == [protocol.CommandCancel(job="ns/j")]  # type: ignore[union-attr]
-    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), False)]
+    # Released from the store's copy of the job, not from a fresh read.
+    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), False, FinalizersSeen("uid-j", (FINALIZER,)))]
+
+
+async def test_a_finished_job_releases_its_finalizer_from_the_stores_copy() -> None:
+    harness = Harness(FakeSession())
+    harness.add(phase="Succeeded", finalizer=True)
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    assert harness.kube.finalizers == [(ObjectKey("ns", "j"), False, FinalizersSeen("uid-j", (FINALIZER,)))]
 
 
 async def test_replace_cancels_a_running_job_and_ends_a_pending_one() -> None:

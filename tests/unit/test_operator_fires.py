@@ -163,6 +163,11 @@ def test_job_body_is_the_template_plus_where_and_why() -> None:
     }
 
 
+def test_a_fired_job_is_created_holding_the_cancel_on_delete_finalizer() -> None:
+    body = job_body(make_schedule(), agent="web-01", name=THIS_JOB, scheduled_at=AT)
+    assert body["metadata"]["finalizers"] == ["resticmanager.io/cancel-on-delete"]
+
+
 def test_job_body_does_not_share_the_template() -> None:
     schedule = make_schedule()
     body = job_body(schedule, agent="web-01", name=THIS_JOB, scheduled_at=AT)

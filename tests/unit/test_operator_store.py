@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from restic_manager.operator.store import Collection, ObjectKey, Schedule, Store, parse_time
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from restic_manager.operator.store import Collection, ObjectKey, Repository, Schedule, Store, parse_time
 
 
 def body(name: str, rv: int, *, uid: str | None = None, generation: int = 1, namespace: str = "ns") -> dict[str, Any]:
@@ -81,3 +84,75 @@ def test_jobs_are_found_by_schedule_uid_and_agent() -> None:
     assert [j.key.name for j in store.jobs_of_schedule("s1", agent="web-01")] == ["j1"]
     assert sorted(j.key.name for j in store.jobs_on_agent(ObjectKey("ns", "web-01"))) == ["j1", "j3"]
     assert store.jobs.get(ObjectKey("ns", "j1")).scheduled_at == parse_time("2026-01-01T00:00:00Z")  # type: ignore[union-attr]
+
+
+def job_body(name: str, rv: int, *, schedule_uid: str | None, uid: str | None = None,
+             agent: str = "web-01") -> dict[str, Any]:
+    spec: dict[str, Any] = {"agent": agent, "repository": "r", "type": "prune"}
+    if schedule_uid is not None:
+        spec.update(scheduleRef={"name": "s", "uid": schedule_uid}, scheduledAt="2026-01-01T00:00:00Z")
+    return {"metadata": {"name": name, "namespace": "ns", "uid": uid or f"u-{name}", "resourceVersion": str(rv)},
+            "spec": spec}
+
+
+def test_a_schedules_jobs_are_listed_in_the_order_they_were_first_seen() -> None:
+    store = Store()
+    for rv, name in enumerate(("c", "a", "b"), start=1):
+        store.jobs.upsert(job_body(name, rv, schedule_uid="s1"))
+    store.jobs.upsert(job_body("a", 9, schedule_uid="s1"))  # a newer version keeps its place
+    assert [j.key.name for j in store.jobs_of_schedule("s1")] == ["c", "a", "b"]
+
+
+def test_a_job_leaves_its_schedules_list_when_deleted_or_dropped_by_a_listing() -> None:
+    store = Store()
+    store.jobs.upsert(job_body("deleted", 1, schedule_uid="s1"))
+    store.jobs.upsert(job_body("unlisted", 2, schedule_uid="s1"))
+    store.jobs.upsert(job_body("kept", 3, schedule_uid="s1"))
+    store.jobs.delete(job_body("deleted", 4, schedule_uid="s1"))
+    store.jobs.reconcile_listing([job_body("kept", 3, schedule_uid="s1")], "10")
+    assert [j.key.name for j in store.jobs_of_schedule("s1")] == ["kept"]
+
+
+def test_a_recreated_job_of_another_schedule_moves_to_that_schedules_list() -> None:
+    store = Store()
+    store.jobs.upsert(job_body("j", 5, schedule_uid="s1", uid="first"))
+    store.jobs.upsert(job_body("j", 2, schedule_uid="s2", uid="second"))
+    assert store.jobs_of_schedule("s1") == []
+    assert [j.uid for j in store.jobs_of_schedule("s2")] == ["second"]
+
+
+# Operations on one jobs collection: (upsert | delete | listing, name, resourceVersion, schedule uid, agent).
+OPERATIONS = st.lists(st.tuples(
+    st.sampled_from(["upsert", "delete", "listing"]), st.sampled_from(["a", "b", "c", "d"]),
+    st.integers(1, 30), st.sampled_from(["s1", "s2", None]), st.sampled_from(["web-01", "web-02"]),
+), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPERATIONS)
+def test_jobs_of_a_schedule_are_always_those_a_full_scan_finds(operations: list[tuple[Any, ...]]) -> None:
+    store = Store()
+    for operation, name, rv, schedule_uid, agent in operations:
+        body_ = job_body(name, rv, schedule_uid=schedule_uid, uid=f"u-{name}-{schedule_uid}", agent=agent)
+        if operation == "upsert":
+            store.jobs.upsert(body_)
+        elif operation == "delete":
+            store.jobs.delete(body_)
+        else:
+            store.jobs.reconcile_listing([body_], str(rv))
+    for uid in ("s1", "s2"):
+        for agent in (None, "web-01", "web-02"):
+            scanned = [job for job in store.jobs if job.schedule_ref is not None and job.schedule_ref.uid == uid
+                       and agent in (None, job.agent)]
+            assert sorted(store.jobs_of_schedule(uid, agent=agent), key=str) == sorted(scanned, key=str)
+
+
+def test_a_repository_is_kept_as_its_spec_says() -> None:
+    store = Store()
+    spec = {"url": "s3:host/bucket", "passwordSecretRef": {"name": "pw", "key": "password"}}
+    store.repositories.upsert({"metadata": {"name": "offsite", "namespace": "ns", "uid": "u", "resourceVersion": "2"},
+                               "spec": spec})
+    spec["url"] = "changed"  # the stored copy is its own
+    repository = store.repositories.get(ObjectKey("ns", "offsite"))
+    assert repository == Repository(ObjectKey("ns", "offsite"), "u", "2", {
+        "url": "s3:host/bucket", "passwordSecretRef": {"name": "pw", "key": "password"}})

@@ -92,7 +92,8 @@ class FakeKube:
         json.dumps(status, allow_nan=False)  # what the real API would refuse to store fails here too
         return {}
 
-    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool) -> None:
+    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
+                            seen: object = None) -> None:
         pass
 
     async def read_secret(self, key: ObjectKey) -> dict[str, str]:
