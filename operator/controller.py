@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from restic_manager import cron, protocol
 from restic_manager.operator import fires, identity, metrics, validation
@@ -37,7 +38,7 @@ from restic_manager.operator.store import (
     API_VERSION, TOKEN_KEY, Agent, Change, Job, ObjectKey, Schedule, Store, TokenSecret, format_time, parse_time,
     token_secret_name,
 )
-from restic_manager.operator.targets import Index, selector_problem
+from restic_manager.operator.targets import Index, Moved, selector_problem
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ PLURALS = ("agents", "schedules", "resticjobs", "secrets")  # secrets: the token
 # After a start, how long an Agent the last operator saw connected may take to reconnect
 # before its status says it is not.
 RECONNECT_GRACE = 60.0
+# How long a Schedule's status write after an apply waits for the acks of its connected agents.
+ACK_WAIT = 1.0
+# What fires change on a Schedule's status (lastFireTime, lastScheduleTime, active) waits this
+# long, so a burst of fires and the jobs they create cost one status write, not three each.
+FIRE_STATUS_DELAY = 1.0
 
 
 def utcnow() -> datetime:
@@ -55,6 +61,15 @@ def utcnow() -> datetime:
 def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": kind, "name": key.name, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+Watched = TypeVar("Watched", Agent, Schedule, Job)
+
+
+def only_status_changed(old: Watched, new: Watched) -> bool:
+    """Whether ``new`` differs from ``old`` in nothing but status and resourceVersion: most
+    often the operator's own status write coming back through the watch."""
+    return dataclasses.replace(old, status=new.status, resource_version=new.resource_version) == new
 
 
 class HistoryKey(NamedTuple):
@@ -156,18 +171,32 @@ class Controller:
     def _agent_changed(self, old: Agent | None, new: Agent | None) -> None:
         if new is None:
             assert old is not None
-            self.pusher.request(self.index.remove_agent(old.key))
             self._agent_status.pop(old.uid, None)
             self.writer.forget("agents", old.key)
-            self._mark_schedules_in(old.key.namespace)
+            self._moved(old.key, self.index.remove_agent(old.key))
             self._agents.mark(old.key)  # ends its connection
+            return
+        if old is not None and only_status_changed(old, new):
             return
         if old is not None and old.uid != new.uid:
             self._agent_status.pop(old.uid, None)
-        self.pusher.request(self.index.put_agent(new))
-        if old is None or old.labels != new.labels or old.deleting != new.deleting:
-            self._mark_schedules_in(new.key.namespace)
+        moved = self.index.put_agent(new)
+        if moved:
+            self.pusher.request([new.key])
+        self._moved(new.key, moved)
         self._agents.mark(new.key)
+
+    def _moved(self, agent: ObjectKey, moved: Moved) -> None:
+        """The Schedules an Agent joined or left list it in their status. A Schedule it left
+        forgets its ack: should it target the agent again, it is applied there only once
+        the agent says so anew."""
+        for key in moved.left:
+            schedule = self.store.schedules.get(key)
+            book = self._books.get(schedule.uid) if schedule is not None else None
+            if book is not None:
+                book.acks.pop(agent.name, None)
+        for key in moved.joined | moved.left:
+            self.writer.mark("schedules", key)
 
     def _schedule_changed(self, old: Schedule | None, new: Schedule | None) -> None:
         if new is None:
@@ -178,11 +207,18 @@ class Controller:
             self._fire_locks.pop(old.key, None)
             self.writer.forget("schedules", old.key)
             return
+        if old is not None and only_status_changed(old, new):
+            return
         if old is not None and old.uid != new.uid:
             self._books.pop(old.uid, None)
             self._problems.pop(old.uid, None)
-        self.pusher.request(self.index.put_schedule(new))
-        self.writer.mark("schedules", new.key)
+        pushed = self.index.put_schedule(new)
+        self.pusher.request(pushed)
+        # An agent given a new generation acks it in moments, and its ack writes the status at
+        # once; until then the write waits, so an apply costs one status write, not two.
+        acking = pushed & set(self.index.agents_of(new.key)) if not self.problems(new) else set()
+        connected = any(self.server.session(agent) is not None for agent in acking)
+        self.writer.mark("schedules", new.key, delay=ACK_WAIT if connected else 0.0)
 
     def _job_changed(self, old: Job | None, new: Job | None) -> None:
         job = new or old
@@ -192,18 +228,16 @@ class Controller:
             self.dispatcher.forget(old)
         if new is not None:
             self.dispatcher.request(new.key)
-        if job.schedule_key is not None:
-            self.writer.mark("schedules", job.schedule_key)
+        # A job's status is the dispatcher's own: only a job coming, going or being deleted
+        # changes the Schedule's status (its active list).
+        if job.schedule_key is not None and (old is None or new is None or not only_status_changed(old, new)):
+            self.writer.mark("schedules", job.schedule_key, delay=FIRE_STATUS_DELAY)
 
     def _token_secret_changed(self, old: TokenSecret | None, new: TokenSecret | None) -> None:
         secret = new or old
         assert secret is not None
         if secret.agent:
             self._agents.mark(ObjectKey(secret.key.namespace, secret.agent))  # recreate it, revoke the old token
-
-    def _mark_schedules_in(self, namespace: str) -> None:
-        for schedule in self.store.schedules.in_namespace(namespace):
-            self.writer.mark("schedules", schedule.key)
 
     # --- agents: tokens and credentials -----------------------------------------------------
 
@@ -271,7 +305,7 @@ class Controller:
         if agent is not None:
             self._set_agent_status(agent, statuses.agent_connected(
                 self.agent_status(agent), session.hello, peer=session.peer, now=self._clock()))
-        self.pusher.request([session.agent], delay=0.0)  # the agent waits for its set
+        self.pusher.request([session.agent])  # the agent waits for its set
         self.dispatcher.request_agent(session.agent)
         for schedule in self.index.schedules_of(session.agent):
             self.writer.mark("schedules", schedule.key)
@@ -346,7 +380,11 @@ class Controller:
                 self.writer.mark("schedules", schedule.key)
         agent = self.store.agents.get(session.agent)
         if agent is not None:
-            self._set_agent_status(agent, {**self.agent_status(agent), "appliedVersion": ack.version})
+            status = self.agent_status(agent)
+            # Informational, like lastSeen: written with it, not once per ack. Only an Agent's
+            # first (that it has applied a set at all) is written at once.
+            delay = LAST_SEEN_INTERVAL if "appliedVersion" in status else 0.0
+            self._set_agent_status(agent, {**status, "appliedVersion": ack.version}, delay=delay)
 
     # --- fires ------------------------------------------------------------------------------
 
@@ -381,7 +419,7 @@ class Controller:
             previous = book.last_fire.get(session.agent.name)
             if previous is None or fire.scheduled_at > previous:
                 book.last_fire[session.agent.name] = fire.scheduled_at
-                self.writer.mark("schedules", schedule.key)
+                self.writer.mark("schedules", schedule.key, delay=FIRE_STATUS_DELAY)
         if decision.verdict is fires.Verdict.DUPLICATE:
             log.info("Schedule %s: %s", fire.id, decision.message)
         elif book is None:
@@ -419,7 +457,7 @@ class Controller:
             self._changed("resticjobs", change)
         if book.last_schedule_time is None or fire.scheduled_at > book.last_schedule_time:
             book.last_schedule_time = fire.scheduled_at
-        self.writer.mark("schedules", schedule.key)
+        self.writer.mark("schedules", schedule.key, delay=FIRE_STATUS_DELAY)
 
     async def _refuse(self, schedule: Schedule, book: statuses.ScheduleBook, decision: fires.Decision) -> None:
         """A fire of a Schedule that targets the agent, not honoured: counted, on the status, an Event."""
@@ -446,7 +484,8 @@ class Controller:
         schedule_key = job.schedule_key
         if schedule_key is None:
             return
-        self.writer.mark("schedules", schedule_key)
+        if statuses.is_terminal(status):  # it leaves active (and may be the last success): at once
+            self.writer.mark("schedules", schedule_key)
         schedule = self.store.schedules.get(schedule_key)
         if schedule is None or job.schedule_ref is None or schedule.uid != job.schedule_ref.uid:
             return

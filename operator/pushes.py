@@ -1,9 +1,10 @@
 """``schedule.set`` pushes: each agent's whole set of schedules, coalesced per agent.
 
 The operator asks for a push whenever an agent's set may have changed (a Schedule applied,
-edited or deleted; an Agent's labels changed; the agent connected). Requests within
-:data:`PUSH_WINDOW` fold into one push per agent, and a set identical to the one this
-connection already holds is not sent again.
+edited or deleted; an Agent's labels changed; the agent connected). A request for an agent
+no push is under way for is pushed at once; requests that arrive while one is under way fold
+into one more push after it (coalesce.py); a set identical to the one this connection already
+holds is not sent again.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from restic_manager.operator.server import Session
 from restic_manager.operator.store import ObjectKey, Schedule
 
 log = logging.getLogger(__name__)
-
-PUSH_WINDOW = 0.05  # seconds: a burst of applies within this becomes one push per agent
 
 
 @functools.lru_cache(maxsize=4096)
@@ -77,18 +76,16 @@ class Pusher:
         schedules_of: Callable[[ObjectKey], Sequence[Schedule]],
         session_of: Callable[[ObjectKey], Session | None],
         versions: Versions | None = None,
-        window: float = PUSH_WINDOW,
     ) -> None:
         self._schedules_of = schedules_of
         self._session_of = session_of
         self._versions = versions or Versions()
-        self._window = window
         self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("schedule.set push", self.push)
 
-    def request(self, agents: Iterable[ObjectKey], *, delay: float | None = None) -> None:
-        """Push to ``agents`` within ``delay`` (default: the coalescing window)."""
+    def request(self, agents: Iterable[ObjectKey]) -> None:
+        """Push to ``agents`` as soon as each has no push under way."""
         for agent in agents:
-            self._loop.mark(agent, delay=self._window if delay is None else delay)
+            self._loop.mark(agent)
 
     async def run(self) -> None:
         await self._loop.run()

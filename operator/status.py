@@ -96,16 +96,24 @@ class ScheduleBook:
 
     def record_ack(self, agent: str, *, applied: Mapping[str, int], rejected: Mapping[str, tuple[int, str]],
                    schedule_id: str, at: datetime) -> bool:
-        """Take one agent's ack of a whole set; returns whether this Schedule's record changed."""
-        before = self.acks.get(agent)
+        """Take one agent's ack of a whole set; returns whether this Schedule's record changed.
+
+        The same answer about the same generation again (every ack covers the agent's whole
+        set) keeps the first one, and when it came: only the Schedules an ack is news for
+        get their status written.
+        """
         if schedule_id in applied:
-            self.acks[agent] = Ack(applied[schedule_id], at)
+            ack = Ack(applied[schedule_id], at)
         elif schedule_id in rejected:
             generation, error = rejected[schedule_id]
-            self.acks[agent] = Ack(generation, at, error)
+            ack = Ack(generation, at, error)
         else:
-            self.acks.pop(agent, None)  # no longer in that agent's set
-        return self.acks.get(agent) != before
+            return self.acks.pop(agent, None) is not None  # no longer in that agent's set
+        before = self.acks.get(agent)
+        if before is not None and (before.generation, before.error) == (ack.generation, ack.error):
+            return False
+        self.acks[agent] = ack
+        return True
 
 
 def applied_condition(

@@ -2,9 +2,11 @@
 
 Whoever changes what the operator knows about an object marks it here; the writer renders
 the object's whole status when its turn comes and patches only the difference from what it
-last wrote (or, the first time, from what the API showed). A thousand acks for one Schedule
-within the window are one patch; a job's progress is written at most every
-:data:`PROGRESS_INTERVAL`, its phase changes at once.
+last wrote (or, the first time, from what the API showed). A mark is written at once unless
+a patch of that object is in flight; then every mark made meanwhile (a thousand acks for one
+Schedule) becomes one more patch after it (coalesce.py). What is only informational waits:
+a job's progress is written at most every :data:`PROGRESS_INTERVAL`, an Agent's lastSeen
+every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from restic_manager.operator.store import ObjectKey
 
 log = logging.getLogger(__name__)
 
-BURST_WINDOW = 0.05
 PROGRESS_INTERVAL = 2.0
 LAST_SEEN_INTERVAL = 30.0
 
@@ -62,7 +63,7 @@ class StatusWriter:
         self._written: dict[tuple[Target, str], Mapping[str, Any]] = {}
         self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write)
 
-    def mark(self, plural: str, key: ObjectKey, *, delay: float = BURST_WINDOW) -> None:
+    def mark(self, plural: str, key: ObjectKey, *, delay: float = 0.0) -> None:
         self._loop.mark(Target(plural, key), delay=delay)
 
     def forget(self, plural: str, key: ObjectKey) -> None:

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from restic_manager import protocol
-from restic_manager.operator.controller import Controller
+from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, Controller
 from restic_manager.operator.fires import job_name
 from restic_manager.operator.kube import AlreadyExists, NotFound
 from restic_manager.operator.identity import AuthError
 from restic_manager.operator.store import ObjectKey
-from restic_manager.operator.writer import Target
+from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
 from support.operator_fakes import FakeSession
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
@@ -206,3 +206,167 @@ async def test_a_name_taken_by_another_pair_falls_back_to_the_hashed_name(contro
     ours = [c for c in kube.created if c["spec"]["agent"] == "web-01"]
     assert [c["metadata"]["name"] for c in ours] == [
         job_name("nightly", "web-01", FIRE.scheduled_at, hashed=True)]
+
+
+# --- what costs a status write, a push or a walk of the namespace ---------------------------
+
+
+class Requests:
+    """The status writes and pushes the controller asks for, with their delays."""
+
+    def __init__(self, controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.marks: list[tuple[str, str, float]] = []
+        self.pushes: list[str] = []
+        monkeypatch.setattr(controller.writer, "mark", self._mark)
+        monkeypatch.setattr(controller.pusher, "request", self._push)
+
+    def _mark(self, plural: str, key: ObjectKey, *, delay: float = 0.0) -> None:
+        self.marks.append((plural, key.name, delay))
+
+    def _push(self, agents: Any) -> None:
+        self.pushes.extend(agent.name for agent in agents)
+
+    def clear(self) -> None:
+        self.marks.clear()
+        self.pushes.clear()
+
+
+def ack_of(*generations: tuple[str, int], version: int = 7, at: datetime = NOW) -> protocol.Frame:
+    applied = [protocol.AppliedEntry(id=f"ns/{name}", generation=generation) for name, generation in generations]
+    return frame(protocol.ScheduleAck(version=version, applied_at=at, applied=applied))
+
+
+def named_schedule(name: str, agent: str, *, uid: str | None = None) -> dict[str, Any]:
+    body = schedule_body()
+    body["metadata"] = {**body["metadata"], "name": name, "uid": uid or f"uid-{name}"}
+    body["spec"] = {key: value for key, value in body["spec"].items() if key != "agentSelector"} | {"agent": agent}
+    return body
+
+
+def with_status(body: dict[str, Any], resource_version: str, **status: Any) -> dict[str, Any]:
+    return {**body, "metadata": {**body["metadata"], "resourceVersion": resource_version}, "status": status}
+
+
+async def test_an_ack_that_changes_nothing_writes_no_status(controller: Controller,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    controller.observe("schedules", "ADDED", named_schedule("other", "web-01"))
+    session = connect(controller)
+    requests = Requests(controller, monkeypatch)
+    await controller.on_message(session, ack_of(("nightly", 1), ("other", 1)))  # type: ignore[arg-type]
+    assert sorted((name, delay) for plural, name, delay in requests.marks if plural == "schedules") == [
+        ("nightly", 0.0), ("other", 0.0)]  # Applied: written at once
+    acked_at = schedule_status(controller)["agents"][0]["ackedAt"]
+
+    requests.clear()
+    later = NOW.replace(minute=9)
+    await controller.on_message(session, ack_of(("nightly", 1), ("other", 1), version=8, at=later))  # type: ignore[arg-type]
+    assert [name for plural, name, _ in requests.marks if plural == "schedules"] == []
+    assert schedule_status(controller)["agents"][0]["ackedAt"] == acked_at
+
+    controller.observe("schedules", "MODIFIED", named_schedule("other", "web-01") | {
+        "metadata": {**named_schedule("other", "web-01")["metadata"], "generation": 2, "resourceVersion": "50"}})
+    requests.clear()
+    await controller.on_message(session, ack_of(("nightly", 1), ("other", 2), version=9, at=later))  # type: ignore[arg-type]
+    assert [name for plural, name, _ in requests.marks if plural == "schedules"] == ["other"]
+
+
+async def test_an_ack_is_recorded_only_on_the_agents_own_schedules(controller: Controller) -> None:
+    controller.observe("agents", "ADDED", agent_body("db-01") | {
+        "metadata": {**agent_body("db-01")["metadata"], "labels": {"role": "db"}}})
+    controller.observe("schedules", "ADDED", named_schedule("db-only", "db-01"))
+    await controller.on_message(connect(controller), ack_of(("nightly", 1)))  # type: ignore[arg-type]
+    assert "uid-nightly" in controller._books
+    assert "uid-db-only" not in controller._books  # not even looked at
+
+
+async def test_the_applied_version_is_written_lazily_like_last_seen(controller: Controller,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    session = connect(controller)
+    requests = Requests(controller, monkeypatch)
+    await controller.on_message(session, ack_of(("nightly", 1), version=41))  # type: ignore[arg-type]
+    assert ("agents", "web-01", 0.0) in requests.marks  # the Agent's first: it has applied a set at all
+    requests.clear()
+    await controller.on_message(session, ack_of(("nightly", 1), version=42))  # type: ignore[arg-type]
+    agent = controller.store.agents.get(ObjectKey("ns", "web-01"))
+    assert agent is not None and controller.agent_status(agent)["appliedVersion"] == 42
+    assert {delay for plural, _, delay in requests.marks if plural == "agents"} == {LAST_SEEN_INTERVAL}
+
+
+async def test_the_operators_own_status_writes_coming_back_change_nothing(
+        controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = Requests(controller, monkeypatch)
+    put = []
+    monkeypatch.setattr(controller.index, "put_agent", lambda agent: put.append(agent))
+    monkeypatch.setattr(controller.index, "put_schedule", lambda schedule: put.append(schedule))
+    controller.observe("schedules", "MODIFIED", with_status(schedule_body(), "90", observedGeneration=1))
+    controller.observe("agents", "MODIFIED", with_status(agent_body("web-01"), "91", connected=True))
+    assert (requests.marks, requests.pushes, put) == ([], [], [])
+    assert controller.store.schedules.get(ObjectKey("ns", "nightly")).resource_version == "90"  # type: ignore[union-attr]
+
+
+async def test_an_agent_change_marks_only_the_schedules_it_joined_or_left(
+        controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
+    controller.observe("schedules", "ADDED", named_schedule("db-only", "db-01"))
+    controller.observe("schedules", "ADDED", named_schedule("for-web-02", "web-02"))
+    requests = Requests(controller, monkeypatch)
+    controller.observe("agents", "ADDED", agent_body("web-02"))
+    assert sorted(name for plural, name, _ in requests.marks if plural == "schedules") == ["for-web-02", "nightly"]
+    assert requests.pushes == ["web-02"]
+
+    requests.clear()
+    relabelled = agent_body("web-02")
+    relabelled["metadata"] = {**relabelled["metadata"], "resourceVersion": "5", "labels": {"role": "web", "x": "y"}}
+    controller.observe("agents", "MODIFIED", relabelled)  # a label nothing selects on: no Schedule moved
+    assert ([m for m in requests.marks if m[0] == "schedules"], requests.pushes) == ([], [])
+
+
+async def test_a_schedule_that_stops_targeting_an_agent_forgets_its_ack(controller: Controller) -> None:
+    await controller.on_message(connect(controller), ack_of(("nightly", 1)))  # type: ignore[arg-type]
+    assert schedule_status(controller)["conditions"][0]["status"] == "True"
+    for version, role in (("5", "db"), ("6", "web")):  # labelled away, and back
+        body = agent_body("web-01")
+        body["metadata"] = {**body["metadata"], "resourceVersion": version, "labels": {"role": role}}
+        controller.observe("agents", "MODIFIED", body)
+    condition = schedule_status(controller)["conditions"][0]
+    assert (condition["status"], condition["reason"]) == ("False", "NotAcked")  # until it acks again
+
+
+async def test_fires_write_the_schedules_status_after_a_delay(controller: Controller,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    session = connect(controller)
+    requests = Requests(controller, monkeypatch)
+    for minute in range(3):  # a burst of fires (Allow, so each makes a job)
+        controller.observe("schedules", "MODIFIED", schedule_body() | {
+            "metadata": {**schedule_body()["metadata"], "resourceVersion": str(60 + minute)},
+            "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow"}})
+        fire = FIRE.model_copy(update={"scheduled_at": FIRE.scheduled_at.replace(minute=minute)})
+        requests.clear()
+        await controller.on_message(session, frame(fire))  # type: ignore[arg-type]
+        schedule_marks = [delay for plural, _, delay in requests.marks if plural == "schedules"]
+        assert schedule_marks and set(schedule_marks) == {FIRE_STATUS_DELAY}
+    assert len(kube.created) == 3
+
+    requests.clear()
+    [job] = [controller.store.jobs.get(ObjectKey("ns", kube.created[0]["metadata"]["name"]))]
+    assert job is not None
+    controller._job_phase_changed(job, {"phase": "Running"})
+    assert requests.marks == []  # nothing on the Schedule's status depends on it
+    controller._job_phase_changed(job, {"phase": "Succeeded", "completionTime": "2026-03-02T02:01:00Z"})
+    assert ("schedules", "nightly", 0.0) in requests.marks  # leaves active, the last success: at once
+
+
+async def test_an_edit_costs_one_status_write_when_its_agents_ack_it(controller: Controller,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    session = connect(controller)
+    requests = Requests(controller, monkeypatch)
+    controller.observe("schedules", "MODIFIED", schedule_body(generation=2))
+    assert requests.pushes == ["web-01"]
+    assert requests.marks == [("schedules", "nightly", ACK_WAIT)]  # waits for the ack...
+    await controller.on_message(session, ack_of(("nightly", 2)))  # type: ignore[arg-type]
+    assert ("schedules", "nightly", 0.0) in requests.marks  # ...which writes it at once
+
+    del controller.server.sessions[session.agent]
+    requests.clear()
+    controller.observe("schedules", "MODIFIED", schedule_body(generation=3))
+    assert requests.marks == [("schedules", "nightly", 0.0)]  # no agent to ack it: NotAcked, at once

@@ -134,6 +134,31 @@ def test_an_ack_records_applied_rejected_and_dropped_schedules() -> None:
     assert book.acks["a"] == Ack(5, T0, "bad")
     assert book.record_ack("a", applied={"ns/other": 1}, rejected={}, **kwargs)
     assert "a" not in book.acks
+    assert not book.record_ack("a", applied={"ns/other": 1}, rejected={}, **kwargs)  # still not there
+
+
+ACK_AGAIN = [
+    # (case, first answer, later answer, changed, the Ack kept)
+    ("the same generation applied again", ({"ns/nightly": 4}, {}), ({"ns/nightly": 4}, {}), False, Ack(4, T0)),
+    ("the same rejection again", ({}, {"ns/nightly": (4, "bad")}), ({}, {"ns/nightly": (4, "bad")}), False,
+     Ack(4, T0, "bad")),
+    ("a new generation", ({"ns/nightly": 4}, {}), ({"ns/nightly": 5}, {}), True, Ack(5, T1)),
+    ("rejected, then applied", ({}, {"ns/nightly": (4, "bad")}), ({"ns/nightly": 4}, {}), True, Ack(4, T1)),
+    ("another error", ({}, {"ns/nightly": (4, "bad")}), ({}, {"ns/nightly": (4, "worse")}), True,
+     Ack(4, T1, "worse")),
+]
+
+
+@pytest.mark.parametrize(("first", "later", "changed", "kept"), [case[1:] for case in ACK_AGAIN],
+                         ids=[case[0] for case in ACK_AGAIN])
+def test_an_ack_that_is_no_news_for_a_schedule_changes_nothing(
+        first: tuple[dict[str, int], dict[str, tuple[int, str]]], later: tuple[dict[str, int], dict[str, tuple[int, str]]],
+        changed: bool, kept: Ack) -> None:
+    """Every ack covers the agent's whole set: only the Schedules it is news for get a status write."""
+    book = ScheduleBook()
+    assert book.record_ack("a", applied=first[0], rejected=first[1], schedule_id="ns/nightly", at=T0)
+    assert book.record_ack("a", applied=later[0], rejected=later[1], schedule_id="ns/nightly", at=T1) is changed
+    assert book.acks["a"] == kept
 
 
 # --- ResticJob ------------------------------------------------------------------------------

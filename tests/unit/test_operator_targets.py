@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from restic_manager.operator.store import Agent, ObjectKey, Schedule
-from restic_manager.operator.targets import Index, SelectorError, selector_matches, targets
+from restic_manager.operator.targets import Index, Moved, SelectorError, selector_matches, targets
 
 WEB = {"role": "web", "zone": "a"}
 
@@ -134,23 +134,24 @@ def test_narrowing_a_selector_pushes_to_the_agents_that_lost_it() -> None:
 def test_relabelling_an_agent_moves_it_between_schedules() -> None:
     index = fleet()
     index.put_schedule(schedule("web", agentSelector={"matchLabels": {"role": "web"}}))
-    assert index.put_agent(agent("db-01", {"role": "web"}, rv=2)) == {key("db-01")}
+    assert index.put_agent(agent("db-01", {"role": "web"}, rv=2)) == Moved(joined={key("web")}, left=set())
     assert key("db-01") in index.agents_of(key("web"))
-    assert index.put_agent(agent("db-01", {"role": "db"}, rv=3)) == {key("db-01")}
+    assert index.put_agent(agent("db-01", {"role": "db"}, rv=3)) == Moved(joined=set(), left={key("web")})
     assert key("db-01") not in index.agents_of(key("web"))
 
 
 def test_a_label_change_that_keeps_membership_pushes_nothing() -> None:
     index = fleet()
     index.put_schedule(schedule("web", agentSelector={"matchLabels": {"role": "web"}}))
-    assert index.put_agent(agent("web-01", {**WEB, "owner": "ops"}, rv=2)) == set()
+    moved = index.put_agent(agent("web-01", {**WEB, "owner": "ops"}, rv=2))
+    assert moved == Moved(joined=set(), left=set()) and not moved
 
 
 def test_an_agent_created_after_its_schedule_is_indexed() -> None:
     index = Index()
     index.put_schedule(schedule("nightly", agent="web-01"))
     assert index.agents_of(key("nightly")) == []
-    assert index.put_agent(agent("web-01")) == {key("web-01")}
+    assert index.put_agent(agent("web-01")) == Moved(joined={key("nightly")}, left=set())
     assert [s.key.name for s in index.schedules_of(key("web-01"))] == ["nightly"]
 
 
@@ -177,5 +178,30 @@ def test_a_schedule_being_deleted_is_dropped_from_its_agents_sets() -> None:
 def test_removing_an_agent_unlinks_it() -> None:
     index = fleet()
     index.put_schedule(schedule("web", agentSelector={"matchLabels": {"role": "web"}}))
-    index.remove_agent(key("web-01"))
+    assert index.remove_agent(key("web-01")) == Moved(joined=set(), left={key("web")})
     assert index.agents_of(key("web")) == [key("web-02")]
+
+
+def test_an_agent_change_reports_only_the_schedules_it_joined_or_left() -> None:
+    index = fleet()
+    index.put_schedule(schedule("web", agentSelector={"matchLabels": {"role": "web"}}))
+    index.put_schedule(schedule("db", agentSelector={"matchLabels": {"role": "db"}}))
+    index.put_schedule(schedule("db-01-only", agent="db-01"))
+    index.put_schedule(schedule("nobodys", agent="gone"))
+    moved = index.put_agent(agent("db-01", {"role": "web"}, rv=2))
+    assert moved == Moved(joined={key("web")}, left={key("db")})
+    assert [s.key.name for s in index.schedules_of(key("db-01"))] == ["db-01-only", "web"]
+
+
+def test_a_schedule_renamed_to_another_agent_is_no_candidate_of_the_first() -> None:
+    index = fleet()
+    index.put_schedule(schedule("nightly", agent="web-01"))
+    assert index.put_schedule(schedule("nightly", generation=2, agent="web-02")) == {key("web-01"), key("web-02")}
+    assert not index.put_agent(agent("web-01", WEB, rv=2))
+    assert index.schedules_of(key("web-01")) == []
+    assert index.put_schedule(schedule("nightly", generation=3, agentSelector={"matchLabels": {"zone": "a"}})) == {
+        key("web-01"), key("web-02")}
+    assert index.agents_of(key("nightly")) == [key("web-01")]
+    index.remove_schedule(key("nightly"))
+    assert not index.put_agent(agent("web-01", WEB, rv=3))  # gone from every candidate group
+    assert index.schedules_of(key("web-01")) == []
