@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv binaries tools cluster cluster-down kind clean
+.PHONY: demo test bench venv binaries tools cluster cluster-down kind clean
 
 # Python packages into .venv, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,13 @@ tools: $(HADOLINT)
 
 test: venv binaries tools
 	HADOLINT=$(CURDIR)/$(HADOLINT) $(BIN)/pytest $(PYTEST_ARGS)
+
+# The benchmarks (bench/README.md), by hand: all five at full size, about an hour.
+# BENCH_ARGS="--quick" for small sizes, or name some of them: BENCH_ARGS="storm fire".
+BENCH_ARGS ?=
+bench: venv binaries
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 cluster: binaries
 	$(PYTHON) testbin/controlplane.py up

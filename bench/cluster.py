@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import importlib.util
 import os
 import resource
 import shutil
@@ -20,34 +19,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PY_SPY = Path(os.environ.get("PY_SPY", "/tmp/benchtools/bin/py-spy"))
+# py-spy comes with the `bench` extra, next to the interpreter running the harness.
+PY_SPY = Path(os.environ.get("PY_SPY", Path(sys.executable).parent / "py-spy"))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 STARTUP_TIMEOUT = 120.0
+
+# testbin/ is a folder of scripts, not a package; its scripts import each other the same way.
+sys.path.insert(0, str(REPO / "testbin"))
+import build  # noqa: E402
+import controlplane  # noqa: E402
 
 
 class BenchError(RuntimeError):
     """A benchmark cannot go on; the message says what did not happen in time."""
 
 
-def _testbin(name: str) -> ModuleType:
-    """testbin/<name>.py, loaded the way tests/conftest.py loads it (it is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "testbin" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def restic_binary() -> Path:
-    return Path(_testbin("build").ensure(["restic"])["restic"])
+    return Path(build.ensure(["restic"])["restic"])
 
 
 def raise_nofile() -> int:
@@ -208,12 +200,11 @@ class ControlPlane:
     testbin/, in ``directory``; ``kubeconfig`` is where the admin kubeconfig goes."""
 
     def __init__(self, directory: Path) -> None:
-        module = _testbin("controlplane")
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         self.directory = directory
         self.kubeconfig = directory / "kubeconfig"
-        self._plane = module.ControlPlane(directory=directory / "plane", kubeconfig=self.kubeconfig)
+        self._plane = controlplane.ControlPlane(directory=directory / "plane", kubeconfig=self.kubeconfig)
 
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self._plane.kubectl(*args, input=input)
@@ -304,7 +295,7 @@ async def profile(pid: int, *, seconds: int, output: Path, rate: int = 100) -> d
     """Sample ``pid`` with py-spy for ``seconds`` (without stopping it) and summarise where
     its time goes; the collapsed stacks stay in ``output``."""
     if not PY_SPY.exists():
-        return {"error": f"py-spy not found at {PY_SPY}; pip install py-spy (into /tmp/benchtools) or set PY_SPY"}
+        return {"error": f"py-spy not found at {PY_SPY}; `make bench` installs it (the `bench` extra), or set PY_SPY"}
     process = await asyncio.create_subprocess_exec(
         str(PY_SPY), "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate),
         "--format", "raw", "--nonblocking", "--output", str(output),

@@ -9,33 +9,22 @@ started.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "testbin" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load("build")
-controlplane = _load("controlplane")
+# testbin/ is a folder of scripts, not a package; its scripts import each other the same way.
+sys.path.insert(0, str(REPO / "testbin"))
+import build  # noqa: E402
+import controlplane  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
