@@ -441,7 +441,7 @@ class Controller:
         for name in (decision.job_name, fires.job_name(schedule.key.name, agent, fire.scheduled_at, hashed=True)):
             body = fires.job_body(schedule, agent=agent, name=name, scheduled_at=fire.scheduled_at)
             try:
-                created = await self._kube.create("resticjobs", body)
+                created = await self._kube.create("resticjobs", body, first=True)
                 break
             except AlreadyExists:
                 existing = await self._kube.get("resticjobs", ObjectKey(schedule.key.namespace, name))

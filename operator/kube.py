@@ -10,7 +10,8 @@ Configuration can refresh (the in-cluster token file, which the kubelet rotates;
 credential plugin) is asked for again every :data:`TOKEN_REFRESH_INTERVAL` and after a 401,
 on a worker thread, because refreshing reads a file or runs a program. A 429 or 503 with a
 Retry-After is asked again after that wait, as client-go does (the sync client's urllib3 did
-too). Nothing here blocks the event loop.
+too). ResticJob creates go first (:class:`Lanes`), and overlapping reads of one Secret share
+one GET. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -254,6 +255,36 @@ class _Authorization:
                 self._fetched_at = self._clock()
 
 
+class Lanes:
+    """Calls marked first (the creates of fired ResticJobs) go ahead of all others.
+
+    An agent's fire is answered once its job exists, and a fire storm is recorded fastest
+    when the apiserver spends itself on the creates: while any such call waits or runs, no
+    other call starts (those already sent go on). Dispatch and status writes, which the new
+    jobs cause, follow once the creates are done.
+    """
+
+    def __init__(self) -> None:
+        self._first = 0
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    @contextlib.asynccontextmanager
+    async def enter(self, *, first: bool) -> AsyncIterator[None]:
+        if not first:
+            await self._clear.wait()
+            yield
+            return
+        self._first += 1
+        self._clear.clear()
+        try:
+            yield
+        finally:
+            self._first -= 1
+            if not self._first:
+                self._clear.set()
+
+
 class Kube:
     """Async wrappers over the API calls the operator makes.
 
@@ -271,6 +302,8 @@ class Kube:
             self._options["proxy"] = configuration.proxy
         self._authorization = _Authorization(configuration)
         self._session: aiohttp.ClientSession | None = None
+        self._lanes = Lanes()
+        self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -287,9 +320,15 @@ class Kube:
 
     async def _request(
         self, what: str, method: str, path: str, *, body: Any = None, content_type: str = JSON,
-        query: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None, first: bool = False,
     ) -> Any:
-        """One API call; the response's JSON. ``what`` names the call in errors."""
+        """One API call; the response's JSON. ``what`` names the call in errors; ``first``
+        puts it ahead of the others (:class:`Lanes`)."""
+        async with self._lanes.enter(first=first):
+            return await self._call(what, method, path, body=body, content_type=content_type, query=query)
+
+    async def _call(self, what: str, method: str, path: str, *, body: Any, content_type: str,
+                    query: Mapping[str, str] | None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         renewed, waits = False, 0
         while True:
@@ -352,10 +391,11 @@ class Kube:
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
         return dict(await self._request(f"get {plural} {key}", "GET", _path(plural, key.namespace, key.name)))
 
-    async def create(self, plural: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def create(self, plural: str, body: Mapping[str, Any], *, first: bool = False) -> dict[str, Any]:
+        """Create the object; ``first`` puts the call ahead of all others (:class:`Lanes`)."""
         key = ObjectKey.of(body)
         return dict(await self._request(f"create {plural} {key}", "POST", _path(plural, key.namespace),
-                                        body=dict(body)))
+                                        body=dict(body), first=first))
 
     async def delete(self, plural: str, key: ObjectKey) -> None:
         with contextlib.suppress(NotFound):
@@ -411,7 +451,27 @@ class Kube:
     # --- Secrets and Events -------------------------------------------------------------
 
     async def read_secret(self, key: ObjectKey) -> dict[str, str]:
-        """The Secret's data, decoded."""
+        """The Secret's data, decoded.
+
+        Reads of one Secret while a GET of it is on its way share that GET: a storm of jobs
+        on one Repository reads its password once, and no answer is older than the call it
+        joined. Nothing is kept once the answer is in.
+        """
+        read = self._secret_reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self._read_secret(key))
+            self._secret_reads[key] = read
+            read.add_done_callback(lambda done: self._secret_read_done(key, done))
+        # Shielded: one caller's cancellation must not cancel the others' read.
+        return dict(await asyncio.shield(read))
+
+    def _secret_read_done(self, key: ObjectKey, read: asyncio.Task[dict[str, str]]) -> None:
+        if self._secret_reads.get(key) is read:
+            del self._secret_reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved here, so a read every caller left is not reported as lost
+
+    async def _read_secret(self, key: ObjectKey) -> dict[str, str]:
         secret = await self._request(f"get Secret {key}", "GET", _core_path("secrets", key.namespace, key.name))
         return {name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()}
 

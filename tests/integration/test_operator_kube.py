@@ -1,5 +1,6 @@
 """operator/kube.py against the real apiserver: every call the operator makes, the error
-classes the callers rely on, and the login (client certificate, bearer token that rotates)."""
+classes the callers rely on, and the login (client certificate, bearer token that rotates).
+The parts that need no apiserver are in tests/unit/test_operator_kube.py."""
 
 from __future__ import annotations
 
@@ -11,56 +12,12 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from restic_manager.operator.kube import (
-    AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, api_error, finalizer_patch,
-    load_configuration, retry_after,
-)
+from restic_manager.operator.kube import AlreadyExists, Conflict, Kube, KubeError, NotFound, load_configuration
 from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey
 
 pytestmark = pytest.mark.cluster
 
 OTHER_FINALIZER = "example.com/keep"
-
-
-# --- the pure parts, by table ----------------------------------------------------------------
-
-ERRORS = [
-    # (status, body, class, message)
-    (404, b'{"kind":"Status","reason":"NotFound","message":"resticjobs \\"j\\" not found"}', NotFound,
-     'get x: 404 NotFound: resticjobs "j" not found'),
-    (409, b'{"reason":"AlreadyExists","message":"exists"}', AlreadyExists, "get x: 409 AlreadyExists: exists"),
-    (409, b'{"reason":"Conflict"}', Conflict, "get x: 409 Conflict"),
-    (500, b"<html>proxy error</html>", KubeError, "get x: 500"),
-]
-
-
-@pytest.mark.parametrize(("status", "body", "kind", "message"), ERRORS)
-def test_error_classes(status: int, body: bytes, kind: type[KubeError], message: str) -> None:
-    error = api_error("get x", status, body)
-    assert type(error) is kind and str(error) == message and error.status == status
-
-
-@pytest.mark.parametrize(("status", "header", "wait"), [
-    (429, "1", 1.0), (503, "0", 0.0), (429, "3600", 10.0), (429, None, None), (500, "1", None),
-    (429, "Wed, 21 Oct 2026 07:28:00 GMT", None), (429, "nan", None),
-])
-def test_retry_after(status: int, header: str | None, wait: float | None) -> None:
-    assert retry_after(status, header) == wait
-
-
-def test_a_finalizer_patch_tests_the_uid_and_the_list_it_was_made_from() -> None:
-    assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=True) == [
-        {"op": "test", "path": "/metadata/uid", "value": "u"},
-        {"op": "test", "path": "/metadata/finalizers", "value": None},
-        {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-    ]
-    assert finalizer_patch(FinalizersSeen("u", ("a/b", FINALIZER)), FINALIZER, present=False) == [
-        {"op": "test", "path": "/metadata/uid", "value": "u"},
-        {"op": "test", "path": "/metadata/finalizers", "value": ["a/b", FINALIZER]},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["a/b"]},
-    ]
-    assert finalizer_patch(FinalizersSeen("u", (FINALIZER,)), FINALIZER, present=True) is None
-    assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=False) is None
 
 
 # --- against the apiserver ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ class FakeKube:
     def __init__(self) -> None:
         self.secrets: dict[ObjectKey, dict[str, str]] = {}
         self.created: list[dict[str, Any]] = []
+        self.created_first: list[str] = []  # the creates that went ahead of other calls
         self.events: list[dict[str, Any]] = []
         self._rv = 100
 
@@ -37,7 +38,7 @@ class FakeKube:
             raise NotFound(f"get Secret {key}: 404")
         return self.secrets[key]
 
-    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
         if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
             raise AlreadyExists("409")
         self._rv += 1
@@ -45,6 +46,8 @@ class FakeKube:
                                         "resourceVersion": str(self._rv),
                                         "creationTimestamp": "2026-03-02T02:00:06Z"}}
         self.created.append(created)
+        if first:
+            self.created_first.append(body["metadata"]["name"])
         return created
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
@@ -148,6 +151,7 @@ async def test_a_fire_creates_one_job_however_often_it_comes(controller: Control
     await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
     [job] = kube.created
     assert job["metadata"]["name"] == f"nightly-web-01-{int(FIRE.scheduled_at.timestamp()) // 60}"
+    assert kube.created_first == [job["metadata"]["name"]]  # a fire's job goes ahead of other calls
     assert job["spec"]["scheduleRef"] == {"name": "nightly", "uid": "uid-nightly"}
     status = schedule_status(controller)
     assert status["lastScheduleTime"] == "2026-03-02T02:00:00Z"

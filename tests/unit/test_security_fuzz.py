@@ -71,7 +71,7 @@ class FakeKube:
         }
         return listings.get(plural, []), "10"
 
-    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
         with self._lock:
             if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
                 raise AlreadyExists("409")

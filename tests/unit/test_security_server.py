@@ -218,7 +218,7 @@ class ReviewingKube:
             raise KubeError("create TokenReview: 500 Internal Server Error")
         return self.reviews[token]
 
-    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
         if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
             raise AlreadyExists("409")
         made = {**body, "metadata": {**body["metadata"], "uid": "uid-" + body["metadata"]["name"],

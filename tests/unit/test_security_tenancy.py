@@ -29,7 +29,7 @@ class FakeKube:
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
         return [], "1"
 
-    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
         made = copy.deepcopy(body)
         made["metadata"].update(uid=f"uid-{body['metadata']['name']}", resourceVersion="50",
                                 creationTimestamp="2026-03-02T02:00:06Z")

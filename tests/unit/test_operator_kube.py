@@ -1,0 +1,163 @@
+"""operator/kube.py without an apiserver: the error classes, Retry-After, finalizer patches,
+and, against a small HTTP server that holds requests until told, the order of calls
+(ResticJob creates first) and the shared Secret reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+import kubernetes.client
+import pytest
+from aiohttp import web
+
+from restic_manager.operator.kube import (
+    AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, api_error, finalizer_patch, retry_after,
+)
+from restic_manager.operator.store import FINALIZER, ObjectKey
+
+ERRORS = [
+    # (status, body, class, message)
+    (404, b'{"kind":"Status","reason":"NotFound","message":"resticjobs \\"j\\" not found"}', NotFound,
+     'get x: 404 NotFound: resticjobs "j" not found'),
+    (409, b'{"reason":"AlreadyExists","message":"exists"}', AlreadyExists, "get x: 409 AlreadyExists: exists"),
+    (409, b'{"reason":"Conflict"}', Conflict, "get x: 409 Conflict"),
+    (500, b"<html>proxy error</html>", KubeError, "get x: 500"),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "message"), ERRORS)
+def test_error_classes(status: int, body: bytes, kind: type[KubeError], message: str) -> None:
+    error = api_error("get x", status, body)
+    assert type(error) is kind and str(error) == message and error.status == status
+
+
+@pytest.mark.parametrize(("status", "header", "wait"), [
+    (429, "1", 1.0), (503, "0", 0.0), (429, "3600", 10.0), (429, None, None), (500, "1", None),
+    (429, "Wed, 21 Oct 2026 07:28:00 GMT", None), (429, "nan", None),
+])
+def test_retry_after(status: int, header: str | None, wait: float | None) -> None:
+    assert retry_after(status, header) == wait
+
+
+def test_a_finalizer_patch_tests_the_uid_and_the_list_it_was_made_from() -> None:
+    assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=True) == [
+        {"op": "test", "path": "/metadata/uid", "value": "u"},
+        {"op": "test", "path": "/metadata/finalizers", "value": None},
+        {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+    ]
+    assert finalizer_patch(FinalizersSeen("u", ("a/b", FINALIZER)), FINALIZER, present=False) == [
+        {"op": "test", "path": "/metadata/uid", "value": "u"},
+        {"op": "test", "path": "/metadata/finalizers", "value": ["a/b", FINALIZER]},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["a/b"]},
+    ]
+    assert finalizer_patch(FinalizersSeen("u", (FINALIZER,)), FINALIZER, present=True) is None
+    assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=False) is None
+
+
+# --- against a server that holds each request until it is released ------------------------------------
+
+SECRET = {"data": {"password": "c2VjcmV0"}}  # "secret"
+
+
+@dataclass
+class HeldServer:
+    """Records each request as it arrives ("POST resticjobs", "GET secrets") and answers it
+    once ``release`` is set."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: list[str] = field(default_factory=list)
+    secret_status: int = 200
+
+    async def handle(self, request: web.Request) -> web.Response:
+        # The plural: the path's last part for a create, the one before the name for a read.
+        parts = request.path.split("/")
+        self.arrived.append(f"{request.method} {parts[-1] if request.method == 'POST' else parts[-2]}")
+        await self.release.wait()
+        if request.method == "POST":
+            return web.json_response({"metadata": {"name": "j", "uid": "u"}}, status=201)
+        if self.secret_status != 200:
+            return web.json_response({"reason": "NotFound", "message": "secrets \"pw\" not found"},
+                                     status=self.secret_status)
+        return web.json_response(SECRET)
+
+    async def until(self, count: int) -> None:
+        while len(self.arrived) < count:
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HeldServer, Kube]]:
+    server = HeldServer()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    kube = Kube(kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}"))
+    try:
+        yield server, kube
+    finally:
+        server.release.set()
+        await kube.close()
+        await runner.cleanup()
+
+
+def job(name: str = "j") -> dict[str, object]:
+    return {"apiVersion": "resticmanager.io/v1alpha1", "kind": "ResticJob",
+            "metadata": {"name": name, "namespace": "ns"}}
+
+
+def start(call: Awaitable[object]) -> asyncio.Task[object]:
+    return asyncio.ensure_future(call)
+
+
+async def test_no_other_call_starts_while_a_job_create_is_on_its_way(held: tuple[HeldServer, Kube]) -> None:
+    server, kube = held
+    create = start(kube.create("resticjobs", job(), first=True))
+    await server.until(1)
+    read = start(kube.read_secret(ObjectKey("ns", "pw")))
+    plain = start(kube.create("agents", job("a")))
+    await asyncio.sleep(0.2)
+    assert server.arrived == ["POST resticjobs"]  # the others wait for the create
+    server.release.set()
+    await asyncio.gather(create, read, plain)
+    assert sorted(server.arrived[1:]) == ["GET secrets", "POST agents"]
+
+
+async def test_a_job_create_does_not_wait_for_other_calls_on_their_way(held: tuple[HeldServer, Kube]) -> None:
+    server, kube = held
+    read = start(kube.read_secret(ObjectKey("ns", "pw")))
+    await server.until(1)
+    create = start(kube.create("resticjobs", job(), first=True))
+    await server.until(2)
+    assert server.arrived == ["GET secrets", "POST resticjobs"]
+    server.release.set()
+    await asyncio.gather(read, create)
+
+
+async def test_overlapping_reads_of_a_secret_share_one_get(held: tuple[HeldServer, Kube]) -> None:
+    server, kube = held
+    key = ObjectKey("ns", "pw")
+    reads = [start(kube.read_secret(key)) for _ in range(3)]
+    await server.until(1)
+    reads[0].cancel()  # one caller giving up leaves the others their answer
+    await asyncio.sleep(0.05)
+    server.release.set()
+    assert await asyncio.gather(*reads[1:]) == [{"password": "secret"}] * 2
+    assert reads[0].cancelled() and server.arrived == ["GET secrets"]
+    assert await kube.read_secret(key) == {"password": "secret"}
+    assert server.arrived == ["GET secrets"] * 2  # a read after the answer asks again
+
+
+async def test_a_missing_secret_is_not_found_for_every_reader_of_the_get(held: tuple[HeldServer, Kube]) -> None:
+    server, kube = held
+    server.secret_status = 404
+    reads = [start(kube.read_secret(ObjectKey("ns", "pw"))) for _ in range(2)]
+    await server.until(1)
+    server.release.set()
+    results = await asyncio.gather(*reads, return_exceptions=True)
+    assert all(isinstance(result, NotFound) for result in results) and server.arrived == ["GET secrets"]
