@@ -119,7 +119,7 @@ class StateStore:
         self._sequence = 0
         self._written = 0
         self._write_lock = threading.Lock()
-        self._encoded_cursors: dict[str, tuple[Cursor, dict[str, str]]] = {}
+        self._encoded_cursors: dict[str, tuple[Cursor, str]] = {}
 
     def load(self) -> AgentState:
         """The saved state; empty, with the reason logged, when the file is missing or unusable."""
@@ -148,13 +148,15 @@ class StateStore:
 
     def _encode(self, state: AgentState) -> str:
         # A wake-up moves only the cursors that fired; the others' encodings are reused
-        # (a Cursor is immutable: the same object encodes the same).
-        encoded: dict[str, tuple[Cursor, dict[str, str]]] = {}
+        # (a Cursor is immutable: the same object encodes the same). Each is kept as its
+        # finished JSON member, one string: with thousands of schedules a dict of fields per
+        # cursor would hold several times the memory for as long as the agent runs.
+        encoded: dict[str, tuple[Cursor, str]] = {}
         for schedule_id, cursor in sorted(state.cursors.items()):
             cached = self._encoded_cursors.get(schedule_id)
-            encoded[schedule_id] = cached if cached and cached[0] is cursor else (cursor, _encode_cursor(cursor))
+            encoded[schedule_id] = cached if cached and cached[0] is cursor else (cursor, _encode_cursor(schedule_id, cursor))
         self._encoded_cursors = encoded
-        return _encode_state({schedule_id: fields for schedule_id, (_, fields) in encoded.items()}, state.outbox)
+        return _encode_state([member for _, member in encoded.values()], state.outbox)
 
     def _write(self, sequence: int, text: str) -> None:
         with self._write_lock:
@@ -185,20 +187,22 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-def _encode_cursor(cursor: Cursor) -> dict[str, str]:
-    return {"uid": cursor.uid, "until": cursor.until.isoformat()}
+def _encode_cursor(schedule_id: str, cursor: Cursor) -> str:
+    """The cursor as one member of the state's "cursors" object: `"id":{"uid":…,"until":…}`."""
+    fields = _compact({"uid": cursor.uid, "until": cursor.until.isoformat()})
+    return f"{_compact(schedule_id)}:{fields}"
 
 
-def _encode_state(cursors: Mapping[str, dict[str, str]], outbox: Iterable[protocol.Payload]) -> str:
-    return json.dumps(
-        {
-            "format": STATE_FORMAT,
-            "cursors": cursors,
-            # Whole wire frames, so loading validates them exactly as a receiver would.
-            "outbox": [protocol.encode(payload) for payload in outbox],
-        },
-        separators=(",", ":"),  # compact, and without indent json uses its C encoder
-    )
+def _encode_state(cursors: Iterable[str], outbox: Iterable[protocol.Payload]) -> str:
+    """The state file's text from the cursors' members (see `_encode_cursor`) and the outbox."""
+    # Whole wire frames in the outbox, so loading validates them exactly as a receiver would.
+    outbox_text = _compact([protocol.encode(payload) for payload in outbox])
+    return f'{{"format":{STATE_FORMAT},"cursors":{{{",".join(cursors)}}},"outbox":{outbox_text}}}'
+
+
+def _compact(value: object) -> str:
+    # Without indent json uses its C encoder.
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _decode_state(text: str) -> AgentState:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal, TypeAlias, Union
 
@@ -88,6 +89,13 @@ class Model(BaseModel):
     )
 
 
+# For the messages of running jobs and for `error`: their validators and serializers are
+# built when first used instead of at import, so an agent that is only keeping schedules
+# (most of the time, on most hosts) never holds them. The hello and schedule messages stay
+# built at import: a fire must not wait for a schema build.
+_BUILT_ON_FIRST_USE = ConfigDict(defer_build=True)
+
+
 # --- job parameters: the same blocks as a ResticJob's spec -------------------------------
 
 
@@ -102,6 +110,8 @@ class JobType(str, Enum):
 
 
 class BackupArgs(Model):
+    model_config = _BUILT_ON_FIRST_USE
+
     paths: list[ShortText] = Field(min_length=1)
     exclude: list[ShortText] = []
     tags: list[ShortText] = []
@@ -109,6 +119,8 @@ class BackupArgs(Model):
 
 
 class ForgetArgs(Model):
+    model_config = _BUILT_ON_FIRST_USE
+
     keep_last: int = Field(default=0, ge=0)
     keep_hourly: int = Field(default=0, ge=0)
     keep_daily: int = Field(default=0, ge=0)
@@ -130,12 +142,16 @@ class ForgetArgs(Model):
 
 
 class CheckArgs(Model):
+    model_config = _BUILT_ON_FIRST_USE
+
     read_data_subset: Annotated[
         str, StringConstraints(pattern=r"^(\d+(\.\d+)?%|\d+/\d+|\d+[KMGT]?)?$")
     ] = ""
 
 
 class RestoreArgs(Model):
+    model_config = _BUILT_ON_FIRST_USE
+
     snapshot: Annotated[str, StringConstraints(pattern=r"^(latest|[0-9a-f]{8,64})$")] = "latest"
     target: ShortText = Field(min_length=1)
     include: list[ShortText] = []
@@ -144,6 +160,8 @@ class RestoreArgs(Model):
 
 class NoArgs(Model):
     """prune, unlock and init take no parameters."""
+
+    model_config = _BUILT_ON_FIRST_USE
 
 
 JobArgs: TypeAlias = BackupArgs | ForgetArgs | CheckArgs | RestoreArgs | NoArgs
@@ -218,6 +236,8 @@ class ScheduleFire(Payload):
 
 
 class Repository(Model):
+    model_config = _BUILT_ON_FIRST_USE
+
     url: ShortText
     env: dict[str, str] = {}
     # Repository.spec.initialize: run `restic init` first when the repository does not exist.
@@ -230,6 +250,8 @@ class Repository(Model):
 
 
 class CommandRun(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "command.run"
     job: NamespacedName
     type: JobType
@@ -257,17 +279,23 @@ class CommandRun(Payload):
 
 
 class CommandCancel(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "command.cancel"
     job: NamespacedName
 
 
 class JobStarted(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "job.started"
     job: NamespacedName
     started_at: AwareDatetime
 
 
 class JobProgress(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "job.progress"
     job: NamespacedName
     percent_done: float = Field(default=0.0, ge=0, le=100)
@@ -288,6 +316,8 @@ class Outcome(str, Enum):
 class Summary(Model):
     """restic's summary of a backup; fields restic 0.14 does not print stay None."""
 
+    model_config = _BUILT_ON_FIRST_USE
+
     snapshot_id: str | None = None
     files_new: int | None = None
     files_changed: int | None = None
@@ -299,6 +329,8 @@ class Summary(Model):
 
 
 class JobDone(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "job.done"
     job: NamespacedName
     outcome: Outcome
@@ -310,6 +342,8 @@ class JobDone(Payload):
 
 
 class Error(Payload):
+    model_config = _BUILT_ON_FIRST_USE
+
     TYPE: ClassVar[str] = "error"
     code: Literal["invalid-frame", "forbidden", "rate-limited", "internal"]
     message: ShortText
@@ -327,10 +361,15 @@ PAYLOADS: dict[str, type[Payload]] = {
 }
 
 
-class Frame(Model):
-    """One envelope with its validated payload."""
+@dataclass(frozen=True)
+class Frame:
+    """One envelope with its payload, as :func:`decode` returns it once both are validated.
 
-    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    A plain class, not a model: validating it would only repeat the payload's own
+    validation, and its validator would hold a copy of every payload's.
+    """
+
+    id: str
     payload: AnyPayload
 
     @property
@@ -378,12 +417,14 @@ def decode(data: str | bytes) -> Frame:
         raise ProtocolError(f"unknown message type {kind!r}; known types: {sorted(PAYLOADS)}", ref=ref)
     if not isinstance(raw.get("payload"), dict):
         raise ProtocolError(f"{kind}: payload must be a JSON object", ref=ref)
+    if not isinstance(frame_id, str) or not 1 <= len(frame_id) <= 128:
+        raise ProtocolError(f"{kind}: id must be a string of 1 to 128 characters", ref=ref)
     try:
         payload = model.model_validate(raw["payload"])
-        # Unchecked id and base-typed payload on purpose: pydantic validates both here.
-        return Frame(id=frame_id, payload=payload)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ProtocolError(f"{kind}: {describe(error)}", ref=ref) from None
+    # PAYLOADS maps each type to its class, so `payload` is one of AnyPayload.
+    return Frame(id=frame_id, payload=payload)  # type: ignore[arg-type]
 
 
 # Numbers a frame may hold: what JSON and the Kubernetes API (int64, finite floats) accept,

@@ -113,6 +113,14 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.json"]  # no temporary left
 
 
+async def test_state_keeps_any_uid_text(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    cursors = {"ns/a": Cursor(uid='quote" back\\slash \u00e9 \n', until=T0)}
+    await store.save(AgentState(cursors=cursors))
+
+    assert StateStore(tmp_path / "state.json").load() == AgentState(cursors=cursors)
+
+
 async def test_the_last_save_wins(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.json")
     saves = [AgentState(cursors={"ns/a": Cursor(uid="u", until=T0.replace(hour=h))}) for h in range(10, 20)]

@@ -4,6 +4,8 @@ ProtocolError, and credentials never show in a repr."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -79,7 +81,8 @@ FIRE = {"id": "backups/nightly", "uid": "u", "generation": 1, "scheduledAt": "20
         (frame("schedule.fire", {**FIRE, "surprise": True}), "surprise: Extra inputs are not permitted"),
         (frame("schedule.fire", {k: v for k, v in FIRE.items() if k != "uid"}), "uid: Field required"),
         (frame("schedule.fire", {**FIRE, "generation": "four"}), "generation: Input should be a valid integer"),
-        (frame("schedule.fire", FIRE, frame_id=""), "id: String should have at least 1 character"),
+        (frame("schedule.fire", FIRE, frame_id=""), "schedule.fire: id must be a string of 1 to 128 characters"),
+        (frame("schedule.fire", FIRE, frame_id=7), "schedule.fire: id must be a string of 1 to 128 characters"),
         (frame("command.run", {"job": "a/b", "type": "backup", "args": {"paths": []}, "repository": {"url": "/r"}}),
          "args for backup: paths: List should have at least 1 item"),
         (frame("command.run", {"job": "a/b", "type": "forget", "args": {"prune": True}, "repository": {"url": "/r"}}),
@@ -127,3 +130,27 @@ def test_repository_credentials_never_show_in_repr() -> None:
     assert "hunter2" not in str(run)
     assert "RESTIC_PASSWORD" not in repr(run)
     assert "hunter2" in p.encode(run)  # but they do travel on the wire, inside command.run only
+
+
+# In a fresh agent process: which messages' validators exist before any is used, then
+# whether a job message still validates and builds on first use.
+BUILT = """
+from restic_manager import protocol as p
+import restic_manager.agent.main
+print(" ".join(sorted(name for name, model in vars(p).items()
+                      if isinstance(model, type) and issubclass(model, p.Model) and model.__pydantic_complete__)))
+run = p.decode(sys.argv[1]).payload
+print(type(run).__name__, type(run.args).__name__, p.CommandRun.__pydantic_complete__)
+"""
+
+
+def test_an_agent_builds_the_job_messages_only_when_a_job_comes() -> None:
+    command = p.encode(MESSAGES[5])
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + BUILT, command],
+                            capture_output=True, text=True, check=True)
+    built, used = result.stdout.splitlines()
+
+    # The fire path never waits for a schema build; the job messages cost nothing until used.
+    assert {"Hello", "ScheduleSet", "ScheduleEntry", "ScheduleAck", "ScheduleFire"} <= set(built.split())
+    assert not {"CommandRun", "BackupArgs", "Repository", "JobStarted", "JobProgress", "JobDone"} & set(built.split())
+    assert used == "CommandRun BackupArgs True"
