@@ -48,6 +48,10 @@ TOKEN_SECRETS = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
 # Connections to the apiserver at once: a fire storm's creates (one per agent firing) queue
 # here, next to at most a few dozen dispatch, status and Secret requests.
 POOL_SIZE = 64
+# ResticJob creates in flight at once: as many as the apiserver serves fastest (32 gave a
+# plain client its best create rate in bench/'s storm), and as few new TLS connections as
+# that needs when a minute's fires find the pool cold.
+FIRST_IN_FLIGHT = 32
 # How long an idle connection is kept: opening 64 TLS connections at once costs a storm a few
 # hundred milliseconds, and fires come once a minute. Below the apiserver's own idle timeout
 # (90 s), so it is the client that closes, never a request sent on a connection being closed.
@@ -261,13 +265,15 @@ class Lanes:
     An agent's fire is answered once its job exists, and a fire storm is recorded fastest
     when the apiserver spends itself on the creates: while any such call waits or runs, no
     other call starts (those already sent go on). Dispatch and status writes, which the new
-    jobs cause, follow once the creates are done.
+    jobs cause, follow once the creates are done. At most :data:`FIRST_IN_FLIGHT` of these
+    calls are sent at once; the rest wait their turn here.
     """
 
     def __init__(self) -> None:
         self._first = 0
         self._clear = asyncio.Event()
         self._clear.set()
+        self._slots = asyncio.Semaphore(FIRST_IN_FLIGHT)
 
     @contextlib.asynccontextmanager
     async def enter(self, *, first: bool) -> AsyncIterator[None]:
@@ -278,7 +284,8 @@ class Lanes:
         self._first += 1
         self._clear.clear()
         try:
-            yield
+            async with self._slots:
+                yield
         finally:
             self._first -= 1
             if not self._first:

@@ -12,6 +12,7 @@ import kubernetes.client
 import pytest
 from aiohttp import web
 
+from restic_manager.operator import kube as kube_module
 from restic_manager.operator.kube import (
     AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, api_error, finalizer_patch, retry_after,
 )
@@ -66,6 +67,7 @@ class HeldServer:
     """Records each request as it arrives ("POST resticjobs", "GET secrets") and answers it
     once ``release`` is set."""
 
+    host: str = ""
     release: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: list[str] = field(default_factory=list)
     secret_status: int = 200
@@ -97,7 +99,8 @@ async def held() -> AsyncIterator[tuple[HeldServer, Kube]]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    kube = Kube(kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}"))
+    server.host = f"http://127.0.0.1:{port}"
+    kube = Kube(kubernetes.client.Configuration(host=server.host))
     try:
         yield server, kube
     finally:
@@ -161,3 +164,21 @@ async def test_a_missing_secret_is_not_found_for_every_reader_of_the_get(held: t
     server.release.set()
     results = await asyncio.gather(*reads, return_exceptions=True)
     assert all(isinstance(result, NotFound) for result in results) and server.arrived == ["GET secrets"]
+
+
+async def test_job_creates_beyond_the_limit_wait_their_turn(
+    held: tuple[HeldServer, Kube], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = held
+    monkeypatch.setattr(kube_module, "FIRST_IN_FLIGHT", 2)
+    kube = Kube(kubernetes.client.Configuration(host=server.host))
+    try:
+        creates = [start(kube.create("resticjobs", job(f"j{i}"), first=True)) for i in range(3)]
+        await server.until(2)
+        await asyncio.sleep(0.2)
+        assert server.arrived == ["POST resticjobs"] * 2  # the third waits for a free slot
+        server.release.set()
+        await asyncio.gather(*creates)
+        assert server.arrived == ["POST resticjobs"] * 3
+    finally:
+        await kube.close()

@@ -1,10 +1,15 @@
-"""operator/handlers.py: the kopf settings the operator starts with."""
+"""The operator's process settings: kopf's (operator/handlers.py) and the garbage collector's
+report (operator/main.py)."""
 
 from __future__ import annotations
 
+import gc
+
 import kopf
+import pytest
 import kubernetes.client
 
+from restic_manager.operator import main as operator_main
 from restic_manager.operator.handlers import NoDiffBase, registry
 
 
@@ -28,3 +33,16 @@ def test_kopf_keeps_no_diff_base_of_the_watched_objects() -> None:
     body = kopf.Body({"metadata": {"name": "j", "annotations": {}}, "spec": {"agent": "web-01"}})
     assert storage.build(body=body) == {} and storage.fetch(body=body) is None
 
+
+
+def test_a_slow_full_collection_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(operator_main, "SLOW_COLLECTION", 0.0)
+    observe = operator_main.report_slow_collections()
+    try:
+        gc.collect(1)  # a young collection says nothing
+        assert not caplog.records
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(observe)
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and "full garbage collection held the event loop" in record.message
