@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import kopf
@@ -28,6 +25,7 @@ import kubernetes.client
 from restic_manager.operator import handlers
 from restic_manager.operator.authenticator import NodeAgents
 from restic_manager.operator.controller import Controller
+from restic_manager.operator.heap import Heap
 from restic_manager.operator.identity import DEFAULT_AUDIENCE
 from restic_manager.operator.kube import Kube, load_configuration
 from restic_manager.operator.server import ServingCertificate, TLSError
@@ -131,30 +129,6 @@ def node_agents(args: argparse.Namespace) -> NodeAgents | None:
     return NodeAgents(service_account=account, namespace=namespace, audience=args.agent_token_audience)
 
 
-# A full garbage collection holds the event loop, and with it acks, fires and status writes;
-# on a heap of tens of thousands of objects it takes long enough to say so.
-SLOW_COLLECTION = 0.1
-
-
-def report_slow_collections() -> Callable[[str, dict[str, int]], None]:
-    """Log every full collection that holds the loop for :data:`SLOW_COLLECTION` or more;
-    the callback installed, so that it can be removed."""
-    started = 0.0
-
-    def observe(phase: str, info: dict[str, int]) -> None:
-        nonlocal started
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            started = time.perf_counter()
-        elif (held := time.perf_counter() - started) >= SLOW_COLLECTION:
-            log.warning("a full garbage collection held the event loop for %.0f ms (%d objects freed)",
-                        held * 1000, info["collected"])
-
-    gc.callbacks.append(observe)
-    return observe
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
@@ -181,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # the kubernetes client and ssl raise several unrelated types here
         print(f"restic-manager operator: cannot load the Kubernetes configuration: {error}", file=sys.stderr)
         return 2
-    report_slow_collections()
     return asyncio.run(_main(args, configuration, kube, tls=tls, webhook=webhook, nodes=nodes))
 
 
@@ -202,6 +175,9 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
         served.cancel()
         await asyncio.wait([served])
 
+    heap = Heap()
+    heap.install()
+    sweeping = asyncio.create_task(heap.run(), name="heap sweep")
     try:
         await asyncio.wait((served, listening), return_when=asyncio.FIRST_COMPLETED)
         if not served.done():
@@ -219,6 +195,8 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
                 operator.cancel()
             await asyncio.wait([operator])
     finally:
+        sweeping.cancel()
+        heap.uninstall()
         await stop_controller()
         await kube.close()
     if not served.cancelled() and served.exception() is not None:

@@ -1,16 +1,19 @@
 """The operator's process settings: kopf's (operator/handlers.py) and the garbage collector's
-report (operator/main.py)."""
+(operator/heap.py)."""
 
 from __future__ import annotations
 
 import gc
+import weakref
+from collections.abc import Iterator
 
 import kopf
 import pytest
 import kubernetes.client
 
-from restic_manager.operator import main as operator_main
+from restic_manager.operator import heap as heap_module
 from restic_manager.operator.handlers import NoDiffBase, registry
+from restic_manager.operator.heap import Heap
 
 
 async def nothing() -> None:
@@ -35,14 +38,44 @@ def test_kopf_keeps_no_diff_base_of_the_watched_objects() -> None:
 
 
 
-def test_a_slow_full_collection_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(operator_main, "SLOW_COLLECTION", 0.0)
-    observe = operator_main.report_slow_collections()
-    try:
-        gc.collect(1)  # a young collection says nothing
-        assert not caplog.records
-        gc.collect(2)
-    finally:
-        gc.callbacks.remove(observe)
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def heap() -> Iterator[Heap]:
+    heap = Heap()
+    heap.install()
+    yield heap
+    heap.uninstall()
+
+
+def test_what_survives_a_full_collection_is_frozen(heap: Heap) -> None:
+    survivor = Cycle()
+    gc.collect(2)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0 and not any(o is survivor for o in gc.get_objects())  # no generation holds it
+    gc.collect(2)
+    assert gc.get_freeze_count() >= frozen
+
+
+def test_a_cycle_that_dies_frozen_is_freed_by_the_sweep(heap: Heap) -> None:
+    cycle = Cycle()
+    alive = weakref.ref(cycle)
+    gc.collect(2)  # the cycle survives, alive, and is frozen
+    del cycle
+    gc.collect(2)
+    assert alive() is not None  # frozen: the automatic collections no longer see it
+    heap.sweep()
+    assert alive() is None
+
+
+def test_a_slow_full_collection_is_logged(heap: Heap, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(heap_module, "SLOW_COLLECTION", 0.0)
+    gc.collect(1)  # a young collection says nothing
+    assert not caplog.records
+    gc.collect(2)
     [record] = caplog.records
     assert record.levelname == "WARNING" and "full garbage collection held the event loop" in record.message
