@@ -1,6 +1,6 @@
 """operator/kube.py against the real apiserver: every call the operator makes, the error
 classes the callers rely on, and the login (client certificate, bearer token that rotates).
-The parts that need no apiserver are in tests/unit/test_operator_kube.py."""
+The parts that need no apiserver are in tests/unit/test_operator_kube_offline.py."""
 
 from __future__ import annotations
 
