@@ -12,7 +12,9 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from restic_manager.operator.kube import AlreadyExists, Conflict, Kube, KubeError, NotFound, load_configuration
+from restic_manager.operator.kube import (
+    AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, load_configuration,
+)
 from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey
 
 pytestmark = pytest.mark.cluster
