@@ -58,7 +58,16 @@ class RepositoryReporter:
         await self._loop.run()
 
     async def _write(self, key: ObjectKey) -> None:
-        job, ended = self._ended.pop(key)
+        # A mark that lands after this run was started but before it read the newest job
+        # brings a follow-up run with nothing left to write.
+        if (newest := self._ended.get(key)) is None:
+            return
+        job, ended = newest
+        await self._report(key, job, ended)  # when it raises, the entry stays for the retry
+        if self._ended.get(key) is newest:  # a newer one stays for its follow-up run
+            del self._ended[key]
+
+    async def _report(self, key: ObjectKey, job: Job, ended: Mapping[str, Any]) -> None:
         try:
             repository = await self._kube.get("repositories", key)
         except NotFound:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
-from restic_manager.operator.repositories import repository_status
+from restic_manager.operator.kube import KubeError
+from restic_manager.operator.repositories import RepositoryReporter, repository_status
+from restic_manager.operator.store import Job, ObjectKey
 
 NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)
 EARLIER = "2026-11-25T02:00:00Z"
@@ -56,3 +60,64 @@ def test_a_missing_repository_flips_initialized_and_says_what_to_do() -> None:
     assert condition["status"] == "False"
     assert condition["lastTransitionTime"] == "2026-11-26T02:00:30Z"
     assert "set spec.initialize or run an init job" in condition["message"]
+
+
+# --- RepositoryReporter: one write per burst, none lost, none made of nothing ---------------------------
+
+
+class FakeKube:
+    """A Repository to read, status patches recorded; ``get`` waits for ``answer`` when held."""
+
+    def __init__(self) -> None:
+        self.patches: list[str] = []
+        self.answer = asyncio.Event()
+        self.answer.set()
+        self.fail = False
+
+    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
+        await self.answer.wait()
+        if self.fail:
+            raise KubeError("get repositories: 500")
+        return {"metadata": {"uid": "repo-uid"}, "status": {}}
+
+    async def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any], *, uid: str) -> None:
+        self.patches.append(status["lastCheckResult"])
+
+
+REPOSITORY = ObjectKey("ns", "offsite")
+
+
+def ended_job(name: str) -> Job:
+    return Job.from_body({"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}"},
+                          "spec": {"agent": "web-01", "repository": "offsite", "type": "backup"}})
+
+
+def reporter_with(kube: FakeKube) -> RepositoryReporter:
+    return RepositoryReporter(kube, clock=lambda: NOW)  # type: ignore[arg-type]
+
+
+async def test_a_job_ending_during_a_write_is_written_by_the_follow_up_and_then_nothing_is() -> None:
+    kube = FakeKube()
+    reporter = reporter_with(kube)
+    reporter.job_ended(ended_job("first"), {"phase": "Succeeded"})
+    kube.answer.clear()
+    writing = asyncio.ensure_future(reporter._write(REPOSITORY))
+    await asyncio.sleep(0)
+    reporter.job_ended(ended_job("second"), {"phase": "Failed"})
+    kube.answer.set()
+    await writing
+    await reporter._write(REPOSITORY)  # the follow-up the second job's mark asked for
+    await reporter._write(REPOSITORY)  # a follow-up with nothing new: no write, no error
+    assert kube.patches == ["backup first: Succeeded", "backup second: Failed"]
+
+
+async def test_a_write_that_fails_is_made_by_the_retry() -> None:
+    kube = FakeKube()
+    reporter = reporter_with(kube)
+    reporter.job_ended(ended_job("first"), {"phase": "Succeeded"})
+    kube.fail = True
+    with pytest.raises(KubeError):
+        await reporter._write(REPOSITORY)
+    kube.fail = False
+    await reporter._write(REPOSITORY)
+    assert kube.patches == ["backup first: Succeeded"]
