@@ -73,17 +73,23 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.strip().encode()).digest()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What every stored kind has: its key, uid and resourceVersion."""
+
+    key: ObjectKey
+    uid: str
+    resource_version: str
+
+
 def _identity(body: Body) -> dict[str, Any]:
-    """The fields every stored kind has: key, uid, resourceVersion."""
+    """:class:`Stored`'s fields, from an object's body."""
     meta = body["metadata"]
     return {"key": ObjectKey.of(body), "uid": meta["uid"], "resource_version": meta.get("resourceVersion", "")}
 
 
 @dataclass(frozen=True)
-class Agent:
-    key: ObjectKey
-    uid: str
-    resource_version: str
+class Agent(Stored):
     labels: Mapping[str, str]
     deleting: bool
     status: Mapping[str, Any]
@@ -102,10 +108,7 @@ class Agent:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    key: ObjectKey
-    uid: str
-    resource_version: str
+class Schedule(Stored):
     generation: int
     created: datetime
     deleting: bool
@@ -161,10 +164,7 @@ class ScheduleRef:
 
 
 @dataclass(frozen=True)
-class Job:
-    key: ObjectKey
-    uid: str
-    resource_version: str
+class Job(Stored):
     created: datetime | None
     deleting: bool
     finalizers: tuple[str, ...]
@@ -204,12 +204,9 @@ class Job:
 
 
 @dataclass(frozen=True)
-class TokenSecret:
+class TokenSecret(Stored):
     """An Agent's token Secret as the operator keeps it: the token's digest, never the token."""
 
-    key: ObjectKey
-    uid: str
-    resource_version: str
     agent: str       # the name of the Agent that owns it ("" if no Agent does)
     agent_uid: str
     digest: bytes | None  # None when the Secret holds no readable token
@@ -233,10 +230,7 @@ class TokenSecret:
 
 
 @dataclass(frozen=True)
-class Repository:
-    key: ObjectKey
-    uid: str
-    resource_version: str
+class Repository(Stored):
     spec: Mapping[str, Any]
 
     @classmethod
