@@ -16,8 +16,9 @@ do; :class:`Dispatcher` carries it out:
 
 Finalizers are changed from the store's copy of the job (no read first); a stale copy costs
 a failed patch and one read (:meth:`Kube.set_finalizer`). Secrets are read per dispatch, not
-watched or cached: the operator may list and watch only its own token Secrets, and a
-rotated credential must reach the very next job.
+watched or cached (dispatches that overlap share one GET, :meth:`Kube.read_secret`): the
+operator may list and watch only its own token Secrets, and a rotated credential must reach
+the very next job.
 
 ``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py.
 """
