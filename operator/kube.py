@@ -203,9 +203,15 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _path(plural: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
-    """The URL path of a resticmanager.io collection or object (names quoted: they come from objects)."""
-    path = f"/apis/{GROUP}/{VERSION}"
+# The API groups the operator calls: its own resources, and the core group's.
+OWN_API = f"/apis/{GROUP}/{VERSION}"
+CORE_API = "/api/v1"
+
+
+def _path(plural: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None,
+          *, api: str = OWN_API) -> str:
+    """The URL path of a collection or object of ``api`` (names quoted: they come from objects)."""
+    path = api
     if namespace is not None:
         path += f"/namespaces/{quote(namespace, safe='')}"
     path += f"/{plural}"
@@ -213,16 +219,6 @@ def _path(plural: str, namespace: str | None = None, name: str | None = None, su
         path += f"/{quote(name, safe='')}"
     if subresource is not None:
         path += f"/{subresource}"
-    return path
-
-
-def _core_path(plural: str, namespace: str | None = None, name: str | None = None) -> str:
-    path = "/api/v1"
-    if namespace is not None:
-        path += f"/namespaces/{quote(namespace, safe='')}"
-    path += f"/{plural}"
-    if name is not None:
-        path += f"/{quote(name, safe='')}"
     return path
 
 
@@ -382,7 +378,7 @@ class Kube:
         what = "token Secrets" if token_secrets else plural
 
         def path(namespace: str | None) -> str:
-            return _core_path("secrets", namespace) if token_secrets else _path(plural, namespace)
+            return _path("secrets", namespace, api=CORE_API) if token_secrets else _path(plural, namespace)
 
         if namespaces is None:
             result = await self._request(f"list {what}", "GET", path(None), query=query)
@@ -479,7 +475,8 @@ class Kube:
             read.exception()  # retrieved here, so a read every caller left is not reported as lost
 
     async def _read_secret(self, key: ObjectKey) -> dict[str, str]:
-        secret = await self._request(f"get Secret {key}", "GET", _core_path("secrets", key.namespace, key.name))
+        secret = await self._request(f"get Secret {key}", "GET",
+                                     _path("secrets", key.namespace, key.name, api=CORE_API))
         return {name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()}
 
     async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *,
@@ -492,8 +489,8 @@ class Kube:
                          "ownerReferences": [dict(owner)]},
             "stringData": dict(data),
         }
-        return dict(await self._request(f"create Secret {key}", "POST", _core_path("secrets", key.namespace),
-                                        body=body))
+        return dict(await self._request(f"create Secret {key}", "POST",
+                                        _path("secrets", key.namespace, api=CORE_API), body=body))
 
     async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
         """The apiserver's verdict on ``token`` for ``audiences`` (a TokenReview's status)."""
@@ -526,4 +523,4 @@ class Kube:
             "count": 1,
         }
         await self._request(f"create Event for {involved['kind']} {namespace}/{involved['name']}", "POST",
-                            _core_path("events", namespace), body=body)
+                            _path("events", namespace, api=CORE_API), body=body)
