@@ -238,7 +238,7 @@ class Repository(Stored):
         return cls(**_identity(body), spec=copy.deepcopy(dict(body.get("spec") or {})))
 
 
-T = TypeVar("T", Agent, Schedule, Job, TokenSecret, Repository)
+T = TypeVar("T", bound=Stored)
 
 
 def _newer(candidate: str, known: str) -> bool:
