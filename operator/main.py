@@ -178,6 +178,8 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
     heap = Heap()
     heap.install()
     sweeping = asyncio.create_task(heap.run(), name="heap sweep")
+    # As many connections as the agents' fires could use at once, ready before each minute.
+    warming = asyncio.create_task(kube.keep_warm(lambda: len(controller.server.sessions)), name="warm connections")
     try:
         await asyncio.wait((served, listening), return_when=asyncio.FIRST_COMPLETED)
         if not served.done():
@@ -196,6 +198,7 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
             await asyncio.wait([operator])
     finally:
         sweeping.cancel()
+        warming.cancel()
         heap.uninstall()
         await stop_controller()
         await kube.close()

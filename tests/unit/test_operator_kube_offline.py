@@ -15,6 +15,7 @@ from aiohttp import web
 from restic_manager.operator import kube as kube_module
 from restic_manager.operator.kube import (
     AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, api_error, finalizer_patch, retry_after,
+    until_warming,
 )
 from restic_manager.operator.store import FINALIZER, ObjectKey
 
@@ -57,6 +58,14 @@ def test_a_finalizer_patch_tests_the_uid_and_the_list_it_was_made_from() -> None
     assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=False) is None
 
 
+def test_connections_are_warmed_shortly_before_each_whole_minute() -> None:
+    minute = 1_800_000_000.0  # a whole minute
+    assert until_warming(minute) == 57.0
+    assert until_warming(minute + 56.5) == 0.5
+    assert until_warming(minute + 57.0) == 60.0
+    assert until_warming(minute + 59.0) == 58.0
+
+
 # --- against a server that holds each request until it is released ------------------------------------
 
 SECRET = {"data": {"password": "c2VjcmV0"}}  # "secret"
@@ -71,10 +80,13 @@ class HeldServer:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: list[str] = field(default_factory=list)
     secret_status: int = 200
+    ports: set[int] = field(default_factory=set)  # the client's side of each connection used
 
     async def handle(self, request: web.Request) -> web.Response:
         # The plural: the path's last part for a create, the one before the name for a read.
         parts = request.path.split("/")
+        assert request.transport is not None
+        self.ports.add(request.transport.get_extra_info("peername")[1])
         self.arrived.append(f"{request.method} {parts[-1] if request.method == 'POST' else parts[-2]}")
         await self.release.wait()
         if request.method == "POST":
@@ -180,5 +192,26 @@ async def test_job_creates_beyond_the_limit_wait_their_turn(
         server.release.set()
         await asyncio.gather(*creates)
         assert server.arrived == ["POST resticjobs"] * 3
+    finally:
+        await kube.close()
+
+
+async def test_warming_opens_a_connection_per_request_and_the_next_round_reuses_them(
+    held: tuple[HeldServer, Kube]
+) -> None:
+    server, kube = held
+    warming = start(kube.warm(5))
+    await server.until(5)  # all five in flight at once: each on a connection of its own
+    server.release.set()
+    await warming
+    assert len(server.ports) == 5
+    await kube.warm(5)
+    assert len(server.arrived) == 10 and len(server.ports) == 5  # the same five, reused
+
+
+async def test_warming_against_an_unreachable_apiserver_fails_quietly() -> None:
+    kube = Kube(kubernetes.client.Configuration(host="http://127.0.0.1:9"))  # discard: nothing listens
+    try:
+        await kube.warm(3)
     finally:
         await kube.close()
