@@ -371,10 +371,15 @@ def _parse_message(message: dict[str, Any], line: str) -> Line:
 
 
 def _number(message: Mapping[str, Any], *keys: str) -> float | None:
-    """The first of ``keys`` holding a number (restic omits zero values)."""
+    """The first of ``keys`` holding a number (restic omits zero values).
+
+    A number past 64 bits, infinite or NaN (Python's json reads them all) counts as absent:
+    no counter of restic's holds one, and a message carrying it would be refused by the
+    operator (protocol.decode).
+    """
     for key in keys:
         value = message.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
             return value
     return None
 

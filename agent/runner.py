@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
+
 from restic_manager import protocol
 from restic_manager.agent import restic as rules
 from restic_manager.protocol import JobType, Outcome
@@ -194,7 +196,7 @@ class JobRunner:
 
     async def _initialize(self, job: _Job) -> tuple[rules.Verdict, int]:
         """`restic init` unless the repository exists already (an init job, or spec.initialize)."""
-        command = job.command.model_copy(update={"type": JobType.INIT, "args": protocol.NoArgs()})
+        command = msgspec.structs.replace(job.command, type=JobType.INIT, args=protocol.NoArgs())
         restic, base_env = self._restic, self._base_env
         probe = rules.Transcript(redactor=job.redact)  # its output (the config) is not log-worthy
         probe_call = rules.probe_invocation(command, restic=restic, base_env=base_env)

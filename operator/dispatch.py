@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
+import msgspec
 
 from restic_manager import protocol
 from restic_manager.operator import status as statuses
@@ -325,15 +325,15 @@ class Dispatcher:
                 ) from None
         env = repository_env(spec, secrets, where=f"Repository {repository_key}")
         try:
-            return protocol.CommandRun.model_validate({
+            return msgspec.convert({
                 "job": str(job.key),
                 "type": job.type,
                 "args": command_args(job),
                 "repository": {"url": spec.get("url", ""), "env": env, "initialize": bool(spec.get("initialize"))},
                 "timeoutSeconds": job.spec.get("timeoutSeconds", 14400),
-            })
-        except ValidationError as error:
-            raise InvalidJob(f"ResticJob {job.key}: {protocol.describe(error)}") from None
+            }, protocol.CommandRun)
+        except msgspec.ValidationError as error:
+            raise InvalidJob(f"ResticJob {job.key}: {protocol.describe(error, protocol.CommandRun)}") from None
 
     async def _repository(self, key: ObjectKey) -> Repository | None:
         """The Repository as the watch last showed it; read from the API while the watch has not

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from restic_manager.operator.store import Schedule, format_time, parse_time
-from restic_manager.protocol import Hello, JobDone, JobProgress, JobStarted, Outcome
+from restic_manager.protocol import Hello, JobDone, JobProgress, JobStarted, Outcome, to_wire
 
 Status = dict[str, Any]
 
@@ -243,7 +243,7 @@ def job_started(status: Mapping[str, Any], message: JobStarted) -> Status:
 def job_progress(status: Mapping[str, Any], message: JobProgress) -> Status:
     if is_terminal(status):
         return dict(status)
-    progress = message.model_dump(by_alias=True, exclude={"job"}, exclude_none=True)
+    progress = {name: value for name, value in to_wire(message).items() if name != "job"}
     return {**status, "phase": "Running", "progress": progress}
 
 
@@ -270,7 +270,7 @@ def job_done(status: Mapping[str, Any], message: JobDone) -> Status:
     if message.exit_code is not None:
         new["exitCode"] = message.exit_code
     if message.summary is not None:
-        new["summary"] = message.summary.model_dump(by_alias=True, exclude_none=True)
+        new["summary"] = to_wire(message.summary)
     new["logTail"] = list(message.log_tail)
     return _with_outcome_conditions(new, now=message.finished_at)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import ValidationError
+import msgspec
 
 from restic_manager import cron, protocol
 from restic_manager.operator.targets import SelectorError, selector_matches
@@ -81,11 +81,10 @@ def _template_problems(template: object) -> list[str]:
     block = template.get(job_type.value, {})
     if not isinstance(block, Mapping):
         return problems + [f"spec.template.{job_type.value}: must be an object"]
+    schema = protocol.ARGS_BY_TYPE[job_type]
     try:
-        protocol.ARGS_BY_TYPE[job_type].model_validate(block)
-    except ValidationError as error:
-        # One problem per field, named by its whole path (no input values echoed).
-        for item in error.errors(include_url=False, include_input=False):
-            path = ".".join(["spec", "template", job_type.value, *(str(part) for part in item["loc"])])
-            problems.append(f"{path}: {item['msg']}")
+        msgspec.convert(block, schema)
+    except msgspec.ValidationError as error:
+        # The first problem, named by its whole path (no input values echoed).
+        problems.append(protocol.describe(error, schema, at=f"spec.template.{job_type.value}"))
     return problems

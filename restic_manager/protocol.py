@@ -43,34 +43,32 @@ carries them, and ``CommandRun.__repr__`` hides them so a log line cannot leak t
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias, Union
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union, get_args, get_origin
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    model_validator,
-)
-from pydantic.alias_generators import to_camel
+import msgspec
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1024 * 1024
 LOG_TAIL_LINES = 50
 
+# Patterns end in \Z, not $: Python's $ also matches before a final newline.
 NamespacedName = Annotated[
     str,
-    StringConstraints(
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=317
+    msgspec.Meta(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z", max_length=317
     ),
 ]
-ShortText = Annotated[str, StringConstraints(max_length=4096)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class ProtocolError(ValueError):
@@ -81,19 +79,17 @@ class ProtocolError(ValueError):
         self.ref = ref
 
 
-class Model(BaseModel):
-    """Strict wire model: camelCase aliases, no unknown fields, immutable."""
+class Model(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """Strict wire model: camelCase names, no unknown fields, immutable.
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    Every subclass says ``frozen=True, kw_only=True`` again: mypy does not carry ``frozen``
+    down to subclasses, and msgspec does not carry ``kw_only`` (keyword-only arguments let
+    a required field follow one with a default).
 
-
-# For the messages of running jobs and for `error`: their validators and serializers are
-# built when first used instead of at import, so an agent that is only keeping schedules
-# (most of the time, on most hosts) never holds them. The hello and schedule messages stay
-# built at import: a fire must not wait for a schema build.
-_BUILT_ON_FIRST_USE = ConfigDict(defer_build=True)
+    The constructor does not validate: build a message from data that came from outside
+    (the wire, a Kubernetes object, restic's output) with ``msgspec.convert(data, Type)``,
+    which does, and raises ``msgspec.ValidationError`` (see :func:`describe`).
+    """
 
 
 # --- job parameters: the same blocks as a ResticJob's spec -------------------------------
@@ -109,63 +105,51 @@ class JobType(str, Enum):
     INIT = "init"
 
 
-class BackupArgs(Model):
-    model_config = _BUILT_ON_FIRST_USE
-
-    paths: list[ShortText] = Field(min_length=1)
+class BackupArgs(Model, frozen=True, kw_only=True):
+    paths: Annotated[list[ShortText], msgspec.Meta(min_length=1)]
     exclude: list[ShortText] = []
     tags: list[ShortText] = []
     one_file_system: bool = False
 
 
-class ForgetArgs(Model):
-    model_config = _BUILT_ON_FIRST_USE
-
-    keep_last: int = Field(default=0, ge=0)
-    keep_hourly: int = Field(default=0, ge=0)
-    keep_daily: int = Field(default=0, ge=0)
-    keep_weekly: int = Field(default=0, ge=0)
-    keep_monthly: int = Field(default=0, ge=0)
-    keep_yearly: int = Field(default=0, ge=0)
-    keep_within: Annotated[str, StringConstraints(pattern=r"^(\d+[yMwdhms])*$")] = ""
+class ForgetArgs(Model, frozen=True, kw_only=True):
+    keep_last: Count = 0
+    keep_hourly: Count = 0
+    keep_daily: Count = 0
+    keep_weekly: Count = 0
+    keep_monthly: Count = 0
+    keep_yearly: Count = 0
+    keep_within: Annotated[str, msgspec.Meta(pattern=r"^(\d+[yMwdhms])*\Z")] = ""
     prune: bool = False
 
-    @model_validator(mode="after")
-    def _keeps_something(self) -> ForgetArgs:
+    def __post_init__(self) -> None:
         # restic refuses a forget without a policy; say so before it is sent anywhere.
         if not any(
             (self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
              self.keep_monthly, self.keep_yearly, self.keep_within)
         ):
             raise ValueError("forget needs at least one keep* rule")
-        return self
 
 
-class CheckArgs(Model):
-    model_config = _BUILT_ON_FIRST_USE
-
+class CheckArgs(Model, frozen=True, kw_only=True):
     read_data_subset: Annotated[
-        str, StringConstraints(pattern=r"^(\d+(\.\d+)?%|\d+/\d+|\d+[KMGT]?)?$")
+        str, msgspec.Meta(pattern=r"^(\d+(\.\d+)?%|\d+/\d+|\d+[KMGT]?)?\Z")
     ] = ""
 
 
-class RestoreArgs(Model):
-    model_config = _BUILT_ON_FIRST_USE
-
-    snapshot: Annotated[str, StringConstraints(pattern=r"^(latest|[0-9a-f]{8,64})$")] = "latest"
-    target: ShortText = Field(min_length=1)
+class RestoreArgs(Model, frozen=True, kw_only=True):
+    snapshot: Annotated[str, msgspec.Meta(pattern=r"^(latest|[0-9a-f]{8,64})\Z")] = "latest"
+    target: Annotated[ShortText, msgspec.Meta(min_length=1)]
     include: list[ShortText] = []
     exclude: list[ShortText] = []
 
 
-class NoArgs(Model):
+class NoArgs(Model, frozen=True, kw_only=True):
     """prune, unlock and init take no parameters."""
-
-    model_config = _BUILT_ON_FIRST_USE
 
 
 JobArgs: TypeAlias = BackupArgs | ForgetArgs | CheckArgs | RestoreArgs | NoArgs
-ARGS_BY_TYPE: dict[JobType, type[Model]] = {
+ARGS_BY_TYPE: dict[JobType, type[JobArgs]] = {
     JobType.BACKUP: BackupArgs,
     JobType.FORGET: ForgetArgs,
     JobType.CHECK: CheckArgs,
@@ -179,13 +163,13 @@ ARGS_BY_TYPE: dict[JobType, type[Model]] = {
 # --- payloads ----------------------------------------------------------------------------
 
 
-class Payload(Model):
+class Payload(Model, frozen=True, kw_only=True):
     TYPE: ClassVar[str]
 
 
-class Hello(Payload):
+class Hello(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "hello"
-    agent: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+    agent: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z", max_length=253)]
     agent_version: ShortText
     restic_version: ShortText
     protocol_version: int
@@ -193,33 +177,33 @@ class Hello(Payload):
     running_jobs: list[NamespacedName] = []
 
 
-class ScheduleEntry(Model):
+class ScheduleEntry(Model, frozen=True, kw_only=True):
     id: NamespacedName
     uid: ShortText
-    generation: int = Field(ge=1)
+    generation: Annotated[int, msgspec.Meta(ge=1)]
     schedule: ShortText
     time_zone: ShortText = "UTC"
     suspend: bool = False
 
 
-class ScheduleSet(Payload):
+class ScheduleSet(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "schedule.set"
-    version: int = Field(ge=0)
+    version: Annotated[int, msgspec.Meta(ge=0)]
     schedules: list[ScheduleEntry]
 
 
-class AppliedEntry(Model):
+class AppliedEntry(Model, frozen=True, kw_only=True):
     id: NamespacedName
     generation: int
 
 
-class RejectedEntry(Model):
+class RejectedEntry(Model, frozen=True, kw_only=True):
     id: NamespacedName
     generation: int
     error: ShortText
 
 
-class ScheduleAck(Payload):
+class ScheduleAck(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "schedule.ack"
     version: int
     applied_at: AwareDatetime
@@ -227,7 +211,7 @@ class ScheduleAck(Payload):
     rejected: list[RejectedEntry] = []
 
 
-class ScheduleFire(Payload):
+class ScheduleFire(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "schedule.fire"
     id: NamespacedName
     uid: ShortText
@@ -235,9 +219,7 @@ class ScheduleFire(Payload):
     scheduled_at: AwareDatetime
 
 
-class Repository(Model):
-    model_config = _BUILT_ON_FIRST_USE
-
+class Repository(Model, frozen=True, kw_only=True):
     url: ShortText
     env: dict[str, str] = {}
     # Repository.spec.initialize: run `restic init` first when the repository does not exist.
@@ -249,61 +231,52 @@ class Repository(Model):
     __str__ = __repr__
 
 
-class CommandRun(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class CommandRun(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "command.run"
     job: NamespacedName
     type: JobType
-    args: JobArgs
+    # On the wire an object, checked against the schema `type` names in __post_init__ (a
+    # Struct field cannot be an untagged union of Structs); in Python that schema's Struct.
+    if TYPE_CHECKING:
+        args: JobArgs
+    else:
+        args: dict[str, Any]
     repository: Repository
-    timeout_seconds: int = Field(default=14400, ge=1)
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 14400
 
-    @model_validator(mode="before")
-    @classmethod
-    def _args_match_type(cls, data: Any) -> Any:
-        # Pick the args schema from `type` so a backup's args are checked as backup args.
-        if isinstance(data, dict):
-            job_type = data.get("type")
-            args = data.get("args", {})
-            try:
-                model = ARGS_BY_TYPE[JobType(job_type)]
-            except ValueError:
-                return data  # the `type` field reports the bad value
-            if isinstance(args, dict):
-                try:
-                    data = {**data, "args": model.model_validate(args)}
-                except ValidationError as error:
-                    raise ValueError(f"args for {job_type}: {describe(error)}") from None
-        return data
+    def __post_init__(self) -> None:
+        schema = ARGS_BY_TYPE[self.type]
+        if isinstance(self.args, schema):
+            return
+        if not isinstance(self.args, dict):
+            raise TypeError(f"args for {self.type.value}: expected {schema.__name__}")
+        try:
+            args = msgspec.convert(self.args, schema)
+        except msgspec.ValidationError as error:
+            raise ValueError(f"args for {self.type.value}: {describe(error, schema)}") from None
+        msgspec.structs.force_setattr(self, "args", args)
 
 
-class CommandCancel(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class CommandCancel(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "command.cancel"
     job: NamespacedName
 
 
-class JobStarted(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class JobStarted(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "job.started"
     job: NamespacedName
     started_at: AwareDatetime
 
 
-class JobProgress(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class JobProgress(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "job.progress"
     job: NamespacedName
-    percent_done: float = Field(default=0.0, ge=0, le=100)
-    files_done: int = Field(default=0, ge=0)
-    total_files: int = Field(default=0, ge=0)
-    bytes_done: int = Field(default=0, ge=0)
-    total_bytes: int = Field(default=0, ge=0)
-    seconds_elapsed: float = Field(default=0.0, ge=0)
+    percent_done: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    files_done: Count = 0
+    total_files: Count = 0
+    bytes_done: Count = 0
+    total_bytes: Count = 0
+    seconds_elapsed: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     seconds_remaining: float | None = None
 
 
@@ -313,10 +286,8 @@ class Outcome(str, Enum):
     CANCELLED = "Cancelled"
 
 
-class Summary(Model):
+class Summary(Model, frozen=True, kw_only=True):
     """restic's summary of a backup; fields restic 0.14 does not print stay None."""
-
-    model_config = _BUILT_ON_FIRST_USE
 
     snapshot_id: str | None = None
     files_new: int | None = None
@@ -328,9 +299,7 @@ class Summary(Model):
     duration_seconds: float | None = None
 
 
-class JobDone(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class JobDone(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "job.done"
     job: NamespacedName
     outcome: Outcome
@@ -338,12 +307,10 @@ class JobDone(Payload):
     finished_at: AwareDatetime
     summary: Summary | None = None
     error: ShortText = ""
-    log_tail: list[ShortText] = Field(default=[], max_length=LOG_TAIL_LINES)
+    log_tail: Annotated[list[ShortText], msgspec.Meta(max_length=LOG_TAIL_LINES)] = []
 
 
-class Error(Payload):
-    model_config = _BUILT_ON_FIRST_USE
-
+class Error(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "error"
     code: Literal["invalid-frame", "forbidden", "rate-limited", "internal"]
     message: ShortText
@@ -365,8 +332,8 @@ PAYLOADS: dict[str, type[Payload]] = {
 class Frame:
     """One envelope with its payload, as :func:`decode` returns it once both are validated.
 
-    A plain class, not a model: validating it would only repeat the payload's own
-    validation, and its validator would hold a copy of every payload's.
+    A plain class, not a model: it is never converted from data as a whole; :func:`decode`
+    checks the envelope itself and converts only the payload.
     """
 
     id: str
@@ -381,16 +348,63 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def to_wire(message: Model) -> dict[str, Any]:
+    """``message`` as JSON data: camelCase names, times as ISO 8601, enums as their values,
+    and every field whose value is None left out (all others written, defaults included)."""
+    return _without_none(message, msgspec.to_builtins(message))
+
+
+def _without_none(message: Model, data: dict[str, Any]) -> dict[str, Any]:
+    for name, wire_name, inner in _optional_fields(type(message)):
+        value = getattr(message, name)
+        if value is None:
+            del data[wire_name]
+        elif inner is not None:
+            items = zip(value, data[wire_name]) if isinstance(value, list) else [(value, data[wire_name])]
+            for item, item_data in items:
+                _without_none(item, item_data)
+    return data
+
+
+@functools.cache
+def _optional_fields(model: type[Model]) -> tuple[tuple[str, str, type[Model] | None], ...]:
+    """Where a ``model`` message may hold None: (attribute, wire name, inner) for each field
+    that is optional or holds messages (alone or in a list) of a class ``inner`` that may.
+
+    Worked out once per class from the types, so the 1,000 entries of a schedule set, which
+    have no optional field, are never looked at one by one.
+    """
+    found = []
+    for field in msgspec.structs.fields(model):
+        optional = type(None) in _alternatives(field.type)
+        inner = next((kind for kind in _held(field.type)
+                      if isinstance(kind, type) and issubclass(kind, Model) and _optional_fields(kind)), None)
+        if optional or inner is not None:
+            found.append((field.name, field.encode_name, inner))
+    return tuple(found)
+
+
+def _alternatives(kind: Any) -> list[Any]:
+    """The types a value of type ``kind`` may have: Annotated unwrapped, unions split."""
+    if get_origin(kind) is Annotated:
+        return _alternatives(get_args(kind)[0])
+    if get_origin(kind) in (Union, UnionType):
+        return [alternative for arg in get_args(kind) for alternative in _alternatives(arg)]
+    return [kind]
+
+
+def _held(kind: Any) -> list[Any]:
+    """The types a value of type ``kind`` may have or, if it is a list, its items may have."""
+    return [held for alternative in _alternatives(kind)
+            for held in (_alternatives(get_args(alternative)[0]) if get_origin(alternative) is list else [alternative])]
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps with options makes one per call
+
+
 def encode(payload: Payload, *, frame_id: str | None = None) -> str:
     """The JSON text frame for ``payload``."""
-    return json.dumps(
-        {
-            "type": payload.TYPE,
-            "id": frame_id or new_id(),
-            "payload": payload.model_dump(mode="json", by_alias=True, exclude_none=True),
-        },
-        separators=(",", ":"),
-    )
+    return _JSON.encode({"type": payload.TYPE, "id": frame_id or new_id(), "payload": to_wire(payload)})
 
 
 def decode(data: str | bytes) -> Frame:
@@ -420,9 +434,9 @@ def decode(data: str | bytes) -> Frame:
     if not isinstance(frame_id, str) or not 1 <= len(frame_id) <= 128:
         raise ProtocolError(f"{kind}: id must be a string of 1 to 128 characters", ref=ref)
     try:
-        payload = model.model_validate(raw["payload"])
-    except ValidationError as error:
-        raise ProtocolError(f"{kind}: {describe(error)}", ref=ref) from None
+        payload = msgspec.convert(raw["payload"], model)
+    except msgspec.ValidationError as error:
+        raise ProtocolError(f"{kind}: {describe(error, model)}", ref=ref) from None
     # PAYLOADS maps each type to its class, so `payload` is one of AnyPayload.
     return Frame(id=frame_id, payload=payload)  # type: ignore[arg-type]
 
@@ -452,11 +466,35 @@ def _int64(text: str) -> int:
     return value
 
 
-def describe(error: ValidationError) -> str:
-    """A one-line, field-naming account of a validation error (no input values echoed)."""
-    parts = []
-    for item in error.errors(include_url=False, include_input=False)[:5]:
-        location = ".".join(str(part) for part in item["loc"]) or "(frame)"
-        parts.append(f"{location}: {item['msg']}")
-    more = error.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+# msgspec's text: "<what is wrong>[ - at `$<path>`]", e.g. "Expected `int` >= 1 - at `$.generation`".
+_AT = re.compile(r" - at `\$((?:\.\w+|\[[^\]`]*\])*)`\Z")
+# The two texts that quote the input's value, e.g. "Invalid enum value 'format-disk'".
+_QUOTES_VALUE = re.compile(r"\AInvalid (enum )?value ")
+
+
+def describe(error: msgspec.ValidationError, schema: type[Model], *, at: str = "") -> str:
+    """A one-line, field-naming account of ``error``, raised converting data to ``schema``:
+    "generation: Expected `int` >= 1". ``at`` is prefixed to the field's path (the path of
+    the converted data in a larger document). No input value is echoed."""
+    text = str(error)
+    found = _AT.search(text)
+    path = found[1] if found else ""
+    if found:
+        text = text[:found.start()]
+    if _QUOTES_VALUE.match(text):
+        text = f"Expected one of {_choices(schema, path.lstrip('.'))}"
+    elif text.startswith("Expected `str` matching regex "):
+        text = text.replace("\\\\", "\\")  # msgspec quotes our pattern with repr(): show it as written
+    where = f"{at}{path}" if at else path.lstrip(".")
+    return f"{where}: {text}" if where else text
+
+
+def _choices(schema: type[Model], name: str) -> str:
+    """The values the enum or Literal field ``name`` (its wire name) of ``schema`` allows."""
+    for field in msgspec.structs.fields(schema):
+        if field.encode_name == name:
+            kind = field.type
+            if isinstance(kind, type) and issubclass(kind, Enum):
+                return ", ".join(repr(member.value) for member in kind)
+            return ", ".join(repr(value) for value in get_args(kind))  # a Literal
+    return "the values this field allows"

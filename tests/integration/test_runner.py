@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from restic_manager import protocol
@@ -58,13 +59,13 @@ class Recorder:
 
 def command(job: str, job_type: str, args: dict[str, Any], repo: Path | str, *,
             password: str = PASSWORD, timeout_seconds: int = 600, initialize: bool = False) -> protocol.CommandRun:
-    return protocol.CommandRun.model_validate({
+    return msgspec.convert({
         "job": f"backups/{job}",
         "type": job_type,
         "args": args,
         "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": password}, "initialize": initialize},
         "timeoutSeconds": timeout_seconds,
-    })
+    }, protocol.CommandRun)
 
 
 async def restic_json(restic_bin: Path, repo: Path, *args: str) -> Any:
@@ -347,10 +348,10 @@ async def test_a_missing_restic_binary_fails_the_job(recorder: Recorder, repo: P
 async def test_a_refused_repository_env_fails_the_job_without_running_restic(
     runner: JobRunner, recorder: Recorder, repo: Path
 ) -> None:
-    job = protocol.CommandRun.model_validate({
+    job = msgspec.convert({
         "job": "backups/evil", "type": "prune", "args": {},
         "repository": {"url": str(repo), "env": {"RESTIC_PASSWORD": PASSWORD, "RESTIC_PASSWORD_COMMAND": "id"}},
-    })
+    }, protocol.CommandRun)
     done = await run(runner, job)
     assert done.outcome is Outcome.FAILED
     assert "RESTIC_PASSWORD_COMMAND': not allowed, it would run a command on the agent's host" in done.error

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 import pytest
 
 from restic_manager import protocol
@@ -176,7 +177,7 @@ async def test_a_refused_fire_is_an_event_and_a_count_never_a_job(controller: Co
 async def test_a_fire_for_another_namespaces_schedule_is_refused(controller: Controller) -> None:
     kube: FakeKube = controller._kube  # type: ignore[assignment]
     session = connect(controller)
-    foreign = FIRE.model_copy(update={"id": "other/nightly"})
+    foreign = msgspec.structs.replace(FIRE, id="other/nightly")
     await controller.on_message(session, frame(foreign))  # type: ignore[arg-type]
     assert kube.created == [] and controller.refused["ForeignNamespace"] == 1
 
@@ -344,7 +345,7 @@ async def test_fires_write_the_schedules_status_after_a_delay(controller: Contro
         controller.observe("schedules", "MODIFIED", schedule_body() | {
             "metadata": {**schedule_body()["metadata"], "resourceVersion": str(60 + minute)},
             "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow"}})
-        fire = FIRE.model_copy(update={"scheduled_at": FIRE.scheduled_at.replace(minute=minute)})
+        fire = msgspec.structs.replace(FIRE, scheduled_at=FIRE.scheduled_at.replace(minute=minute))
         requests.clear()
         await controller.on_message(session, frame(fire))  # type: ignore[arg-type]
         schedule_marks = [delay for plural, _, delay in requests.marks if plural == "schedules"]

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from restic_manager import protocol
@@ -26,12 +27,12 @@ BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/restic-manager", "RESTIC_
 
 def command(job_type: str, args: dict[str, Any] | None = None, *, env: dict[str, str] | None = None,
             url: str = "s3:https://s3.example.com/backups") -> protocol.CommandRun:
-    return protocol.CommandRun.model_validate({
+    return msgspec.convert({
         "job": "backups/nightly-web-01-29012345",
         "type": job_type,
         "args": args or {},
         "repository": {"url": url, "env": {"RESTIC_PASSWORD": PASSWORD, **(env or {})}},
-    })
+    }, protocol.CommandRun)
 
 
 def invocation(job_type: str, args: dict[str, Any] | None = None, **kwargs: Any) -> rules.Invocation:
@@ -161,9 +162,9 @@ def test_repository_env_cannot_take_over_the_host(name: str, value: str, problem
 
 
 def test_a_repository_without_password_is_refused_before_restic_runs() -> None:
-    run = protocol.CommandRun.model_validate({
+    run = msgspec.convert({
         "job": "backups/x", "type": "prune", "args": {}, "repository": {"url": "/srv/repo", "env": {}},
-    })
+    }, protocol.CommandRun)
     with pytest.raises(rules.InvocationError, match="repository.env has no RESTIC_PASSWORD"):
         rules.build_invocation(run, restic="restic", host="h", base_env={})
 
@@ -314,6 +315,34 @@ def test_status_lines_become_progress(raw: str, expected: Progress) -> None:
 )
 def test_summary_lines_become_a_summary(raw: str, summary: Summary, text: str) -> None:
     assert rules.parse_line(raw) == rules.Line(Kind.SUMMARY, (text,), summary=summary)
+
+
+# Python's json reads NaN, Infinity, 1e999 and integers of any size; restic prints none of them.
+@pytest.mark.parametrize(
+    ("raw", "progress", "summary"),
+    [
+        ('{"message_type":"status","percent_done":NaN,"files_done":1e999,"total_files":99999999999999999999,'
+         '"bytes_done":-1e999,"total_bytes":NaN,"seconds_elapsed":Infinity,"seconds_remaining":NaN}', Progress(), None),
+        ('{"message_type":"status","files_done":-99999999999999999999,"files_restored":3}',
+         Progress(files_done=3), None),
+        ('{"message_type":"summary","files_new":99999999999999999999,"files_changed":NaN,"files_unmodified":1e999,'
+         '"data_added":1,"total_duration":Infinity,"snapshot_id":"abcdef12"}', None,
+         Summary(snapshot_id="abcdef12", data_added=1)),
+        ('{"message_type":"summary","total_files":-99999999999999999999,"total_bytes":NaN,"seconds_elapsed":1e999,'
+         '"files_restored":1}', None, Summary()),
+    ],
+)
+def test_numbers_restic_cannot_mean_count_as_absent_so_the_operator_takes_the_report(
+    raw: str, progress: Progress | None, summary: Summary | None
+) -> None:
+    line = rules.parse_line(raw)
+    assert (line.progress, line.summary) == (progress, summary)
+    payload: protocol.Payload = (
+        line.progress.payload("a/b") if line.progress is not None else
+        protocol.JobDone(job="a/b", outcome=Outcome.SUCCEEDED, finished_at=datetime.now(timezone.utc),
+                         summary=line.summary)
+    )
+    assert protocol.decode(protocol.encode(payload)).payload == payload  # as the operator reads it
 
 
 @pytest.mark.parametrize(
