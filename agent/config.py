@@ -24,7 +24,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/restic-manager/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/restic-manager")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # An Agent is a Kubernetes object and hello's `agent` field has the same rule.
-_AGENT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_AGENT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -222,7 +222,7 @@ def _check(values: dict[str, Any], sources: dict[str, str], *, hostname: str | N
     else:
         agent_name = (hostname or socket.gethostname()).lower()
         how = "(the host name; set --agent-name to choose another)"
-    if not _AGENT_NAME.match(agent_name) or len(agent_name) > 253:
+    if not _AGENT_NAME.fullmatch(agent_name) or len(agent_name) > 253:
         raise ConfigError(f"agent name {agent_name!r} {how}: must be lowercase letters, digits, '-' and '.', "
                           "starting and ending with a letter or digit, as a Kubernetes object name")
 

@@ -128,6 +128,8 @@ def test_the_environment_can_turn_off_what_the_file_turned_on(tmp_path: Path, to
          "ca file /etc/ca.crt (from --ca-file): only used with a wss:// server"),
         (["--server", "wss://op/agent", "--agent-name", "Web_01"], {}, None,
          "agent name 'Web_01' (from --agent-name): must be lowercase letters"),
+        (["--server", "wss://op/agent", "--agent-name", "web-01\n"], {}, None,
+         "agent name 'web-01\\n' (from --agent-name): must be lowercase letters"),
         (["--server", "wss://op/agent", "--log-level", "chatty"], {}, None, "log level 'chatty' (from --log-level)"),
     ],
 )
