@@ -382,10 +382,10 @@ class Kube:
 
         Agents whose Schedules share a minute fire together, and each of that burst's job
         creates that finds no idle connection pays for a TLS handshake before its request is
-        sent: on bench/'s apiserver, 100 creates finished 100-170 ms later from a cold pool
-        than from a warm one. So shortly before every whole minute, when cron's bursts come,
-        :meth:`warm` opens or reuses that many connections; they then stay open (KEEPALIVE)
-        until the next round has used them again.
+        sent: on bench/'s apiserver, the median of 100 creates came 54-159 ms later from a
+        cold pool than from a warm one. So shortly before every whole minute, when cron's
+        bursts come, :meth:`warm` opens or reuses that many connections; they then stay open
+        (KEEPALIVE) until the next round has used them again.
         """
         while True:
             await asyncio.sleep(until_warming(time.time()))

@@ -354,6 +354,8 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
         assert can_i(kube, kubeconfig, "list", "secrets") == (not release.watched)
         # DaemonSet agents' tokens are checked by TokenReview (a cluster-scoped call).
         assert can_i(kube, kubeconfig, "create", "tokenreviews.authentication.k8s.io")
+        # Connections are kept warm with GETs of /version (Kube.keep_warm): every identity may.
+        assert can_i(kube, kubeconfig, "get", "/version")
     finally:
         if not release.watched:
             kube.kubectl("delete", "namespace", managed, "--wait=false", check=False)
