@@ -20,7 +20,7 @@ import msgspec
 from restic_manager import cron, protocol
 from restic_manager.operator.targets import SelectorError, selector_matches
 
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TYPES = ", ".join(t.value for t in protocol.JobType)
 
 
@@ -45,7 +45,7 @@ def schedule_problems(spec: Mapping[str, Any], *, schedule_id: str) -> list[str]
 
 
 def _name_problems(field: str, value: object, *, kind: str) -> list[str]:
-    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         return [f"{field} {value!r}: must be the name of a {kind} in the Schedule's own namespace "
                 "(lowercase letters, digits, '-' and '.'; no namespace part)"]
     return []
@@ -54,6 +54,9 @@ def _name_problems(field: str, value: object, *, kind: str) -> list[str]:
 def _cron_problems(expression: object, schedule_id: str) -> list[str]:
     if not isinstance(expression, str):
         return [f"spec.schedule: must be a cron expression, not {type(expression).__name__}"]
+    if len(expression) > protocol.MAX_TEXT:
+        # An agent refuses a whole set holding a longer one: every Schedule of it would stop.
+        return [f"spec.schedule: {len(expression)} characters, more than the {protocol.MAX_TEXT} an agent accepts"]
     try:
         cron.Cron(expression, "UTC", name=schedule_id)
     except cron.CronError as error:

@@ -66,7 +66,10 @@ NamespacedName = Annotated[
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z", max_length=317
     ),
 ]
-ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+# The longest text field a message may carry; the operator refuses longer cron expressions
+# in a Schedule's spec (operator/validation.py) rather than send a set its agents refuse.
+MAX_TEXT = 4096
+ShortText = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 

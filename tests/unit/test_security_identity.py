@@ -220,6 +220,11 @@ GOOD = {"agent": "web-01", "repository": "offsite", "schedule": "0 2 * * *", "ti
     ("another namespace's Agent", {"agent": "team-b/web-01"},
      ["spec.agent 'team-b/web-01': must be the name of a Agent in the Schedule's own namespace "
       "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
+    ("a name ending in a newline", {"agent": "web-01\n"},
+     ["spec.agent 'web-01\\n': must be the name of a Agent in the Schedule's own namespace "
+      "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
+    ("an expression longer than an agent accepts", {"schedule": ",".join(["0"] * 2100) + " 2 * * *"},
+     ["spec.schedule: 4207 characters, more than the 4096 an agent accepts"]),
     ("another namespace's Repository", {"repository": "team-b/offsite"},
      ["spec.repository 'team-b/offsite': must be the name of a Repository in the Schedule's own namespace "
       "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
