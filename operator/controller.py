@@ -39,6 +39,7 @@ from restic_manager.operator.store import (
     token_secret_name,
 )
 from restic_manager.operator.targets import Index, Moved, selector_problem
+from restic_manager.operator.watch import Watch
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,19 @@ class Controller:
                                      clock=clock)
         self._books: dict[str, statuses.ScheduleBook] = {}   # by Schedule uid
         self._agent_status: dict[str, dict[str, Any]] = {}  # by Agent uid: the status the operator owns
-        self._fire_locks: dict[ObjectKey, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        # By Schedule, then agent: a fire's decision reads only that agent's jobs of the Schedule,
+        # so the agents of one Schedule are decided, and their jobs created, side by side.
+        self._fire_locks: dict[ObjectKey, dict[str, asyncio.Lock]] = collections.defaultdict(
+            lambda: collections.defaultdict(asyncio.Lock))
         self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent)
         self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune)
         self.repositories = RepositoryReporter(kube, clock=clock)
         self.refused = self.metrics.fires_refused  # fire refusals by reason
         self._problems: dict[str, tuple[int, tuple[str, ...]]] = {}  # by Schedule uid: (generation, problems)
         self._primed_at: datetime | None = None
+        self._jobs_watch = Watch(kube, "resticjobs", namespaces, collection=self.store.jobs,
+                                 changed=lambda change: self._changed("resticjobs", change))
+        self._jobs_listed_at = "0"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -122,7 +129,8 @@ class Controller:
             if metrics_listen is not None:
                 tasks.create_task(metrics.serve(self.metrics, *metrics_listen), name="metrics")
             await self._prime()
-            for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
+            for name, coroutine in (("resticjob watch", self._jobs_watch.run(self._jobs_listed_at)),
+                                    ("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
                                     ("history", self._history.run()), ("repositories", self.repositories.run())):
                 tasks.create_task(coroutine, name=name)
@@ -130,10 +138,13 @@ class Controller:
     async def _prime(self) -> None:
         """List every kind once, so the view is complete before any agent is served.
 
-        kopf's watch runs meanwhile; the store keeps whichever version is newer.
+        kopf's watches run meanwhile; the store keeps whichever version is newer. ResticJobs
+        are then watched (watch.py) from the version they were listed at.
         """
         for plural in PLURALS:
             bodies, version = await self._kube.list_objects(plural, self._namespaces)
+            if plural == "resticjobs":
+                self._jobs_listed_at = version
             collection = self._collection(plural)
             scope = set(self._namespaces) if self._namespaces is not None else None
             for change in collection.reconcile_listing(bodies, version, namespaces=scope):
@@ -146,7 +157,7 @@ class Controller:
         log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
                  len(self.store.schedules.objects), len(self.store.jobs.objects))
 
-    # --- kopf's watch events ----------------------------------------------------------------
+    # --- watch events (kopf's, and watch.py's of ResticJobs) --------------------------------
 
     def observe(self, plural: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         collection = self._collection(plural)
@@ -396,7 +407,9 @@ class Controller:
             await self._decided(session, fire, frame_id, fires.decide(
                 fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock()))
             return
-        async with self._fire_locks[key]:
+        # The create's place in the first lane is taken before the decision: a storm's fires
+        # queue there cheaply, instead of each being decided before any of their creates is sent.
+        async with self._kube.first_lane(), self._fire_locks[key][session.agent.name]:
             jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
                     for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
             decision = fires.decide(

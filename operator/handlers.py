@@ -1,5 +1,7 @@
-"""kopf's side of the operator: log in, hand every watch event to the controller, and
-answer the validating admission webhook.
+"""kopf's side of the operator: log in, hand the watch events of Agents, Schedules,
+Repositories and token Secrets to the controller, and answer the validating admission webhook.
+ResticJobs, which a fire storm creates by the thousand, are watched by watch.py instead, at a
+fraction of kopf's cost per event.
 
 Only ``on.event`` handlers: the controller keeps its own view and state, so kopf needs no
 finalizers, annotations or retries of its own on these objects (the one finalizer, on
@@ -88,10 +90,6 @@ def registry(
     @kopf.on.event(GROUP, VERSION, "schedules", registry=handlers)
     async def schedule_event(event: Mapping[str, Any], **_: Any) -> None:
         controller.observe("schedules", event["type"], event["object"])
-
-    @kopf.on.event(GROUP, VERSION, "resticjobs", registry=handlers)
-    async def job_event(event: Mapping[str, Any], **_: Any) -> None:
-        controller.observe("resticjobs", event["type"], event["object"])
 
     @kopf.on.event(GROUP, VERSION, "repositories", registry=handlers)
     async def repository_event(event: Mapping[str, Any], **_: Any) -> None:

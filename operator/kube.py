@@ -11,7 +11,9 @@ credential plugin) is asked for again every :data:`TOKEN_REFRESH_INTERVAL` and a
 on a worker thread, because refreshing reads a file or runs a program. A 429 or 503 with a
 Retry-After is asked again after that wait, as client-go does (the sync client's urllib3 did
 too). ResticJob creates go first (:class:`Lanes`), and overlapping reads of one Secret share
-one GET. Nothing here blocks the event loop.
+one GET. :meth:`Kube.watch` streams a watch's events (watch.py keeps ResticJobs with it), on a
+connection pool of its own, so long-lived watches never take the calls' connections. Nothing
+here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
+import contextvars
 import logging
 import math
 import os
@@ -36,6 +38,7 @@ import aiohttp
 import kopf
 import kubernetes.client
 import kubernetes.config
+import msgspec
 
 from restic_manager.operator.store import GROUP, VERSION, ObjectKey, format_time
 
@@ -64,6 +67,11 @@ KEEPALIVE = 75.0
 WARM_LEAD = 3.0
 # No single call may hang a loop's worker for ever; a timeout is a KubeError like any other.
 REQUEST_TIMEOUT = 60.0
+# How long the apiserver keeps one watch request open (client-go asks for 5-10 minutes); the
+# watch is then made again from the last version seen. Nothing read for WATCH_SILENCE longer
+# than that means a dead connection: bookmarks come well within it.
+WATCH_TIMEOUT = 300
+WATCH_SILENCE = 60.0
 TOKEN_REFRESH_INTERVAL = 60.0
 FINALIZER_ATTEMPTS = 5
 # The apiserver answers 429 (too many requests; storage still initializing) or 503 with a
@@ -92,6 +100,10 @@ class AlreadyExists(KubeError):
 
 class Conflict(KubeError):
     pass
+
+
+class Gone(KubeError):
+    """410: a watch's version is older than the apiserver keeps; list again."""
 
 
 def load_configuration(kubeconfig: Path | None) -> kubernetes.client.Configuration:
@@ -155,17 +167,37 @@ def api_error(what: str, status: int, body: bytes) -> KubeError:
     """The exception for an error response to ``what``: its class from the status code and
     the reason in the apiserver's Status, its message with the Status's own message."""
     try:
-        parsed = json.loads(body)
-    except ValueError:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
         parsed = None
-    reported = parsed if isinstance(parsed, dict) else {}
+    return status_error(what, status, parsed if isinstance(parsed, dict) else {})
+
+
+def status_error(what: str, status: int, reported: Mapping[str, Any]) -> KubeError:
+    """The exception for a Status the apiserver ``reported`` with code ``status``."""
     reason = str(reported.get("reason") or "")
     message = str(reported.get("message") or "")[:MAX_MESSAGE]
-    kind: type[KubeError] = {404: NotFound, 409: Conflict}.get(status, KubeError)
+    kind: type[KubeError] = {404: NotFound, 409: Conflict, 410: Gone}.get(status, KubeError)
     if status == 409 and reason == "AlreadyExists":
         kind = AlreadyExists
     text = f"{what}: {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
     return kind(text, status=status)
+
+
+def watch_event(what: str, line: bytes) -> tuple[str, dict[str, Any]]:
+    """One line of a watch stream: (type, object); an ERROR event raises its Status."""
+    try:
+        event = msgspec.json.decode(line)
+        kind, obj = event["type"], event["object"]
+    except (msgspec.DecodeError, TypeError, KeyError) as error:
+        raise KubeError(f"{what}: not a watch event: {line[:MAX_MESSAGE]!r}") from error
+    if kind == "ERROR":
+        reported = obj if isinstance(obj, dict) else {}
+        code = reported.get("code")
+        raise status_error(what, code if isinstance(code, int) else 500, reported)
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        raise KubeError(f"{what}: an event of type {kind} without an object: {line[:MAX_MESSAGE]!r}")
+    return str(kind), obj
 
 
 def until_warming(now: float) -> float:
@@ -271,9 +303,9 @@ class Lanes:
 
     An agent's fire is answered once its job exists, and a fire storm is recorded fastest
     when the apiserver spends itself on the creates: while any such call waits or runs, no
-    other call starts (those already sent go on). Dispatch and status writes, which the new
-    jobs cause, follow once the creates are done. At most :data:`FIRST_IN_FLIGHT` of these
-    calls are sent at once; the rest wait their turn here.
+    other call starts (those already sent go on), and :meth:`clear` holds back the work that
+    the new jobs cause (dispatch, status writes), which would take the same CPU. At most
+    :data:`FIRST_IN_FLIGHT` of these calls are sent at once; the rest wait their turn here.
     """
 
     def __init__(self) -> None:
@@ -281,9 +313,30 @@ class Lanes:
         self._clear = asyncio.Event()
         self._clear.set()
         self._slots = asyncio.Semaphore(FIRST_IN_FLIGHT)
+        # True within hold(): the task's calls take the place it holds, whether marked first
+        # or not (a refused fire's Event, the read after an AlreadyExists), as nothing else can.
+        self._holding: contextvars.ContextVar[bool] = contextvars.ContextVar("holding a first place", default=False)
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """A place in the first lane for a whole piece of work that ends in calls marked first;
+        every call the work makes meanwhile goes in that place."""
+        async with self.enter(first=True):
+            token = self._holding.set(True)
+            try:
+                yield
+            finally:
+                self._holding.reset(token)
+
+    async def clear(self) -> None:
+        """Return once no call marked first waits or runs."""
+        await self._clear.wait()
 
     @contextlib.asynccontextmanager
     async def enter(self, *, first: bool) -> AsyncIterator[None]:
+        if self._holding.get():
+            yield
+            return
         if not first:
             await self._clear.wait()
             yield
@@ -316,13 +369,15 @@ class Kube:
             self._options["proxy"] = configuration.proxy
         self._authorization = _Authorization(configuration)
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._lanes = Lanes()
         self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -343,7 +398,7 @@ class Kube:
 
     async def _call(self, what: str, method: str, path: str, *, body: Any, content_type: str,
                     query: Mapping[str, str] | None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else msgspec.json.encode(body)
         renewed, waits = False, 0
         while True:
             generation, authorization = await self._authorization.header()
@@ -359,7 +414,7 @@ class Kube:
             elif status >= 400:
                 raise api_error(what, status, payload)
             else:
-                return json.loads(payload) if payload else None
+                return msgspec.json.decode(payload) if payload else None
 
     async def _send(self, what: str, method: str, path: str, *, data: bytes | None, content_type: str,
                     query: Mapping[str, str] | None, authorization: str | None) -> tuple[int, float | None, bytes]:
@@ -374,6 +429,50 @@ class Kube:
                                               params=query, **self._options) as response:
                 delay = retry_after(response.status, response.headers.get("Retry-After"))
                 return response.status, delay, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise KubeError(f"{what}: {type(error).__name__}: {error}") from error
+
+    def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold a place in the first lane (:class:`Lanes`) for work that ends in a ResticJob
+        create: the work waits its turn before it starts, and its calls use the place."""
+        return self._lanes.hold()
+
+    async def creates_done(self) -> None:
+        """Return once no ResticJob create (``first``) waits or runs: work that the new jobs
+        cause waits for this, so a fire storm's creates have the machine to themselves."""
+        await self._lanes.clear()
+
+    async def watch(self, plural: str, namespace: str | None,
+                    version: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The changes to ``plural`` (in ``namespace``, or everywhere) after collection version
+        ``version``, as (ADDED|MODIFIED|DELETED|BOOKMARK, object), until the apiserver ends
+        the watch (after :data:`WATCH_TIMEOUT`). A bookmark's object carries only the version
+        reached. A version the apiserver no longer keeps raises :class:`Gone`.
+        """
+        what = f"watch {plural}" + (f" in {namespace}" if namespace is not None else "")
+        query = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(WATCH_TIMEOUT)}
+        if self._watch_session is None:
+            # Unlimited: one connection per watched namespace, each open for minutes.
+            self._watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl or True))
+        generation, authorization = await self._authorization.header()
+        headers = {"Accept": JSON}
+        if authorization:
+            headers["Authorization"] = authorization
+        timeout = aiohttp.ClientTimeout(total=None, connect=REQUEST_TIMEOUT, sock_read=WATCH_TIMEOUT + WATCH_SILENCE)
+        try:
+            async with self._watch_session.get(self._host + _path(plural, namespace), params=query, headers=headers,
+                                               timeout=timeout, **self._options) as response:
+                if response.status == 401 and self._authorization.renewable:
+                    await self._authorization.renew(generation)  # for the next attempt
+                if response.status >= 400:
+                    raise api_error(what, response.status, await response.read())
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield watch_event(what, line)
         except (aiohttp.ClientError, TimeoutError) as error:
             raise KubeError(f"{what}: {type(error).__name__}: {error}") from error
 

@@ -1,7 +1,8 @@
 """The operator's in-memory view of Agents, Schedules, ResticJobs and Repositories.
 
-Fed by two sources: kopf's watch events, and one listing per kind that the operator makes
-itself at startup so it knows when its view is complete ("primed") before it serves agents.
+Fed by two sources: watch events (kopf's; watch.py's for ResticJobs), and one listing per
+kind that the operator makes itself at startup so it knows when its view is complete
+("primed") before it serves agents.
 The two may arrive in any order, so every update keeps the newer resourceVersion and a
 listing drops only objects it proves deleted (absent at a collection version newer than
 the object). Repositories come from the watch alone (no startup listing): a Repository the
@@ -315,10 +316,13 @@ class Collection(Generic[T]):
 
     def upsert(self, body: Body) -> Change[T] | None:
         """Take a newer version of an object; None when ``body`` is not newer."""
-        new = self.parse(body)
-        old = self.objects.get(new.key)
-        if old is not None and old.uid == new.uid and not _newer(new.resource_version, old.resource_version):
+        meta = body["metadata"]
+        old = self.objects.get(ObjectKey.of(body))
+        # Compared before parsing: a watch brings back each object the operator just wrote.
+        if (old is not None and old.uid == meta.get("uid", "")
+                and not _newer(meta.get("resourceVersion", ""), old.resource_version)):
             return None
+        new = self.parse(body)
         if not self.primed:
             tomb = self._tombstones.get(new.key)
             if tomb is not None and not _newer(new.resource_version, tomb):

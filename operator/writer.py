@@ -6,7 +6,8 @@ last wrote (or, the first time, from what the API showed). A mark is written at 
 a patch of that object is in flight; then every mark made meanwhile (a thousand acks for one
 Schedule) becomes one more patch after it (coalesce.py). What is only informational waits:
 a job's progress is written at most every :data:`PROGRESS_INTERVAL`, an Agent's lastSeen
-every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once.
+every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once. Nothing is
+rendered or written while fired ResticJobs are being created (:meth:`Kube.creates_done`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class StatusWriter:
         await self._loop.run()
 
     async def _write(self, target: Target) -> None:
+        await self._kube.creates_done()  # rendered and sent after a fire storm's creates
         rendered = self._render(target)
         if rendered is None:
             return

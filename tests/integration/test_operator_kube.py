@@ -4,6 +4,7 @@ The parts that need no apiserver are in tests/unit/test_operator_kube_offline.py
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,9 +14,10 @@ import kubernetes.client
 import pytest
 
 from restic_manager.operator.kube import (
-    AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, load_configuration,
+    AlreadyExists, Conflict, FinalizersSeen, Gone, Kube, KubeError, NotFound, load_configuration,
 )
-from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey
+from restic_manager.operator.store import API_VERSION, FINALIZER, Change, Job, ObjectKey, Store
+from restic_manager.operator.watch import Watch
 
 pytestmark = pytest.mark.cluster
 
@@ -103,6 +105,40 @@ async def test_list_everywhere_and_in_namespaces(api: Kube, namespace: str) -> N
     assert version.isdigit()
     here, _ = await api.list_objects("resticjobs", [namespace])
     assert sorted(item["metadata"]["name"] for item in here) == ["a", "b"]
+
+
+async def test_the_resticjob_watch_follows_creates_status_writes_and_deletes(api: Kube, namespace: str) -> None:
+    store, changes = Store(), []
+    _, version = await api.list_objects("resticjobs", [namespace])
+    watch: Watch[Job] = Watch(api, "resticjobs", [namespace], collection=store.jobs, changed=changes.append)
+    following = asyncio.ensure_future(watch.run(version))
+
+    async def until(count: int) -> list[Change[Job]]:
+        async with asyncio.timeout(30):
+            while len(changes) < count:
+                await asyncio.sleep(0.02)
+        return changes
+
+    try:
+        created = await api.create("resticjobs", restic_job(namespace, "w"))
+        key = ObjectKey(namespace, "w")
+        await until(1)  # the create shows before the status write, so the store sees both
+        await api.patch_status("resticjobs", key, {"phase": "Running"}, uid=created["metadata"]["uid"])
+        await until(2)
+        await api.delete("resticjobs", key)
+        added, written, deleted = await until(3)
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+    assert added.old is None and added.new is not None and added.new.uid == created["metadata"]["uid"]
+    assert written.new is not None and written.new.status == {"phase": "Running"}
+    assert deleted.old is not None and deleted.new is None and store.jobs.get(key) is None
+
+
+async def test_a_watch_from_a_version_the_apiserver_no_longer_keeps_is_gone(api: Kube, namespace: str) -> None:
+    with pytest.raises(Gone, match=f"watch resticjobs in {namespace}: 410"):
+        async for _ in api.watch("resticjobs", namespace, "1"):
+            pass
 
 
 async def test_secrets_are_created_read_and_listed_only_when_the_operators(

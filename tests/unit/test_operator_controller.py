@@ -3,7 +3,10 @@ status, fires into ResticJobs and Events. (The real thing end to end is tests/e2
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
@@ -27,9 +30,23 @@ class FakeKube:
     def __init__(self) -> None:
         self.secrets: dict[ObjectKey, dict[str, str]] = {}
         self.created: list[dict[str, Any]] = []
-        self.created_first: list[str] = []  # the creates that went ahead of other calls
+        self.created_first: list[str] = []  # the creates that went ahead of other calls, decided in their place
+        self.in_lane = 0
+        self.answer = asyncio.Event()  # creates are answered once it is set
+        self.answer.set()
         self.events: list[dict[str, Any]] = []
         self._rv = 100
+
+    async def creates_done(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def first_lane(self) -> AsyncIterator[None]:
+        self.in_lane += 1
+        try:
+            yield
+        finally:
+            self.in_lane -= 1
 
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
         return [], "1"
@@ -40,6 +57,9 @@ class FakeKube:
         return self.secrets[key]
 
     async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
+        if first and self.in_lane:
+            self.created_first.append(body["metadata"]["name"])
+        await self.answer.wait()
         if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
             raise AlreadyExists("409")
         self._rv += 1
@@ -47,8 +67,6 @@ class FakeKube:
                                         "resourceVersion": str(self._rv),
                                         "creationTimestamp": "2026-03-02T02:00:06Z"}}
         self.created.append(created)
-        if first:
-            self.created_first.append(body["metadata"]["name"])
         return created
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
@@ -159,6 +177,20 @@ async def test_a_fire_creates_one_job_however_often_it_comes(controller: Control
     assert status["active"] == [{"name": job["metadata"]["name"]}]
     assert status["agents"][0]["lastFireTime"] == "2026-03-02T02:00:00Z"
     assert kube.events == []
+
+
+async def test_the_agents_of_one_schedule_have_their_jobs_created_side_by_side(controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    controller.observe("agents", "ADDED", agent_body("web-02"))
+    kube.answer.clear()
+    fires = [asyncio.ensure_future(controller.on_message(connect(controller, name), frame(FIRE)))  # type: ignore[arg-type]
+             for name in ("web-01", "web-02")]
+    async with asyncio.timeout(5):
+        while len(kube.created_first) < 2:  # both sent before either is answered
+            await asyncio.sleep(0.01)
+    kube.answer.set()
+    await asyncio.gather(*fires)
+    assert sorted(job["spec"]["agent"] for job in kube.created) == ["web-01", "web-02"]
 
 
 async def test_a_refused_fire_is_an_event_and_a_count_never_a_job(controller: Controller) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -20,7 +21,7 @@ from restic_manager.operator.dispatch import (
 )
 from restic_manager.operator.kube import FinalizersSeen, NotFound
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
-from restic_manager.operator.writer import StatusWriter
+from restic_manager.operator.writer import Rendered, StatusWriter, Target
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -129,6 +130,15 @@ class FakeKube:
             ObjectKey("ns", "pw"): {"password": "hunter2"}, ObjectKey("ns", "s3"): {"AWS_ACCESS_KEY_ID": "AK"}}
         self.finalizers: list[tuple[ObjectKey, bool, FinalizersSeen | None]] = []
         self.gets: list[ObjectKey] = []
+        self.creates_clear = asyncio.Event()  # cleared: ResticJob creates are under way
+        self.patched: list[tuple[str, ObjectKey, dict[str, Any]]] = []
+        self.creates_clear.set()
+
+    async def creates_done(self) -> None:
+        await self.creates_clear.wait()
+
+    async def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any], *, uid: str) -> None:
+        self.patched.append((plural, key, status))
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
         self.gets.append(key)
@@ -201,6 +211,30 @@ async def test_a_pending_job_is_sent_to_its_connected_agent_with_credentials() -
     assert harness.phase() == "Running"
     assert "hunter2" not in repr(command)
     assert harness.kube.gets == [ObjectKey("ns", "offsite")]  # the watch had not shown the Repository
+
+
+async def test_nothing_is_dispatched_while_resticjob_creates_are_under_way() -> None:
+    harness = Harness(FakeSession())
+    harness.add(finalizer=True)
+    harness.kube.creates_clear.clear()
+    reconcile = asyncio.ensure_future(harness.dispatcher.reconcile(ObjectKey("ns", "j")))
+    await asyncio.sleep(0.05)
+    assert not reconcile.done() and harness.session.sent == []  # type: ignore[union-attr]
+    harness.kube.creates_clear.set()
+    await asyncio.wait_for(reconcile, 5)
+    assert isinstance(harness.session.sent[0], protocol.CommandRun)  # type: ignore[union-attr]
+
+
+async def test_status_writes_wait_while_resticjob_creates_are_under_way() -> None:
+    kube = FakeKube()
+    writer = StatusWriter(kube, render=lambda target: Rendered("uid-j", {}, {"phase": "Running"}))  # type: ignore[arg-type]
+    kube.creates_clear.clear()
+    writing = asyncio.ensure_future(writer._write(Target("resticjobs", ObjectKey("ns", "j"))))
+    await asyncio.sleep(0.05)
+    assert not writing.done() and kube.patched == []
+    kube.creates_clear.set()
+    await asyncio.wait_for(writing, 5)
+    assert kube.patched == [("resticjobs", ObjectKey("ns", "j"), {"phase": "Running"})]
 
 
 async def test_a_fired_job_holds_its_finalizer_already_and_is_sent_without_a_patch() -> None:

@@ -18,6 +18,7 @@ from restic_manager.operator.kube import (
     until_warming,
 )
 from restic_manager.operator.store import FINALIZER, ObjectKey
+from support.http_server import serving
 
 ERRORS = [
     # (status, body, class, message)
@@ -104,21 +105,14 @@ class HeldServer:
 @pytest.fixture
 async def held() -> AsyncIterator[tuple[HeldServer, Kube]]:
     server = HeldServer()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    server.host = f"http://127.0.0.1:{port}"
-    kube = Kube(kubernetes.client.Configuration(host=server.host))
-    try:
-        yield server, kube
-    finally:
-        server.release.set()
-        await kube.close()
-        await runner.cleanup()
+    async with serving(server.handle) as host:
+        server.host = host
+        kube = Kube(kubernetes.client.Configuration(host=host))
+        try:
+            yield server, kube
+        finally:
+            server.release.set()
+            await kube.close()
 
 
 def job(name: str = "j") -> dict[str, object]:
@@ -141,6 +135,47 @@ async def test_no_other_call_starts_while_a_job_create_is_on_its_way(held: tuple
     server.release.set()
     await asyncio.gather(create, read, plain)
     assert sorted(server.arrived[1:]) == ["GET secrets", "POST agents"]
+
+
+async def test_creates_done_waits_for_the_job_creates_on_their_way(held: tuple[HeldServer, Kube]) -> None:
+    server, kube = held
+    await asyncio.wait_for(kube.creates_done(), 5)  # none at all: at once
+    create = start(kube.create("resticjobs", job(), first=True))
+    await server.until(1)
+    done = start(kube.creates_done())
+    await asyncio.sleep(0.1)
+    assert not done.done()
+    server.release.set()
+    await asyncio.wait_for(asyncio.gather(create, done), 5)
+
+
+async def test_work_in_the_first_lane_creates_in_the_place_it_holds(
+        held: tuple[HeldServer, Kube], monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = held
+    monkeypatch.setattr(kube_module, "FIRST_IN_FLIGHT", 2)
+    kube = Kube(kubernetes.client.Configuration(host=server.host))
+
+    async def fire(name: str) -> object:
+        async with kube.first_lane():  # as a fire: its decision, then its create
+            return await kube.create("resticjobs", job(name), first=True)
+
+    async def refused() -> object:
+        async with kube.first_lane():  # as a refused fire: its Event, not marked first
+            return await kube.create("events", job("refused"))
+
+    try:
+        fires = [start(fire("j0")), start(refused()), start(fire("j1"))]
+        # A call asking for a second place, or waiting for the lane to clear, would never come.
+        await asyncio.wait_for(server.until(2), 5)
+        read = start(kube.read_secret(ObjectKey("ns", "pw")))
+        await asyncio.sleep(0.2)
+        # Both places make their calls; the third fire and the read wait.
+        assert server.arrived == ["POST resticjobs", "POST events"]
+        server.release.set()
+        await asyncio.wait_for(asyncio.gather(*fires, read), 5)
+        assert server.arrived == ["POST resticjobs", "POST events", "POST resticjobs", "GET secrets"]
+    finally:
+        await kube.close()
 
 
 async def test_a_job_create_does_not_wait_for_other_calls_on_their_way(held: tuple[HeldServer, Kube]) -> None:

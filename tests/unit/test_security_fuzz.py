@@ -18,7 +18,7 @@ import copy
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -52,6 +52,17 @@ class FakeKube:
     def jobs(self) -> int:
         with self._lock:
             return len(self.created)
+
+    async def creates_done(self) -> None:
+        return None
+
+    def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+    async def watch(self, plural: str, namespace: str | None, version: str) -> AsyncIterator[tuple[str, Any]]:
+        await asyncio.Event().wait()  # nothing changes after the listing
+        for event in ():
+            yield event
 
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
         listings: dict[str, list[Any]] = {

@@ -5,6 +5,7 @@ with ``forbidden``, counted, and changes nothing: no ResticJob, no status, no Ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +26,12 @@ class FakeKube:
     def __init__(self) -> None:
         self.created: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+
+    async def creates_done(self) -> None:
+        return None
+
+    def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
 
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
         return [], "1"
