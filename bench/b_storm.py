@@ -2,11 +2,14 @@
 
 N simulated agents each hold one every-minute Schedule and fire it in the same second.
 Throughput = N ÷ (time from the nominal second to the harness seeing the last ResticJob).
-In the same run, on the same apiserver, a plain client creates N ResticJobs of the same
-shape as fast as it can (aiohttp, 32 in flight), in a namespace the operator does not watch;
-its throughput is measured the same way. The same N are also created with the client the
+Right after, on the same apiserver, a plain client creates N ResticJobs of the same shape as
+fast as it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its
+throughput is measured the same way. The same N are also created with the client the
 operator uses (``restic_manager.operator.kube.Kube``, aiohttp with its own connection pool);
-"raw" is the faster of the two plain clients. Target: operator ≥ 80% of raw.
+"raw" is the faster of the two plain clients. That makes one round; a full run makes
+:data:`ROUNDS` of them, a minute apart, because a create rate measured on these shared cores
+swings by half from one minute to the next: the figure is the median round's ratio, and
+every round is in the results. Target: operator ≥ 80% of raw.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ NAME = "storm"
 RAW = "bench-raw"
 RAW_OWN = "bench-raw-operator-client"
 RAW_CONCURRENCY = 32
+ROUNDS = 3
 
 
 def resticjob_body(name: str, *, agent: str, schedule: str, uid: str, scheduled_at: datetime) -> dict[str, Any]:
@@ -52,19 +56,75 @@ def throughput(seen: list[float], start: float) -> float | None:
     return round(len(seen) / (max(seen) - start), 1) if seen and max(seen) > start else None
 
 
-async def timed_creates(watch: CreationWatch, n: int, create: Callable[[int], Awaitable[Any]], *,
+async def timed_creates(watch: CreationWatch, names: list[str], create: Callable[[int], Awaitable[Any]], *,
                         limit: int) -> tuple[float, list[float]]:
-    """Create n objects; (start, the moments the watch saw them)."""
+    """Create the objects ``names`` (``create(index)``); (start, the moments the watch saw them)."""
     await watch.ready.wait()
     start = time.time()
-    await bounded(range(n), create, limit=limit)
-    await watch.until_count(lambda count: count >= n, timeout=300)
-    return start, sorted(at for at, _ in watch.seen.values())
+    await bounded(range(len(names)), create, limit=limit)
+    wanted = set(names)
+    await watch.until_count(lambda _: wanted <= watch.seen.keys(), timeout=300)
+    return start, sorted(watch.seen[name][0] for name in names if name in watch.seen)
+
+
+Storm = Callable[..., Awaitable[tuple[list[float], Firer]]]
+
+
+async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, kube: Kube, names: list[str],
+                         raw_watches: dict[str, CreationWatch]) -> dict[str, Any]:
+    """One storm at the next whole minute, then the same N creates by each plain client."""
+    n = len(names)
+    minute = math.ceil((time.time() + 8) / 60) * 60
+    usage = Usage({"operator": operator.pid, **plane.pids()})
+    requests_before = await request_counts(api)
+    seen, firer = await storm(minute, timeout=600)
+    one: dict[str, Any] = {"minute": datetime.fromtimestamp(minute, timezone.utc).strftime("%H:%M"),
+                           "usage_storm": usage.read()}
+    operator_rate = throughput(seen, minute)
+    one["operator"] = {"created": len(seen), "per_second": operator_rate,
+                       "first_ms": round((seen[0] - minute) * 1000, 1) if seen else None,
+                       "last_ms": round((seen[-1] - minute) * 1000, 1) if seen else None,
+                       "fire_send_lateness_ms": summary([f.sent_at - f.scheduled_at for f in firer.sent], scale=1000)}
+    await settle(operator.pid, below_percent=10, timeout=600)
+    one["apiserver_requests_per_fire"] = per((await request_counts(api)) - requests_before, n)
+
+    at = datetime.fromtimestamp(minute, timezone.utc)
+    raw_names = [f"{names[index]}-{agent_name(index)}-{minute // 60}" for index in range(n)]
+
+    def raw_body(index: int, namespace: str) -> dict[str, Any]:
+        body = resticjob_body(raw_names[index], agent=agent_name(index), schedule=names[index],
+                              uid=f"00000000-0000-0000-0000-{index:012d}", scheduled_at=at)
+        body["metadata"]["namespace"] = namespace
+        return body
+
+    async def plain(index: int) -> None:
+        await api.create(crd(RAW, "resticjobs"), raw_body(index, RAW))
+
+    async def operator_client(index: int) -> None:
+        await kube.create("resticjobs", raw_body(index, RAW_OWN))
+
+    raw_start, raw_seen = await timed_creates(raw_watches[RAW], raw_names, plain, limit=RAW_CONCURRENCY)
+    own_start, own_seen = await timed_creates(raw_watches[RAW_OWN], raw_names, operator_client,
+                                              limit=RAW_CONCURRENCY)
+    raw_rate, own_rate = throughput(raw_seen, raw_start), throughput(own_seen, own_start)
+    one["raw"] = {"client": f"aiohttp, {RAW_CONCURRENCY} requests in flight", "created": len(raw_seen),
+                  "per_second": raw_rate}
+    one["raw_operator_client"] = {"client": f"operator/kube.py's Kube, {RAW_CONCURRENCY} requests in flight",
+                                  "created": len(own_seen), "per_second": own_rate}
+    # The apiserver's create capacity is what the faster of the two plain clients reached.
+    best = max(filter(None, (raw_rate, own_rate)), default=None)
+    one["raw_best_per_second"] = best
+    one["ratio"] = round(operator_rate / best, 3) if operator_rate and best else None
+    one["curves_s"] = {"operator": [round(x - minute, 3) for x in seen],
+                       "raw": [round(x - raw_start, 3) for x in raw_seen],
+                       "raw_operator_client": [round(x - own_start, 3) for x in own_seen]}
+    return one
 
 
 async def run(ctx: Context) -> dict[str, Any]:
     n = ctx.size(quick=200, full=1000)
-    result: dict[str, Any] = {"machine": machine(), "parameters": {"n": n, "raw_concurrency": RAW_CONCURRENCY}}
+    result: dict[str, Any] = {"machine": machine(), "parameters": {"n": n, "raw_concurrency": RAW_CONCURRENCY,
+                                                                   "rounds": ctx.size(quick=1, full=ROUNDS)}}
     async with stack(ctx, NAME) as (plane, operator, api):
         await prepare_namespace(api, NAMESPACE)
         for namespace in (RAW, RAW_OWN):
@@ -102,60 +162,25 @@ async def run(ctx: Context) -> dict[str, Any]:
                 await fired.until_count(lambda _: len(of_storm()) >= n, timeout=timeout)
                 return of_storm(), firer
 
-            minute = math.ceil((time.time() + 8) / 60) * 60
-            usage = Usage({"operator": operator.pid, **plane.pids()})
-            requests_before = await request_counts(api)
-            seen, firer = await storm(minute, timeout=600)
-            result["usage_storm"] = usage.read()
-            operator_rate = throughput(seen, minute)
-            result["operator"] = {"created": len(seen), "per_second": operator_rate,
-                                  "first_ms": round((seen[0] - minute) * 1000, 1) if seen else None,
-                                  "last_ms": round((seen[-1] - minute) * 1000, 1) if seen else None,
-                                  "fire_send_lateness_ms": summary([f.sent_at - f.scheduled_at for f in firer.sent],
-                                                                   scale=1000)}
-            await settle(operator.pid, below_percent=10, timeout=600)
-            result["apiserver_requests_per_fire"] = per((await request_counts(api)) - requests_before, n)
-
-            at = datetime.fromtimestamp(minute, timezone.utc)
-
-            def raw_body(index: int) -> dict[str, Any]:
-                return resticjob_body(f"{names[index]}-{agent_name(index)}-{minute // 60}", agent=agent_name(index),
-                                      schedule=names[index], uid=f"00000000-0000-0000-0000-{index:012d}",
-                                      scheduled_at=at)
-
-            async def plain(index: int) -> None:
-                await api.create(crd(RAW, "resticjobs"), raw_body(index))
-
-            raw_start, raw_seen = await timed_creates(raw, n, plain, limit=RAW_CONCURRENCY)
-            raw_rate = throughput(raw_seen, raw_start)
-            result["raw"] = {"client": f"aiohttp, {RAW_CONCURRENCY} requests in flight", "created": len(raw_seen),
-                             "per_second": raw_rate}
-
             configuration = kubernetes.client.Configuration()
             kubernetes.config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=configuration)
             kube = Kube(configuration)
-
-            async def operator_client(index: int) -> None:
-                body = raw_body(index)
-                body["metadata"]["namespace"] = RAW_OWN
-                await kube.create("resticjobs", body)
-
+            rounds = []
             try:
-                own_start, own_seen = await timed_creates(raw_own, n, operator_client, limit=RAW_CONCURRENCY)
+                for _ in range(result["parameters"]["rounds"]):
+                    rounds.append(await measured_round(storm, plane=plane, operator=operator, api=api, kube=kube,
+                                                       names=names, raw_watches={RAW: raw, RAW_OWN: raw_own}))
             finally:
                 await kube.close()
-            result["raw_operator_client"] = {
-                "client": f"operator/kube.py's Kube, {RAW_CONCURRENCY} requests in flight",
-                "created": len(own_seen), "per_second": throughput(own_seen, own_start)}
-            # The apiserver's create capacity is what the faster of the two plain clients reached.
-            best = max(filter(None, (raw_rate, result["raw_operator_client"]["per_second"])), default=None)
-            result["raw_best_per_second"] = best
-            result["ratio"] = round(operator_rate / best, 3) if operator_rate and best else None
-            result["targets"] = [check("storm throughput ÷ raw create throughput", result["ratio"], limit=0.8,
-                                       unit="ratio", at_most=False)]
-            result["curves_s"] = {"operator": [round(x - minute, 3) for x in seen],
-                                  "raw": [round(x - raw_start, 3) for x in raw_seen],
-                                  "raw_operator_client": [round(x - own_start, 3) for x in own_seen]}
+            result["rounds"] = rounds
+            # The median round (an odd count): its ratio is the figure, and its details stand beside it.
+            middle = sorted(rounds, key=lambda one: one["ratio"] if one["ratio"] is not None else -1)[len(rounds) // 2]
+            result.update({key: middle[key] for key in ("operator", "usage_storm", "apiserver_requests_per_fire",
+                                                       "raw", "raw_operator_client", "raw_best_per_second", "ratio",
+                                                       "curves_s")})
+            result["median_round"] = rounds.index(middle) + 1
+            result["targets"] = [check("storm throughput ÷ raw create throughput (median round)", result["ratio"],
+                                       limit=0.8, unit="ratio", at_most=False)]
 
             if ctx.wants_profile(result["targets"]):
                 minute = math.ceil((time.time() + 8) / 60) * 60
@@ -167,7 +192,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                     return await profile(operator.pid, seconds=max(5, math.ceil(last / 1000) + 2), output=stacks_file)
 
                 (again, _), stacks = await asyncio.gather(storm(minute, timeout=600), profile_storm())
-                result["profile"] = {"during": "a second storm of the same N fires, a minute later",
+                result["profile"] = {"during": "one more storm of the same N fires, after the rounds",
                                      "operator_per_second_while_profiled": throughput(again, minute), **stacks}
     return result
 
@@ -183,5 +208,6 @@ def plot(result: dict[str, Any], ax: Any) -> None:
     ax.set_xlabel("seconds from the storm's nominal time (operator) or from the first request (raw)")
     ax.set_ylabel("ResticJobs seen on a watch")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"fire storm: {result['parameters']['n']} agents fire in the same second\n"
-                 f"operator ÷ faster raw client = {result['ratio']} (target ≥ 0.8)")
+    ratios = ", ".join(str(one["ratio"]) for one in result.get("rounds", ()))
+    ax.set_title(f"fire storm: {result['parameters']['n']} agents fire in the same second; the median round\n"
+                 f"operator ÷ faster raw client = {result['ratio']} (target ≥ 0.8); rounds: {ratios}")
