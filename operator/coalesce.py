@@ -7,8 +7,9 @@ for one Schedule that arrive while its status patch is in flight make one more p
 thousand; ten Schedules applied while a ``schedule.set`` is on its way make one more push.
 :class:`Coalescer` is the pure bookkeeping (a deadline per key, marking again never
 postpones it, so a steady stream of marks still gets served; the keys being worked on and
-their follow-ups); :class:`CoalescingLoop` is the one task that sleeps until the earliest
-deadline and runs the work.
+their follow-ups; keys marked with no delay served before delayed ones already due);
+:class:`CoalescingLoop` is the one task that sleeps until the earliest deadline and runs the
+work.
 """
 
 from __future__ import annotations
@@ -25,20 +26,26 @@ K = TypeVar("K", bound=Hashable)
 log = logging.getLogger(__name__)
 
 
+URGENT, LAZY = 0, 1  # a key marked with no delay, and one marked to wait
+
+
 class Coalescer(Generic[K]):
     """Deadlines of pending keys, and the keys being worked on.
 
-    Deadlines sit in a heap of (deadline, seq, key); an entry that is no longer its key's
-    current one is dropped when it surfaces, so ``mark``, ``next_deadline`` and ``pop_due``
-    cost O(log n) however many keys are pending.
+    Of the keys whose deadline has come, those marked with no delay go first: a status write
+    that shows a change does not queue behind a thousand informational ones (lastSeen) that
+    came due a moment earlier. Deadlines sit in two heaps of (deadline, seq, key), one for
+    each kind; an entry that is no longer its key's current one is dropped when it surfaces,
+    so ``mark``, ``next_deadline`` and ``pop_due`` cost O(log n) however many keys are pending.
     """
 
     def __init__(self) -> None:
-        self._due: dict[K, tuple[float, int]] = {}  # pending key → its live heap entry's (deadline, seq)
-        self._heap: list[tuple[float, int, K]] = []
+        # Pending key → its live heap entry's (deadline, seq) and which heap holds it.
+        self._due: dict[K, tuple[float, int, int]] = {}
+        self._heaps: tuple[list[tuple[float, int, K]], list[tuple[float, int, K]]] = ([], [])
         self._seq = itertools.count()
         self._running: set[K] = set()
-        self._follow_ups: dict[K, float] = {}  # running key → deadline of the run after this one
+        self._follow_ups: dict[K, tuple[float, int]] = {}  # running key → (deadline, kind) of the run after
 
     def mark(self, key: K, *, now: float, delay: float) -> bool:
         """Ask for work on ``key`` within ``delay``; True when the earliest deadline moved earlier.
@@ -46,28 +53,29 @@ class Coalescer(Generic[K]):
         A key being worked on gets one follow-up run after the current one (not before its
         deadline), however often it is marked meanwhile.
         """
-        deadline = now + delay
+        wanted = (now + delay, URGENT if delay <= 0 else LAZY)
         if key in self._running:
-            self._follow_ups[key] = min(deadline, self._follow_ups.get(key, deadline))
+            self._follow_ups[key] = min(wanted, self._follow_ups.get(key, wanted))
             return False
-        return self._push(key, deadline)
+        return self._push(key, *wanted)
 
     def next_deadline(self) -> float | None:
-        while self._heap and not self._live(self._heap[0]):
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        tops = [top[0] for top in (self._top(URGENT), self._top(LAZY)) if top is not None]
+        return min(tops) if tops else None
 
     def pop_due(self, now: float, *, limit: int | None = None) -> list[K]:
-        """Up to ``limit`` keys whose deadline has come, earliest first.
+        """Up to ``limit`` keys whose deadline has come: those marked with no delay first,
+        each kind earliest first.
 
         They count as being worked on until :meth:`done`.
         """
         due: list[K] = []
         while limit is None or len(due) < limit:
-            deadline = self.next_deadline()
-            if deadline is None or deadline > now:
+            kind = next((kind for kind in (URGENT, LAZY)
+                         if (top := self._top(kind)) is not None and top[0] <= now), None)
+            if kind is None:
                 break
-            _, _, key = heapq.heappop(self._heap)
+            _, _, key = heapq.heappop(self._heaps[kind])
             del self._due[key]
             self._running.add(key)
             due.append(key)
@@ -78,29 +86,40 @@ class Coalescer(Generic[K]):
         self._running.discard(key)
         follow_up = self._follow_ups.pop(key, None)
         if follow_up is not None:
-            self._push(key, follow_up)
+            self._push(key, *follow_up)
 
     def __len__(self) -> int:
         """Keys waiting for their deadline (not those being worked on)."""
         return len(self._due)
 
-    def _push(self, key: K, deadline: float) -> bool:
+    def _top(self, kind: int) -> tuple[float, int, K] | None:
+        heap = self._heaps[kind]
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _push(self, key: K, deadline: float, kind: int) -> bool:
         current = self._due.get(key)
-        if current is not None and current[0] <= deadline:
-            return False  # marking again never postpones
+        if current is not None:
+            if current[0] <= deadline and current[2] <= kind:
+                return False  # marking again never postpones
+            deadline, kind = min(deadline, current[0]), min(kind, current[2])
         earliest = self.next_deadline()
         seq = next(self._seq)
-        self._due[key] = (deadline, seq)
-        heapq.heappush(self._heap, (deadline, seq, key))
-        if len(self._heap) > 2 * len(self._due) + 64:
-            # Superseded entries wait in the heap until they surface; keep them from piling up.
-            self._heap = [(when, number, pending) for pending, (when, number) in self._due.items()]
-            heapq.heapify(self._heap)
+        self._due[key] = (deadline, seq, kind)
+        heapq.heappush(self._heaps[kind], (deadline, seq, key))
+        if sum(map(len, self._heaps)) > 2 * len(self._due) + 64:
+            # Superseded entries wait in the heaps until they surface; keep them from piling up.
+            for each, heap in enumerate(self._heaps):
+                heap[:] = [(when, number, pending) for pending, (when, number, held) in self._due.items()
+                           if held == each]
+                heapq.heapify(heap)
         return earliest is None or deadline < earliest
 
     def _live(self, entry: tuple[float, int, K]) -> bool:
         deadline, seq, key = entry
-        return self._due.get(key) == (deadline, seq)
+        current = self._due.get(key)
+        return current is not None and current[:2] == (deadline, seq)
 
 
 class CoalescingLoop(Generic[K]):

@@ -61,7 +61,9 @@ class StatusWriter:
     def __init__(self, kube: Kube, *, render: Render) -> None:
         self._kube = kube
         self._render = render
-        self._written: dict[tuple[Target, str], Mapping[str, Any]] = {}
+        # By object: the uid it had and the status last written to it. A recreated object (a new
+        # uid) is patched from what the API shows, not from what its namesake was given.
+        self._written: dict[Target, tuple[str, Mapping[str, Any]]] = {}
         self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write)
 
     def mark(self, plural: str, key: ObjectKey, *, delay: float = 0.0) -> None:
@@ -69,8 +71,7 @@ class StatusWriter:
 
     def forget(self, plural: str, key: ObjectKey) -> None:
         """Drop what was written for a deleted object."""
-        for written in [w for w in self._written if w[0] == (plural, key)]:
-            del self._written[written]
+        self._written.pop(Target(plural, key), None)
 
     async def run(self) -> None:
         await self._loop.run()
@@ -80,7 +81,8 @@ class StatusWriter:
         rendered = self._render(target)
         if rendered is None:
             return
-        base = self._written.get((target, rendered.uid), rendered.seen)
+        uid, written = self._written.get(target, (None, None))
+        base = written if uid == rendered.uid and written is not None else rendered.seen
         patch = merge_patch(base, rendered.desired)
         if not patch:
             return
@@ -89,4 +91,4 @@ class StatusWriter:
         except (NotFound, Conflict):
             log.debug("%s %s (uid %s) is gone; status not written", target.plural, target.key, rendered.uid)
             return
-        self._written[(target, rendered.uid)] = rendered.desired
+        self._written[target] = (rendered.uid, rendered.desired)

@@ -55,7 +55,19 @@ def test_superseded_deadlines_do_not_pile_up() -> None:
     for step in range(10_000):  # each mark moves the same deadline earlier
         pending.mark("a", now=0.0, delay=10_000.0 - step)
     assert pending.next_deadline() == 1.0
-    assert len(pending._heap) <= 64 + 2  # the superseded entries were dropped
+    assert sum(map(len, pending._heaps)) <= 64 + 2  # the superseded entries were dropped
+
+
+def test_keys_marked_with_no_delay_go_before_others_already_due() -> None:
+    pending: Coalescer[str] = Coalescer()
+    for index in range(100):
+        pending.mark(f"last-seen-{index}", now=0.0, delay=30.0)  # informational, due at 30
+    pending.mark("applied", now=31.0, delay=0.0)  # a change to show, marked a second after
+    assert pending.next_deadline() == 30.0
+    assert pending.pop_due(31.0, limit=2) == ["applied", "last-seen-0"]
+    pending.mark("last-seen-50", now=31.0, delay=0.0)  # waiting to be informational, now a change
+    assert pending.pop_due(31.0, limit=2) == ["last-seen-50", "last-seen-1"]
+    assert len(pending) == 97
 
 
 def test_marks_made_while_a_key_is_worked_on_become_one_follow_up() -> None:

@@ -237,6 +237,23 @@ async def test_status_writes_wait_while_resticjob_creates_are_under_way() -> Non
     assert kube.patched == [("resticjobs", ObjectKey("ns", "j"), {"phase": "Running"})]
 
 
+async def test_a_status_write_patches_what_changed_since_the_last_write_to_that_very_object() -> None:
+    kube = FakeKube()
+    shown: list[Rendered] = []
+    writer = StatusWriter(kube, render=lambda target: shown[-1])  # type: ignore[arg-type]
+    target, key = Target("resticjobs", ObjectKey("ns", "j")), ObjectKey("ns", "j")
+    for rendered in (Rendered("u1", {}, {"phase": "Running", "message": "a"}),
+                     Rendered("u1", {}, {"phase": "Running", "message": "b"}),      # from the last write
+                     Rendered("u2", {"phase": "Running"}, {"phase": "Succeeded"})):  # recreated: from the API's view
+        shown.append(rendered)
+        await writer._write(target)
+    writer.forget("resticjobs", key)  # deleted: the next object of that name starts from the API's view
+    shown.append(Rendered("u3", {}, {"phase": "Succeeded"}))
+    await writer._write(target)
+    assert [status for _, _, status in kube.patched] == [
+        {"phase": "Running", "message": "a"}, {"message": "b"}, {"phase": "Succeeded"}, {"phase": "Succeeded"}]
+
+
 async def test_a_fired_job_holds_its_finalizer_already_and_is_sent_without_a_patch() -> None:
     harness = Harness(FakeSession())
     harness.add(finalizer=True)
