@@ -112,7 +112,6 @@ class Controller:
         self._primed_at: datetime | None = None
         self._jobs_watch = Watch(kube, "resticjobs", namespaces, collection=self.store.jobs,
                                  changed=lambda change: self._changed("resticjobs", change))
-        self._jobs_listed_at = "0"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -128,23 +127,23 @@ class Controller:
             tasks.create_task(self.server.serve(host, port, tls=tls, started=started), name="agent server")
             if metrics_listen is not None:
                 tasks.create_task(metrics.serve(self.metrics, *metrics_listen), name="metrics")
-            await self._prime()
-            for name, coroutine in (("resticjob watch", self._jobs_watch.run(self._jobs_listed_at)),
+            jobs_listed_at = await self._prime()
+            for name, coroutine in (("resticjob watch", self._jobs_watch.run(jobs_listed_at)),
                                     ("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
                                     ("history", self._history.run()), ("repositories", self.repositories.run())):
                 tasks.create_task(coroutine, name=name)
 
-    async def _prime(self) -> None:
-        """List every kind once, so the view is complete before any agent is served.
+    async def _prime(self) -> str:
+        """List every kind once, so the view is complete before any agent is served; the
+        version ResticJobs were listed at, which watch.py watches them from.
 
-        kopf's watches run meanwhile; the store keeps whichever version is newer. ResticJobs
-        are then watched (watch.py) from the version they were listed at.
+        kopf's watches run meanwhile; the store keeps whichever version is newer.
         """
+        listed_at: dict[str, str] = {}
         for plural in PLURALS:
             bodies, version = await self._kube.list_objects(plural, self._namespaces)
-            if plural == "resticjobs":
-                self._jobs_listed_at = version
+            listed_at[plural] = version
             collection = self._collection(plural)
             scope = set(self._namespaces) if self._namespaces is not None else None
             for change in collection.reconcile_listing(bodies, version, namespaces=scope):
@@ -156,6 +155,7 @@ class Controller:
             self._agents.mark(agent.key, delay=RECONNECT_GRACE)
         log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
                  len(self.store.schedules.objects), len(self.store.jobs.objects))
+        return listed_at["resticjobs"]
 
     # --- watch events (kopf's, and watch.py's of ResticJobs) --------------------------------
 

@@ -184,6 +184,16 @@ def status_error(what: str, status: int, reported: Mapping[str, Any]) -> KubeErr
     return kind(text, status=status)
 
 
+def request_headers(authorization: str | None, *, content_type: str | None = None) -> dict[str, str]:
+    """A call's headers: JSON back, the body's type if it has one, the login if there is one."""
+    headers = {"Accept": JSON}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if authorization:
+        headers["Authorization"] = authorization
+    return headers
+
+
 def watch_event(what: str, line: bytes) -> tuple[str, dict[str, Any]]:
     """One line of a watch stream: (type, object); an ERROR event raises its Status."""
     try:
@@ -419,11 +429,7 @@ class Kube:
     async def _send(self, what: str, method: str, path: str, *, data: bytes | None, content_type: str,
                     query: Mapping[str, str] | None, authorization: str | None) -> tuple[int, float | None, bytes]:
         """The response's status, how long it asks to wait before a retry (if it does), its body."""
-        headers = {"Accept": JSON}
-        if data is not None:
-            headers["Content-Type"] = content_type
-        if authorization:
-            headers["Authorization"] = authorization
+        headers = request_headers(authorization, content_type=None if data is None else content_type)
         try:
             async with self._client().request(method, self._host + path, data=data, headers=headers,
                                               params=query, **self._options) as response:
@@ -456,9 +462,7 @@ class Kube:
             # Unlimited: one connection per watched namespace, each open for minutes.
             self._watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl or True))
         generation, authorization = await self._authorization.header()
-        headers = {"Accept": JSON}
-        if authorization:
-            headers["Authorization"] = authorization
+        headers = request_headers(authorization)
         timeout = aiohttp.ClientTimeout(total=None, connect=REQUEST_TIMEOUT, sock_read=WATCH_TIMEOUT + WATCH_SILENCE)
         try:
             async with self._watch_session.get(self._host + _path(plural, namespace), params=query, headers=headers,
