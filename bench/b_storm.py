@@ -15,7 +15,9 @@ every round is in the results. Target: operator ≥ 80% of raw.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -39,6 +41,7 @@ RAW = "bench-raw"
 RAW_OWN = "bench-raw-operator-client"
 RAW_CONCURRENCY = 32
 ROUNDS = 3
+STORM_LEAD = 0.5  # the storm's CPU and requests are counted from this long before its nominal second
 
 
 def resticjob_body(name: str, *, agent: str, schedule: str, uid: str, scheduled_at: datetime) -> dict[str, Any]:
@@ -75,11 +78,19 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     """One storm at the next whole minute, then the same N creates by each plain client."""
     n = len(names)
     minute = math.ceil((time.time() + 8) / 60) * 60
-    usage = Usage({"operator": operator.pid, **plane.pids()})
     requests_before = await request_counts(api)
+
+    async def storm_start() -> tuple[Usage, collections.Counter[str]]:
+        await asyncio.sleep(max(0.0, minute - STORM_LEAD - time.time()))
+        return Usage({"operator": operator.pid, **plane.pids(), "harness": os.getpid()}), await request_counts(api)
+
+    started = asyncio.create_task(storm_start())
     seen, firer = await storm(minute, timeout=600)
+    usage, requests_at_start = await started
     one: dict[str, Any] = {"minute": datetime.fromtimestamp(minute, timezone.utc).strftime("%H:%M"),
                            "usage_storm": usage.read()}
+    # What the apiserver served besides the creates while they ran, until the last ResticJob was seen.
+    one["apiserver_requests_per_fire_in_storm"] = per((await request_counts(api)) - requests_at_start, n)
     operator_rate = throughput(seen, minute)
     one["operator"] = {"created": len(seen), "per_second": operator_rate,
                        "first_ms": round((seen[0] - minute) * 1000, 1) if seen else None,
@@ -103,14 +114,17 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     async def operator_client(index: int) -> None:
         await kube.create("resticjobs", raw_body(index, RAW_OWN))
 
+    usage = Usage({**plane.pids(), "harness": os.getpid()})
     raw_start, raw_seen = await timed_creates(raw_watches[RAW], raw_names, plain, limit=RAW_CONCURRENCY)
+    raw_usage, usage = usage.read(), Usage({**plane.pids(), "harness": os.getpid()})
     own_start, own_seen = await timed_creates(raw_watches[RAW_OWN], raw_names, operator_client,
                                               limit=RAW_CONCURRENCY)
+    own_usage = usage.read()
     raw_rate, own_rate = throughput(raw_seen, raw_start), throughput(own_seen, own_start)
     one["raw"] = {"client": f"aiohttp, {RAW_CONCURRENCY} requests in flight", "created": len(raw_seen),
-                  "per_second": raw_rate}
+                  "per_second": raw_rate, "usage": raw_usage}
     one["raw_operator_client"] = {"client": f"operator/kube.py's Kube, {RAW_CONCURRENCY} requests in flight",
-                                  "created": len(own_seen), "per_second": own_rate}
+                                  "created": len(own_seen), "per_second": own_rate, "usage": own_usage}
     # The apiserver's create capacity is what the faster of the two plain clients reached.
     best = max(filter(None, (raw_rate, own_rate)), default=None)
     one["raw_best_per_second"] = best

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from restic_manager.operator.store import Collection, ObjectKey, Repository, Schedule, Store, parse_time
+from restic_manager.operator.store import Collection, ObjectKey, Repository, Schedule, Store, format_time, parse_time
 
 
 def body(name: str, rv: int, *, uid: str | None = None, generation: int = 1, namespace: str = "ns") -> dict[str, Any]:
@@ -156,3 +157,11 @@ def test_a_repository_is_kept_as_its_spec_says() -> None:
     repository = store.repositories.get(ObjectKey("ns", "offsite"))
     assert repository == Repository(ObjectKey("ns", "offsite"), "u", "2", {
         "url": "s3:host/bucket", "passwordSecretRef": {"name": "pw", "key": "password"}})
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                    timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=-7, minutes=-30))])))
+def test_times_are_written_in_utc_to_the_second_as_kubernetes_writes_them(moment: datetime) -> None:
+    text = format_time(moment)
+    assert len(text) == 20 and text.endswith("Z")
+    assert parse_time(text) == moment.astimezone(timezone.utc).replace(microsecond=0)
