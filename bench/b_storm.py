@@ -2,9 +2,10 @@
 
 N simulated agents each hold one every-minute Schedule and fire it in the same second.
 Throughput = N ÷ (time from the nominal second to the harness seeing the last ResticJob).
-Right after, on the same apiserver, a plain client creates N ResticJobs of the same shape as
-fast as it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its
-throughput is measured the same way. The same N are also created with the client the
+Right after, on the same apiserver, a plain client creates the same N ResticJobs as fast as
+it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its throughput is
+measured the same way. "The same" is the operator's own ``fires.job_body``: each job owned by
+a Schedule of its namespace (N inert Schedules are made there for that), with the finalizer. The same N are also created with the client the
 operator uses (``restic_manager.operator.kube.Kube``, aiohttp with its own connection pool);
 "raw" is the faster of the two plain clients. That makes one round; a full run makes
 :data:`ROUNDS` of them, a minute apart, because a create rate measured on these shared cores
@@ -26,14 +27,16 @@ from typing import Any
 import kubernetes.client
 import kubernetes.config
 
+from restic_manager.operator.fires import job_body
 from restic_manager.operator.kube import Kube
+from restic_manager.operator.store import Schedule
 
 from cluster import Usage, profile, settle
 from common import NAMESPACE, Context, background, machine, stack
 from kubeapi import bounded, crd, per, request_counts
 from simfleet import Fleet, Firer
 from stats import check, summary
-from world import API_VERSION, REPOSITORY, TEMPLATE, AppliedWatch, CreationWatch, agent_name, agents_with_tokens, \
+from world import AppliedWatch, CreationWatch, agent_name, agents_with_tokens, \
     create_schedule, prepare_namespace, schedule_body
 
 NAME = "storm"
@@ -42,17 +45,6 @@ RAW_OWN = "bench-raw-operator-client"
 RAW_CONCURRENCY = 32
 ROUNDS = 3
 STORM_LEAD = 0.5  # the storm's CPU and requests are counted from this long before its nominal second
-
-
-def resticjob_body(name: str, *, agent: str, schedule: str, uid: str, scheduled_at: datetime) -> dict[str, Any]:
-    """The shape of a fired ResticJob (operator/fires.py job_body), without the ownerReference:
-    a reference into another namespace would only feed the garbage collector."""
-    return {"apiVersion": API_VERSION, "kind": "ResticJob",
-            "metadata": {"name": name, "labels": {"resticmanager.io/schedule": schedule,
-                                                  "resticmanager.io/agent": agent}},
-            "spec": {**TEMPLATE, "agent": agent, "repository": REPOSITORY,
-                     "scheduleRef": {"name": schedule, "uid": uid},
-                     "scheduledAt": scheduled_at.strftime("%Y-%m-%dT%H:%M:%SZ")}}
 
 
 def throughput(seen: list[float], start: float) -> float | None:
@@ -73,8 +65,23 @@ async def timed_creates(watch: CreationWatch, names: list[str], create: Callable
 Storm = Callable[..., Awaitable[tuple[list[float], Firer]]]
 
 
+async def owners(api: Any, namespace: str, names: list[str]) -> list[Schedule]:
+    """The Schedules ``names`` in ``namespace``, which no operator watches: the plain clients'
+    jobs are owned by them as the fired ones are by theirs."""
+    made: dict[int, Schedule] = {}
+
+    async def create(index: int) -> None:
+        await create_schedule(api, namespace, schedule_body(names[index], agent=agent_name(index),
+                                                            expression="* * * * *"))
+        made[index] = Schedule.from_body(await api.get(crd(namespace, "schedules", names[index])))
+
+    await bounded(range(len(names)), create, limit=32)
+    return [made[index] for index in range(len(names))]
+
+
 async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, kube: Kube, names: list[str],
-                         raw_watches: dict[str, CreationWatch]) -> dict[str, Any]:
+                         raw_watches: dict[str, CreationWatch], raw_owners: dict[str, list[Schedule]]
+                         ) -> dict[str, Any]:
     """One storm at the next whole minute, then the same N creates by each plain client."""
     n = len(names)
     minute = math.ceil((time.time() + 8) / 60) * 60
@@ -103,10 +110,7 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     raw_names = [f"{names[index]}-{agent_name(index)}-{minute // 60}" for index in range(n)]
 
     def raw_body(index: int, namespace: str) -> dict[str, Any]:
-        body = resticjob_body(raw_names[index], agent=agent_name(index), schedule=names[index],
-                              uid=f"00000000-0000-0000-0000-{index:012d}", scheduled_at=at)
-        body["metadata"]["namespace"] = namespace
-        return body
+        return job_body(raw_owners[namespace][index], agent=agent_name(index), name=raw_names[index], scheduled_at=at)
 
     async def plain(index: int) -> None:
         await api.create(crd(RAW, "resticjobs"), raw_body(index, RAW))
@@ -141,9 +145,12 @@ async def run(ctx: Context) -> dict[str, Any]:
                                                                    "rounds": ctx.size(quick=1, full=ROUNDS)}}
     async with stack(ctx, NAME) as (plane, operator, api):
         await prepare_namespace(api, NAMESPACE)
+        names = [f"storm-{i:05d}" for i in range(n)]
+        raw_owners = {}
         for namespace in (RAW, RAW_OWN):
             await api.ensure("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                     "metadata": {"name": namespace}})
+            raw_owners[namespace] = await owners(api, namespace, names)
         agents = await agents_with_tokens(api, NAMESPACE, range(n), timeout=900)
         fleet = Fleet(agents, url=operator.url)
         applied = AppliedWatch(api, NAMESPACE)
@@ -152,7 +159,6 @@ async def run(ctx: Context) -> dict[str, Any]:
         raw_own = CreationWatch(api, crd(RAW_OWN, "resticjobs"), lambda job: None)
         async with background(fleet.run(), applied.run(), fired.run(), raw.run(), raw_own.run()):
             await fleet.until("all connected and acked", lambda: fleet.acked() >= n, timeout=900)
-            names = [f"storm-{i:05d}" for i in range(n)]
 
             async def create(index: int) -> None:
                 await create_schedule(api, NAMESPACE, schedule_body(names[index], agent=agent_name(index),
@@ -183,7 +189,8 @@ async def run(ctx: Context) -> dict[str, Any]:
             try:
                 for _ in range(result["parameters"]["rounds"]):
                     rounds.append(await measured_round(storm, plane=plane, operator=operator, api=api, kube=kube,
-                                                       names=names, raw_watches={RAW: raw, RAW_OWN: raw_own}))
+                                                       names=names, raw_watches={RAW: raw, RAW_OWN: raw_own},
+                                                       raw_owners=raw_owners))
             finally:
                 await kube.close()
             result["rounds"] = rounds

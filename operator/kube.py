@@ -1,9 +1,9 @@
 """Kubernetes API access for the operator's own writes.
 
 kopf watches; everything the operator writes besides (ResticJobs, status, finalizers, token
-Secrets, Events) and the few reads it makes go through here: JSON over one aiohttp session
-whose connection pool (:data:`POOL_SIZE`) is large enough for a storm of fires' creates next
-to the dispatch and status traffic. The login is the ``kubernetes`` client's Configuration
+Secrets, Events) and the few reads it makes go through here: JSON over keep-alive HTTP/1.1
+connections (http1.py, cheaper per call than aiohttp) whose pool (:data:`POOL_SIZE`) is large
+enough for a storm of fires' creates next to the dispatch and status traffic. The login is the ``kubernetes`` client's Configuration
 (a kubeconfig or the in-cluster ServiceAccount), the same one kopf's login is derived from:
 host, CA or no verification, client certificate, bearer token or basic auth. A token the
 Configuration can refresh (the in-cluster token file, which the kubelet rotates; a kubeconfig's
@@ -11,8 +11,8 @@ credential plugin) is asked for again every :data:`TOKEN_REFRESH_INTERVAL` and a
 on a worker thread, because refreshing reads a file or runs a program. A 429 or 503 with a
 Retry-After is asked again after that wait, as client-go does (the sync client's urllib3 did
 too). ResticJob creates go first (:class:`Lanes`), and overlapping reads of one Secret share
-one GET. :meth:`Kube.watch` streams a watch's events (watch.py keeps ResticJobs with it), on a
-connection pool of its own, so long-lived watches never take the calls' connections. Nothing
+one GET. :meth:`Kube.watch` streams a watch's events (watch.py keeps ResticJobs with it) on
+aiohttp, with connections of its own, so long-lived watches never take the calls' connections. Nothing
 here blocks the event loop.
 """
 
@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import kopf
@@ -40,6 +40,7 @@ import kubernetes.client
 import kubernetes.config
 import msgspec
 
+from restic_manager.operator.http1 import HttpError, Pool
 from restic_manager.operator.store import GROUP, VERSION, ObjectKey, format_time
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ POOL_SIZE = 64
 FIRST_IN_FLIGHT = 32
 # How long an idle connection is kept: opening 64 TLS connections at once costs a storm a few
 # hundred milliseconds, and fires come once a minute. Below the apiserver's own idle timeout
-# (90 s), so it is the client that closes, never a request sent on a connection being closed.
+# (90 s), so no request goes out on a connection the apiserver is closing (http1.py).
 KEEPALIVE = 75.0
 # How long before each whole minute Kube.keep_warm makes its round: enough for the round to
 # finish first. Once a minute is within KEEPALIVE, so the pool never closes those as idle.
@@ -378,24 +379,23 @@ class Kube:
         if configuration.proxy:
             self._options["proxy"] = configuration.proxy
         self._authorization = _Authorization(configuration)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._watch_session: aiohttp.ClientSession | None = None
         self._lanes = Lanes()
         self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
 
     async def close(self) -> None:
-        for session in (self._session, self._watch_session):
-            if session is not None:
-                await session.close()
-        self._session = self._watch_session = None
+        if self._pool is not None:
+            await self._pool.close()
+        if self._watch_session is not None:
+            await self._watch_session.close()
+        self._pool = self._watch_session = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=POOL_SIZE, keepalive_timeout=KEEPALIVE, ssl=self._ssl or True),
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-            )
-        return self._session
+    def _connections(self) -> Pool:
+        if self._pool is None:
+            self._pool = Pool(self._host, ssl_context=self._ssl, server_hostname=self._options.get("server_hostname"),
+                              proxy=self._options.get("proxy"), limit=POOL_SIZE, keepalive=KEEPALIVE)
+        return self._pool
 
     async def _request(
         self, what: str, method: str, path: str, *, body: Any = None, content_type: str = JSON,
@@ -430,13 +430,13 @@ class Kube:
                     query: Mapping[str, str] | None, authorization: str | None) -> tuple[int, float | None, bytes]:
         """The response's status, how long it asks to wait before a retry (if it does), its body."""
         headers = request_headers(authorization, content_type=None if data is None else content_type)
+        target = f"{path}?{urlencode(query)}" if query else path
         try:
-            async with self._client().request(method, self._host + path, data=data, headers=headers,
-                                              params=query, **self._options) as response:
-                delay = retry_after(response.status, response.headers.get("Retry-After"))
-                return response.status, delay, await response.read()
-        except (aiohttp.ClientError, TimeoutError) as error:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                response = await self._connections().request(method, target, headers, data)
+        except (HttpError, OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
             raise KubeError(f"{what}: {type(error).__name__}: {error}") from error
+        return response.status, retry_after(response.status, response.headers.get("retry-after")), response.body
 
     def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold a place in the first lane (:class:`Lanes`) for work that ends in a ResticJob

@@ -294,3 +294,40 @@ async def test_a_token_without_rights_is_refused_with_403_not_not_found(kube: An
         assert f"get resticjobs {namespace}/j: 403 Forbidden" in str(raised.value)
     finally:
         await api.close()
+
+
+async def test_calls_reach_the_apiserver_through_a_connect_proxy(kube: Any, namespace: str) -> None:
+    tunnels: list[bytes] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(request.split(b"\r\n")[0])
+        host, _, port = request.split(b" ")[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(relay(reader, upstream_writer), relay(upstream_reader, writer))
+
+    listening = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    configuration = load_configuration(Path(kube.kubeconfig))
+    configuration.proxy = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    client = Kube(configuration)
+    try:
+        created = await client.create("resticjobs", restic_job(namespace, "through-proxy"))
+        listed, _ = await client.list_objects("resticjobs", [namespace])
+    finally:
+        await client.close()
+        listening.close()
+    assert [item["metadata"]["uid"] for item in listed] == [created["metadata"]["uid"]]
+    apiserver = configuration.host.removeprefix("https://")
+    assert tunnels and all(line == f"CONNECT {apiserver} HTTP/1.1".encode() for line in tunnels)
