@@ -13,8 +13,8 @@ CONNECT for an https apiserver and with absolute-form requests for an http one.
 
 Lifecycle: :meth:`Pool.request` takes an idle connection (the most recently used first) or
 opens one, at most ``limit`` at once; the response's end gives the connection back, unless
-it is to close. A connection idle for ``keepalive`` seconds is closed when next looked at; one
-the server closed while idle is dropped, and a request whose reused connection turns out to
+it is to close. Connections idle for ``keepalive`` seconds are closed at the next request;
+one the server closed while idle is dropped, and a request whose reused connection turns out to
 be closed before any answer came is sent once more on a new one (the server never saw it).
 A request that fails or is cancelled midway closes its connection: its answer may still come.
 """
@@ -290,9 +290,13 @@ class Pool:
 
     def _take_idle(self) -> Connection | None:
         now = self._clock()
+        # The list is in the order connections were released: those idle too long are at its
+        # start, and are closed here even when the pool never reaches down to them.
+        while self._idle and (self._idle[0].lost or now - self._idle[0].idle_since >= self._keepalive):
+            self._discard(self._idle.pop(0))
         while self._idle:
             connection = self._idle.pop()
-            if not connection.lost and now - connection.idle_since < self._keepalive:
+            if not connection.lost:
                 return connection
             self._discard(connection)
         return None

@@ -366,8 +366,8 @@ class Lanes:
 class Kube:
     """Async wrappers over the API calls the operator makes.
 
-    Built before the loop runs (it reads the CA and client certificate files then); its HTTP
-    session is opened by the first call, on the running loop, and closed by :meth:`close`.
+    Built before the loop runs (it reads the CA and client certificate files then); its
+    connections are opened by the calls, on the running loop, and closed by :meth:`close`.
     """
 
     def __init__(self, configuration: kubernetes.client.Configuration) -> None:
@@ -379,23 +379,18 @@ class Kube:
         if configuration.proxy:
             self._options["proxy"] = configuration.proxy
         self._authorization = _Authorization(configuration)
-        self._pool: Pool | None = None
+        # Made now, so that a host or proxy it cannot serve is refused at start.
+        self._pool = Pool(self._host, ssl_context=self._ssl, server_hostname=configuration.tls_server_name or None,
+                          proxy=configuration.proxy or None, limit=POOL_SIZE, keepalive=KEEPALIVE)
         self._watch_session: aiohttp.ClientSession | None = None
         self._lanes = Lanes()
         self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self._pool.close()
         if self._watch_session is not None:
             await self._watch_session.close()
-        self._pool = self._watch_session = None
-
-    def _connections(self) -> Pool:
-        if self._pool is None:
-            self._pool = Pool(self._host, ssl_context=self._ssl, server_hostname=self._options.get("server_hostname"),
-                              proxy=self._options.get("proxy"), limit=POOL_SIZE, keepalive=KEEPALIVE)
-        return self._pool
+        self._watch_session = None
 
     async def _request(
         self, what: str, method: str, path: str, *, body: Any = None, content_type: str = JSON,
@@ -433,7 +428,7 @@ class Kube:
         target = f"{path}?{urlencode(query)}" if query else path
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                response = await self._connections().request(method, target, headers, data)
+                response = await self._pool.request(method, target, headers, data)
         except (HttpError, OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
             raise KubeError(f"{what}: {type(error).__name__}: {error}") from error
         return response.status, retry_after(response.status, response.headers.get("retry-after")), response.body

@@ -39,6 +39,7 @@ import build  # noqa: E402  (testbin/build.py, next to this file)
 
 CRDS = REPO / "crds"
 STARTUP_TIMEOUT = 120.0
+KCM_ATTEMPTS = 3
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -142,7 +143,7 @@ class ControlPlane(Cluster):
         pki = self.directory / "pki"
         make_certificates(pki)
         self.logs.mkdir(parents=True, exist_ok=True)
-        etcd_port, peer_port, api_port, kcm_port = free_port(), free_port(), free_port(), free_port()
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         self.server = f"https://127.0.0.1:{api_port}"
         write_kubeconfig(self.kubeconfig, server=self.server, pki=pki)
         self._spawn("etcd", [
@@ -168,25 +169,55 @@ class ControlPlane(Cluster):
             "--v=1",
         ], detach=detach)
         self._wait_ready()
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
-            "--leader-elect=false",
-            "--controllers=garbagecollector,job,cronjob,namespace,serviceaccount,serviceaccount-token",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            "--use-service-account-credentials=false",
-            "--concurrent-gc-syncs=5",
-            "--v=1",
-        ], detach=detach)
+        self._start_controller_manager(detach=detach)
         self.install_crds()
         (self.directory / "pids").write_text(
             json.dumps({name: process.pid for name, process in self.processes.items()})
         )
 
-    def _spawn(self, name: str, args: list[str], *, detach: bool) -> None:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (the child holds it)
+    def _start_controller_manager(self, *, detach: bool) -> None:
+        """Start it and wait until it serves. Its port is picked only now, and picked again
+        if it was taken meanwhile: while the apiserver started, its own connections to etcd
+        may have been given that port as theirs."""
+        pki = self.directory / "pki"
+        for attempt in range(1, KCM_ATTEMPTS + 1):
+            port = free_port()
+            self._spawn("kube-controller-manager", [
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+                "--bind-address=127.0.0.1", f"--secure-port={port}",
+                "--leader-elect=false",
+                "--controllers=garbagecollector,job,cronjob,namespace,serviceaccount,serviceaccount-token",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--concurrent-gc-syncs=5",
+                "--v=1",
+            ], detach=detach, append=attempt > 1)
+            if self._serving(("kube-controller-manager",), f"https://127.0.0.1:{port}/healthz",
+                             ssl._create_unverified_context()):  # its serving certificate is self-signed
+                return
+        raise ControlPlaneError(f"kube-controller-manager did not start in {KCM_ATTEMPTS} attempts; "
+                                f"see {self.logs / 'kube-controller-manager.log'}")
+
+    def _serving(self, names: tuple[str, ...], url: str, context: ssl.SSLContext) -> bool:
+        """Whether ``url`` answers 200 within the timeout; False as soon as one of ``names`` exits."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        last_error = ""
+        while time.monotonic() < deadline:
+            if any(self.processes[name].poll() is not None for name in names):
+                return False
+            try:
+                with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                    if response.status == 200:
+                        return True
+            except (urllib.error.URLError, OSError) as error:
+                last_error = str(error)
+            time.sleep(0.25)
+        raise ControlPlaneError(f"{url} not served after {STARTUP_TIMEOUT:.0f}s ({last_error}); see {self.logs}")
+
+    def _spawn(self, name: str, args: list[str], *, detach: bool, append: bool = False) -> None:
+        log = open(self.logs / f"{name}.log", "ab" if append else "wb")  # noqa: SIM115 (the child holds it)
         self.processes[name] = subprocess.Popen(
             [str(self.binaries[name]), *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=detach,
@@ -197,20 +228,10 @@ class ControlPlane(Cluster):
         pki = self.directory / "pki"
         context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        last_error = ""
-        while time.monotonic() < deadline:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    raise ControlPlaneError(f"{name} exited with {process.returncode}; see {self.logs / (name + '.log')}")
-            try:
-                with urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as error:
-                last_error = str(error)
-            time.sleep(0.25)
-        raise ControlPlaneError(f"kube-apiserver not ready after {STARTUP_TIMEOUT:.0f}s ({last_error}); see {self.logs}")
+        if not self._serving(("etcd", "kube-apiserver"), f"{self.server}/readyz", context):
+            name, process = next((name, process) for name, process in self.processes.items()
+                                 if process.poll() is not None)
+            raise ControlPlaneError(f"{name} exited with {process.returncode}; see {self.logs / (name + '.log')}")
 
     def stop(self) -> None:
         # The controller-manager and apiserver first, etcd last, so nothing logs a lost etcd.

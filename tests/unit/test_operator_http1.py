@@ -288,3 +288,20 @@ def test_urls_that_cannot_be_served_are_refused_up_front() -> None:
         Pool("ftp://x", ssl_context=None, limit=1, keepalive=1)
     with pytest.raises(ValueError, match="only an http:// proxy"):
         Pool("https://x", ssl_context=None, proxy="socks5://p:1080", limit=1, keepalive=1)
+
+
+async def test_connections_left_idle_past_keepalive_are_closed_at_the_next_request() -> None:
+    now = [0.0]
+    async with scripted(ok()) as (server, address):
+        pool = Pool(f"http://{address}", ssl_context=None, limit=4, keepalive=75, clock=lambda: now[0])
+        try:
+            await asyncio.gather(*(pool.request("GET", "/", {}, None) for _ in range(3)))
+            assert len(pool._idle) == 3
+            now[0] = 60.0
+            await pool.request("GET", "/", {}, None)  # takes the last released; two wait beneath it
+            now[0] = 100.0
+            await pool.request("GET", "/", {}, None)
+            assert len(pool._idle) == 1 and len(pool._open) == 1  # the two below closed, not kept for ever
+        finally:
+            await pool.close()
+    assert server.connections == 3
