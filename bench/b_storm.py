@@ -5,9 +5,10 @@ Throughput = N ÷ (time from the nominal second to the harness seeing the last R
 Right after, on the same apiserver, a plain client creates the same N ResticJobs as fast as
 it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its throughput is
 measured the same way. "The same" is the operator's own ``fires.job_body``: each job owned by
-a Schedule of its namespace (N inert Schedules are made there for that), with the finalizer. The same N are also created with the client the
-operator uses (``restic_manager.operator.kube.Kube``, aiohttp with its own connection pool);
-"raw" is the faster of the two plain clients. That makes one round; a full run makes
+a Schedule of its namespace (N inert Schedules are made there for that), with the finalizer.
+The same N are also created with the client the operator uses
+(``restic_manager.operator.kube.Kube``, on operator/http1.py's connections); "raw" is the
+faster of the two plain clients. That makes one round; a full run makes
 :data:`ROUNDS` of them, a minute apart, because a create rate measured on these shared cores
 swings by half from one minute to the next: the figure is the median round's ratio, and
 every round is in the results. Target: operator ≥ 80% of raw.

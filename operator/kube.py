@@ -3,17 +3,18 @@
 kopf watches; everything the operator writes besides (ResticJobs, status, finalizers, token
 Secrets, Events) and the few reads it makes go through here: JSON over keep-alive HTTP/1.1
 connections (http1.py, cheaper per call than aiohttp) whose pool (:data:`POOL_SIZE`) is large
-enough for a storm of fires' creates next to the dispatch and status traffic. The login is the ``kubernetes`` client's Configuration
-(a kubeconfig or the in-cluster ServiceAccount), the same one kopf's login is derived from:
-host, CA or no verification, client certificate, bearer token or basic auth. A token the
+enough for a storm of fires' creates next to the dispatch and status traffic. The login is
+the ``kubernetes`` client's Configuration (a kubeconfig or the in-cluster ServiceAccount), the
+same one kopf's login is derived from: host, CA or no verification, client certificate,
+bearer token or basic auth. A token the
 Configuration can refresh (the in-cluster token file, which the kubelet rotates; a kubeconfig's
 credential plugin) is asked for again every :data:`TOKEN_REFRESH_INTERVAL` and after a 401,
 on a worker thread, because refreshing reads a file or runs a program. A 429 or 503 with a
 Retry-After is asked again after that wait, as client-go does (the sync client's urllib3 did
 too). ResticJob creates go first (:class:`Lanes`), and overlapping reads of one Secret share
 one GET. :meth:`Kube.watch` streams a watch's events (watch.py keeps ResticJobs with it) on
-aiohttp, with connections of its own, so long-lived watches never take the calls' connections. Nothing
-here blocks the event loop.
+aiohttp, with connections of its own, so long-lived watches never take the calls'
+connections. Nothing here blocks the event loop.
 """
 
 from __future__ import annotations
@@ -380,8 +381,8 @@ class Kube:
             self._options["proxy"] = configuration.proxy
         self._authorization = _Authorization(configuration)
         # Made now, so that a host or proxy it cannot serve is refused at start.
-        self._pool = Pool(self._host, ssl_context=self._ssl, server_hostname=configuration.tls_server_name or None,
-                          proxy=configuration.proxy or None, limit=POOL_SIZE, keepalive=KEEPALIVE)
+        self._pool = Pool(self._host, ssl_context=self._ssl, server_hostname=self._options.get("server_hostname"),
+                          proxy=self._options.get("proxy"), limit=POOL_SIZE, keepalive=KEEPALIVE)
         self._watch_session: aiohttp.ClientSession | None = None
         self._lanes = Lanes()
         self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
