@@ -159,6 +159,14 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """The whole machine's CPU ticks so far, from /proc/stat: (all, busy, stolen). Stolen time is
+    what the hypervisor gave to other guests while this one wanted the CPU."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in stat.readline().split()[1:9])
+    return user + nice + system + idle + iowait + irq + softirq + steal, user + nice + system + irq + softirq, steal
+
+
 @dataclass
 class Usage:
     """CPU and memory of a set of processes over one window, from /proc."""
@@ -166,6 +174,7 @@ class Usage:
     pids: dict[str, int]
     started: float = field(default_factory=time.monotonic)
     cpu0: dict[str, float] = field(default_factory=dict)
+    ticks0: tuple[int, int, int] = field(default_factory=machine_ticks)
 
     def __post_init__(self) -> None:
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -173,6 +182,11 @@ class Usage:
     def read(self) -> dict[str, Any]:
         wall = time.monotonic() - self.started
         out: dict[str, Any] = {"seconds": round(wall, 1), "loadavg_1m": round(load_average()[0], 2)}
+        # The machine as a whole over the window: how busy every process made it, and how much
+        # CPU the hypervisor withheld (both as a share of all cores' time).
+        total, busy, stolen = (now - then for now, then in zip(machine_ticks(), self.ticks0))
+        out["machine_busy_percent"] = round(100 * busy / max(total, 1), 1)
+        out["machine_steal_percent"] = round(100 * stolen / max(total, 1), 1)
         for name, pid in self.pids.items():
             used = cpu_seconds(pid) - self.cpu0[name]
             out[name] = {"cpu_seconds": round(used, 2), "cpu_percent": round(100 * used / max(wall, 1e-9), 1),
