@@ -15,7 +15,8 @@ Lifecycle: :meth:`Pool.request` takes an idle connection (the most recently used
 opens one, at most ``limit`` at once; the response's end gives the connection back, unless
 it is to close. Connections idle for ``keepalive`` seconds are closed at the next request;
 one the server closed while idle is dropped, and a request whose reused connection turns out to
-be closed before any answer came is sent once more on a new one (the server never saw it).
+be closed before any answer came is sent again, on the next idle connection or a new one
+(the server never saw it).
 A request that fails or is cancelled midway closes its connection: its answer may still come.
 """
 
