@@ -4,12 +4,14 @@ A connection's life, as `Connection.run` and `_serve` spell it out:
 
 1. connect (bearer token from the token file, read afresh each time because projected
    ServiceAccount tokens rotate), with exponential backoff and full jitter between attempts;
-2. send `hello`, naming the jobs still running;
-3. serve the operator's frames: `schedule.set` → apply → `schedule.ack`; `command.run` and
-   `command.cancel` → the job runner; `error` → logged; anything invalid → an `error` frame back;
+   an operator whose handshake names another protocol version is refused;
+2. send `hello`, naming the jobs still running and those whose job.done waits for a receipt;
+3. serve the operator's frames as restic_manager/session.py's `AgentSession` reads them:
+   `schedule.set` → apply → `schedule.ack`; `command.run` and `command.cancel` → the job
+   runner; receipts → what they settle leaves the mailbox; anything invalid → an `error` back;
 4. once this connection's first set is acknowledged, deliver the mailbox (fires and job
-   messages, including those that piled up while disconnected), each batch sent when posted
-   and confirmed by a ping;
+   messages, including those that piled up while disconnected) and send again whatever the
+   session says is due (no receipt in time, or `retry`);
 5. on shutdown, close with code 1001 and a reason; on any loss, go back to 1.
 """
 
@@ -28,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import CloseCode
 
-from restic_manager import __version__, protocol
+from restic_manager import __version__, protocol, session
 from restic_manager.agent.scheduler import Timer
 from restic_manager.agent.state import Mailbox
 
@@ -71,13 +73,21 @@ class Identity:
     hostname: str
 
 
+class OperatorMismatch(Exception):
+    """The operator speaks another protocol version; ``str()`` says which and what to do."""
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with full jitter: retry n waits a uniformly random time in
-    [0, min(cap, base * 2**n)], so a fleet that lost its operator does not return in lockstep."""
+    [0, min(cap, base * 2**n)], so a fleet that lost its operator does not return in lockstep.
+
+    The cap is low because a restarting operator is back within seconds, and an agent that
+    waited toward a minute would come back long after it; full jitter over the cap still
+    spreads a large fleet's reconnects (bench/README.md measures them)."""
 
     base: float = 1.0
-    cap: float = 60.0
+    cap: float = 10.0
 
     def delay(self, retry: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(retry, 32)))
@@ -95,9 +105,11 @@ class Connection:
         runner: Runner,
         mailbox: Mailbox,
         backoff: Backoff = Backoff(),
+        receipt_timeout: float = session.RECEIPT_TIMEOUT,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        self._receipt_timeout = receipt_timeout
         self._endpoint = endpoint
         self._identity = identity
         self._timer = timer
@@ -125,6 +137,8 @@ class Connection:
                             f", {websocket.close_reason!r}" if websocket.close_reason else "")
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
                 log.warning("connection to the operator at %s failed: %s", url, error)
+            except OperatorMismatch as error:
+                log.error("%s", error)
             if established.is_set():
                 retry = 0  # a session that got as far as an ack was a success
             delay = self._backoff.delay(retry, self._rng)
@@ -155,10 +169,18 @@ class Connection:
 
     async def _serve(self, websocket: ClientConnection, established: asyncio.Event) -> None:
         """One connection's life after the handshake: hello, then frames until it closes."""
-        await self._send(websocket, self._hello())
+        spoken = websocket.response.headers.get(protocol.PROTOCOL_HEADER) if websocket.response else None
+        if spoken != str(protocol.PROTOCOL_VERSION):
+            await websocket.close(CloseCode.POLICY_VIOLATION, "protocol version mismatch")
+            raise OperatorMismatch(
+                f"the operator at {self._endpoint.url} speaks protocol version {spoken or '1 or older'}; this "
+                f"agent (restic-manager {__version__}) speaks {protocol.PROTOCOL_VERSION}: run an operator and "
+                "agents of the same release")
+        rules = session.AgentSession(rng=self._rng, receipt_timeout=self._receipt_timeout)
+        await self._send(websocket, rules.hello(self._hello()))
         async with asyncio.TaskGroup() as tasks:
-            delivery = tasks.create_task(self._deliver(websocket, after=established))
-            await self._receive(websocket, established)
+            delivery = tasks.create_task(self._deliver(websocket, rules, after=established))
+            await self._receive(websocket, rules, established)
             delivery.cancel()
 
     def _hello(self) -> protocol.Hello:
@@ -169,74 +191,78 @@ class Connection:
             protocol_version=protocol.PROTOCOL_VERSION,
             hostname=self._identity.hostname,
             running_jobs=sorted(self._runner.running()),
+            finished_jobs=self._mailbox.finished_jobs(),
         )
 
-    async def _receive(self, websocket: ClientConnection, established: asyncio.Event) -> None:
+    async def _receive(self, websocket: ClientConnection, rules: session.AgentSession,
+                       established: asyncio.Event) -> None:
         try:
             async for message in websocket:
-                await self._handle(websocket, message, established)
+                await self._handle(websocket, rules, message, established)
         except ConnectionClosed:
             return  # run() logs how it closed
 
-    async def _handle(self, websocket: ClientConnection, message: str | bytes, established: asyncio.Event) -> None:
+    async def _handle(self, websocket: ClientConnection, rules: session.AgentSession, message: str | bytes,
+                      established: asyncio.Event) -> None:
         try:
             frame = protocol.decode(message)
         except protocol.ProtocolError as error:
             log.warning("invalid frame from the operator: %s", error)
             await self._send(websocket, protocol.Error(code="invalid-frame", message=str(error), ref=error.ref))
             return
-        match frame.payload:
-            case protocol.ScheduleSet() as schedule_set:
-                ack = await self._timer.apply(schedule_set)
-                for rejected in ack.rejected:
-                    log.warning("schedule %s generation %d rejected: %s",
-                                rejected.id, rejected.generation, rejected.error)
-                log.info("schedule set version %d applied: %d schedule(s), %d rejected",
-                         ack.version, len(ack.applied), len(ack.rejected))
-                await self._send(websocket, ack)
-                established.set()
-            case protocol.CommandRun() as command:
-                log.info("job %s: %s requested", command.job, command.type.value)
-                await self._runner.start(command)
-            case protocol.CommandCancel(job=job):
-                if not await self._runner.cancel(job):
-                    log.info("job %s: cancel requested, but it is not running here", job)
-            case protocol.Error() as reported:
-                log.warning("the operator reports %s about frame %s: %s",
-                            reported.code, reported.ref, reported.message)
-            case _:
-                await self._send(websocket, protocol.Error(
-                    code="invalid-frame", ref=frame.id,
-                    message=f"{frame.type} is sent by agents, not to them",
-                ))
+        for event in rules.receive(frame, now=asyncio.get_running_loop().time()):
+            match event:
+                case session.Apply(schedule_set=schedule_set):
+                    ack = await self._timer.apply(schedule_set)
+                    for rejected in ack.rejected:
+                        log.warning("schedule %s generation %d rejected: %s",
+                                    rejected.id, rejected.generation, rejected.error)
+                    log.info("schedule set version %d applied: %d schedule(s), %d rejected",
+                             ack.version, len(ack.applied), len(ack.rejected))
+                    await self._send(websocket, rules.acked(ack))
+                    established.set()
+                case session.Run(command=command):
+                    log.info("job %s: %s requested", command.job, command.type.value)
+                    await self._runner.start(command)
+                case session.Cancel(job=job):
+                    if not await self._runner.cancel(job):
+                        log.info("job %s: cancel requested, but it is not running here", job)
+                case session.Settled(number=number, receipt=receipt):
+                    if isinstance(receipt, protocol.FireResult) and receipt.outcome in (
+                            protocol.FireOutcome.REFUSED, protocol.FireOutcome.MISSED):
+                        log.warning("fire of %s at %s %s by the operator: %s", receipt.id,
+                                    receipt.scheduled_at.isoformat(), receipt.outcome.value, receipt.reason)
+                    await self._mailbox.delivered([number])
+                case session.Retry(reason=reason, after=after):
+                    log.info("the operator asks for a message again in %.1f s: %s", after, reason)
+                    self._mailbox.wake()
+                case session.Reply(error=answer):
+                    log.warning("invalid frame from the operator: %s", answer.message)
+                    await self._send(websocket, answer)
+                case session.Reported(error=reported):
+                    log.warning("the operator reports %s about frame %s: %s",
+                                reported.code, reported.ref, reported.message)
 
-    async def _deliver(self, websocket: ClientConnection, *, after: asyncio.Event) -> None:
-        """Send the mailbox in order, each batch as soon as it is posted. A batch leaves the
-        mailbox only once a ping sent after it is answered: the operator's end has then read
-        it. Confirming runs beside sending, so a new batch (the next wake-up's fires) never
-        waits for the previous one's pong and save. Whatever was in flight when the
-        connection dropped is sent again on the next one."""
+    async def _deliver(self, websocket: ClientConnection, rules: session.AgentSession, *,
+                       after: asyncio.Event) -> None:
+        """From the first ack on: send what the session says is due (new messages, and those
+        whose receipt is overdue or was refused for now), then wait for a post, a receipt
+        or the next resend time. A message that needs no receipt leaves the mailbox once sent."""
         await after.wait()
-        unconfirmed: asyncio.Queue[tuple[Awaitable[float], list[int]]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._confirm(unconfirmed))
-                sent = 0
-                while True:
-                    batch = await self._mailbox.pending(after=sent)
-                    for payload in batch.values():
-                        await self._send(websocket, payload)
-                    sent = max(batch)
-                    unconfirmed.put_nowait((await websocket.ping(), list(batch)))
-        except* ConnectionClosed:
+            while True:
+                sent = []
+                for send in rules.due(self._mailbox.items(), now=loop.time()):
+                    await websocket.send(protocol.encode(send.payload, frame_id=send.frame_id))
+                    if send.settles:
+                        sent.append(send.number)
+                if sent:
+                    await self._mailbox.delivered(sent)
+                wake = rules.wake_at()
+                await self._mailbox.wait(None if wake is None else max(0.0, wake - loop.time()))
+        except ConnectionClosed:
             pass  # _receive sees the same close and ends the session
-
-    async def _confirm(self, unconfirmed: asyncio.Queue[tuple[Awaitable[float], list[int]]]) -> None:
-        """Batches in the order sent: each leaves the mailbox when its pong arrives."""
-        while True:
-            pong, numbers = await unconfirmed.get()
-            await pong
-            await self._mailbox.delivered(numbers)
 
     async def _send(self, websocket: ClientConnection, payload: protocol.Payload) -> None:
         await websocket.send(protocol.encode(payload))

@@ -10,11 +10,12 @@ import signal
 import socket
 import ssl
 import sys
+from datetime import datetime, timezone
 from typing import Protocol
 
 from restic_manager.agent import config
 from restic_manager.agent.connection import Connection, Endpoint, Identity
-from restic_manager.agent.runner import JobRunner, ResticUnavailable, restic_version
+from restic_manager.agent.runner import JobRunner, ResticUnavailable, interrupted, restic_version
 from restic_manager.agent.scheduler import Scheduler, SystemClock, Timer
 from restic_manager.agent.state import Mailbox, Outbox, StateStore, state_saver
 
@@ -50,10 +51,17 @@ async def _main(settings: config.AgentConfig, tls: ssl.SSLContext | None) -> int
     saved = await asyncio.to_thread(store.load)
     scheduler = Scheduler(saved.cursors)
     outbox = Outbox(saved.outbox)
-    save = state_saver(store, cursors=scheduler.cursors, outbox=outbox)
+    journal = saved.journal
+    save = state_saver(store, cursors=scheduler.cursors, outbox=outbox, journal=journal)
     mailbox = Mailbox(outbox, save=save)
+    if lost := interrupted(journal, now=datetime.now(timezone.utc)):
+        log.warning("%d job(s) were running when the agent last stopped; they end as Failed: %s",
+                    len(lost), ", ".join(done.job for done in lost))
+        journal.running.clear()
+        await mailbox.post_many(lost)
     timer = Timer(scheduler, clock=SystemClock(), deliver=mailbox.post_many, save=save)
     runner = JobRunner(restic=settings.restic, host=settings.agent_name, send=mailbox.post,
+                       journal=journal, save=save, unsettled=mailbox.finished_jobs,
                        cache_dir=settings.state_dir / "restic-cache")
     connection = Connection(
         endpoint=Endpoint(settings.server, token_file=settings.token_file, ssl=tls),

@@ -5,18 +5,27 @@ the output means. One task per job, owned by :class:`JobRunner`: :meth:`JobRunne
 stops and awaits them all. Every job sends job.started when its first restic process starts
 and exactly one job.done, whatever happens (an agent bug included).
 
-A job's life: (init only: ``restic cat config``; an existing repository ends the job) → the
-restic command → on a lock conflict, ``restic unlock`` and the command once more → if it was
-cancelled or timed out, ``restic unlock`` so no stale lock outlives it. Stopping is SIGINT to
-restic's process group (restic then removes its own lock), SIGKILL after ``kill_grace``.
+A job's life: its journal entry is saved (agent/state.py) → (``restic unlock`` first when a
+killed restic of this agent may have left the repository locked) → (init only: ``restic cat
+config``; an existing repository ends the job) → the restic command → on a lock conflict,
+``restic unlock`` and the command once more → if it was cancelled, timed out or killed,
+``restic unlock`` so no stale lock outlives it. Stopping is SIGINT to restic's process group
+(restic then removes its own lock), SIGKILL after ``kill_grace``. restic never outlives the
+agent: it gets SIGINT when the agent dies (Linux's parent-death signal), and the jobs the
+journal still lists at the next start end as Failed (:func:`interrupted`).
+
+A job runs once: a command.run for a job that runs, has ended since the agent started, or
+whose job.done still waits for its receipt is not run again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +36,7 @@ import msgspec
 
 from restic_manager import protocol
 from restic_manager.agent import restic as rules
+from restic_manager.agent.state import Journal
 from restic_manager.protocol import JobType, Outcome
 
 logger = logging.getLogger(__name__)
@@ -37,6 +47,7 @@ _READ_LIMIT = 16 * 1024 * 1024
 _CLEANUP_TIMEOUT = 120.0
 _VERSION_TIMEOUT = 30.0
 _FINISHED_KEPT = 256
+INTERRUPTED = "the agent stopped while restic ran this job (killed or restarted); restic was stopped with it"
 
 
 class ResticUnavailable(RuntimeError):
@@ -77,6 +88,9 @@ class JobRunner:
         restic: str | os.PathLike[str],
         host: str,
         send: Callable[[protocol.Payload], Awaitable[None]],
+        journal: Journal | None = None,
+        save: Callable[[], Awaitable[None]] | None = None,
+        unsettled: Callable[[], list[str]] = list,
         cache_dir: Path | None = None,
         progress_interval: float = 1.0,
         kill_grace: float = 10.0,
@@ -84,6 +98,9 @@ class JobRunner:
         self._restic = restic
         self._host = host
         self._send = send
+        self._journal = journal if journal is not None else Journal()
+        self._save = save
+        self._unsettled = unsettled  # the jobs whose job.done waits for its receipt
         self._base_env = rules.base_environment(os.environ, cache_dir=cache_dir)
         self._progress_interval = progress_interval
         self._kill_grace = kill_grace
@@ -98,6 +115,9 @@ class JobRunner:
             raise RunnerClosed(f"job {command.job}: the runner is closed and starts no more jobs")
         if command.job in self._jobs:
             logger.info("job %s is already running; command.run ignored", command.job)
+            return
+        if command.job in self._finished or command.job in self._unsettled():
+            logger.info("job %s has run already; command.run ignored (its job.done is the answer)", command.job)
             return
         job = _Job(command=command, redact=rules.Redactor.for_repository(command.repository))
         self._jobs[job.name] = job
@@ -141,9 +161,17 @@ class JobRunner:
         exit_code: int | None = None
         summary: protocol.Summary | None = None
         try:
+            self._journal.running[job.name] = command.repository.url
+            if self._save is not None:
+                await self._save()  # before restic starts: a restart then knows it ran
+            if command.repository.url in self._journal.unlock:
+                await self._unlock(job, "a restic of this agent was killed while it used the repository")
+                self._journal.unlock.discard(command.repository.url)
             verdict, exit_code, summary = await self._perform(job)
             if job.stop is not None:
-                await self._unlock_after_stop(job, job.stop)
+                await self._unlock(job, f"restic was stopped ({job.stop.value})")
+            elif exit_code is not None and exit_code > 128:
+                await self._unlock(job, f"restic was killed by signal {exit_code - 128}")
         except asyncio.CancelledError:
             verdict = rules.Verdict(Outcome.CANCELLED, f"{command.type.value} cancelled: the agent is shutting down")
             raise
@@ -167,6 +195,7 @@ class JobRunner:
                 log_tail=job.tail.lines(),
             )
             del self._jobs[job.name]
+            self._journal.running.pop(job.name, None)  # saved with the job.done's post
             self._finished[job.name] = done
             while len(self._finished) > _FINISHED_KEPT:
                 self._finished.popitem(last=False)
@@ -211,9 +240,9 @@ class JobRunner:
         code = await self._execute(job, init_call, transcript, stop=job.stop_requested)
         return rules.decide(JobType.INIT, code, transcript, stop=job.stop, timeout_seconds=command.timeout_seconds), code
 
-    async def _unlock_after_stop(self, job: _Job, reason: rules.Stop) -> None:
+    async def _unlock(self, job: _Job, why: str) -> None:
         # SIGINT lets restic remove its own lock; after a SIGKILL only `restic unlock` can.
-        job.tail.add(f"agent: restic was stopped ({reason.value}); removing stale locks with `restic unlock`")
+        job.tail.add(f"agent: {why}; removing stale locks with `restic unlock`")
         invocation = rules.unlock_invocation(job.command, restic=self._restic, base_env=self._base_env)
         deadline = asyncio.Event()
         handle = asyncio.get_running_loop().call_later(_CLEANUP_TIMEOUT, deadline.set)
@@ -240,6 +269,7 @@ class JobRunner:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group: our signals reach restic and its ssh only
+            preexec_fn=_die_with_parent(os.getpid()),
             limit=_READ_LIMIT,
         )
         logger.debug("job %s: started %r as pid %d", job.name, invocation, process.pid)
@@ -299,6 +329,35 @@ class JobRunner:
             # A dropped connection must not kill the job: restic keeps running and must still
             # be stopped and unlocked; the operator learns the state from the next hello.
             logger.exception("could not send %s for job %s", payload.TYPE, getattr(payload, "job", "?"))
+
+
+def interrupted(journal: Journal, *, now: datetime) -> list[protocol.JobDone]:
+    """At start-up: the job.done of each job the journal lists as running, which the last
+    agent process left when it died; their repositories are marked for `restic unlock`."""
+    dones = [protocol.JobDone(job=job, outcome=Outcome.FAILED, finished_at=now, error=INTERRUPTED,
+                              log_tail=[f"agent: {INTERRUPTED}"], interrupted=True)
+             for job in sorted(journal.running)]
+    journal.unlock.update(journal.running.values())
+    return dones
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """What the child runs before exec: SIGINT when the agent dies (restic then removes its
+    lock and exits), and at once if the agent died before the child got that far."""
+    if _libc is None:
+        return None
+    prctl = _libc.prctl
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return arm
 
 
 def _signal(process: asyncio.subprocess.Process, signum: signal.Signals) -> None:

@@ -188,9 +188,17 @@ class Timer:
         self._changed = asyncio.Event()
 
     async def apply(self, schedule_set: protocol.ScheduleSet) -> protocol.ScheduleAck:
-        """Apply `schedule_set` now; its cursors are saved before the ack is returned."""
-        ack = self._scheduler.apply(schedule_set, now=self._clock.now())
-        await self._save()
+        """Apply `schedule_set` now; its cursors are saved before the ack is returned.
+
+        What is due at once (the catch-up after an outage) is delivered before the ack, so it
+        replaces an older fire of the same schedule still in the outbox before either is
+        sent: one fire per schedule, the newest."""
+        now = self._clock.now()
+        ack = self._scheduler.apply(schedule_set, now=now)
+        if fires := self._scheduler.due(now):
+            await self._deliver(fires)  # saves the cursors with the fires
+        else:
+            await self._save()
         self._changed.set()
         return ack
 

@@ -1,17 +1,22 @@
-"""What the agent must not forget: schedule cursors and the messages the operator has not had yet.
+"""What the agent must not forget: schedule cursors, the jobs it runs, and the messages the
+operator has not settled yet.
 
-`Outbox` decides what is kept for the operator while it cannot be told (no I/O);
-`StateStore` writes the cursors and the durable part of the outbox to one JSON file in
-the state directory, atomically; `Mailbox` is the async shell the timer and the job runner
-post to and the connection delivers from.
+`Outbox` decides what is kept for the operator while it has not answered (no I/O);
+`StateStore` writes the cursors, the job journal and the durable part of the outbox to one
+JSON file in the state directory, atomically; `Mailbox` is the async shell the timer and
+the job runner post to and the connection delivers from.
 
-Delivery is at least once: a message leaves the outbox only when the operator's end has
-read it (see `Connection._deliver`), so one in flight when a connection drops is sent again
-on the next. A repeated fire is harmless because the operator derives the ResticJob's name
-from it (SPEC §4, exactly-once jobs); a repeated job message repeats a fact.
+A fire or a job.done leaves the outbox only on its receipt (restic_manager/session.py), so
+one in flight when a connection drops, or when the operator fails before acting on it, is
+sent again. A repeated fire is harmless because the operator derives the ResticJob's name
+from it (SPEC §4, exactly-once jobs); a repeated job.done repeats a fact.
+
+The journal names the jobs whose restic has started and not yet reported: after a restart
+they end as Failed (restic died with the agent), and their repositories get `restic unlock`
+before the next job touches them.
 
 Saves are per batch, not per message: the fires due at one wake-up are posted together and
-saved once, and a delivered batch leaves with one save.
+saved once.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from restic_manager.agent.scheduler import Cursor
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 def is_durable(payload: protocol.Payload) -> bool:
@@ -102,9 +107,19 @@ def _slot(payload: protocol.Payload) -> tuple[str, str] | None:
 
 
 @dataclass
+class Journal:
+    """The jobs whose restic has started and not yet reported (job → repository URL), and the
+    repositories a restic of this agent may have left locked (it was killed)."""
+
+    running: dict[str, str] = field(default_factory=dict)
+    unlock: set[str] = field(default_factory=set)
+
+
+@dataclass
 class AgentState:
     cursors: dict[str, Cursor] = field(default_factory=dict)
     outbox: list[protocol.Payload] = field(default_factory=list)
+    journal: Journal = field(default_factory=Journal)
 
 
 class StateStore:
@@ -156,7 +171,7 @@ class StateStore:
             cached = self._encoded_cursors.get(schedule_id)
             encoded[schedule_id] = cached if cached and cached[0] is cursor else (cursor, _encode_cursor(schedule_id, cursor))
         self._encoded_cursors = encoded
-        return _encode_state([member for _, member in encoded.values()], state.outbox)
+        return _encode_state([member for _, member in encoded.values()], state.outbox, state.journal)
 
     def _write(self, sequence: int, text: str) -> None:
         with self._write_lock:
@@ -193,11 +208,13 @@ def _encode_cursor(schedule_id: str, cursor: Cursor) -> str:
     return f"{_compact(schedule_id)}:{fields}"
 
 
-def _encode_state(cursors: Iterable[str], outbox: Iterable[protocol.Payload]) -> str:
-    """The state file's text from the cursors' members (see `_encode_cursor`) and the outbox."""
+def _encode_state(cursors: Iterable[str], outbox: Iterable[protocol.Payload], journal: Journal) -> str:
+    """The state file's text from the cursors' members (see `_encode_cursor`), the outbox and the journal."""
     # Whole wire frames in the outbox, so loading validates them exactly as a receiver would.
     outbox_text = _compact([protocol.encode(payload) for payload in outbox])
-    return f'{{"format":{STATE_FORMAT},"cursors":{{{",".join(cursors)}}},"outbox":{outbox_text}}}'
+    journal_text = _compact({"running": journal.running, "unlock": sorted(journal.unlock)})
+    return (f'{{"format":{STATE_FORMAT},"cursors":{{{",".join(cursors)}}},"outbox":{outbox_text},'
+            f'"journal":{journal_text}}}')
 
 
 def _compact(value: object) -> str:
@@ -207,7 +224,7 @@ def _compact(value: object) -> str:
 
 def _decode_state(text: str) -> AgentState:
     raw = json.loads(text)
-    if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in (1, STATE_FORMAT):
         raise ValueError(f"expected a JSON object with format {STATE_FORMAT}")
     cursors = {}
     for schedule_id, cursor in raw["cursors"].items():
@@ -221,7 +238,10 @@ def _decode_state(text: str) -> AgentState:
             outbox.append(protocol.decode(text_frame).payload)
         except protocol.ProtocolError as error:
             log.error("dropping an unreadable message from the saved outbox: %s", error)
-    return AgentState(cursors=cursors, outbox=outbox)
+    saved = raw.get("journal", {})  # format 1 had none
+    journal = Journal(running={str(job): str(url) for job, url in saved.get("running", {}).items()},
+                      unlock={str(url) for url in saved.get("unlock", [])})
+    return AgentState(cursors=cursors, outbox=outbox, journal=journal)
 
 
 class Mailbox:
@@ -231,14 +251,14 @@ class Mailbox:
     Every change to the durable part is saved. A post's messages go out while its save is
     on its way to disk: the save has captured the state before they are sent, but they do
     not wait for the fsync. Should the agent die before the write lands, nothing is lost
-    that waiting would have kept, and a fire the operator did read is fired again after
+    that waiting would have kept, and a fire the operator did act on is fired again after
     the restart, which yields no second job (SPEC §4).
     """
 
     def __init__(self, outbox: Outbox, *, save: Callable[[], Awaitable[None]]) -> None:
         self._outbox = outbox
         self._save = save
-        self._posted = asyncio.Event()
+        self._changed = asyncio.Event()
 
     async def post(self, payload: protocol.Payload) -> None:
         await self.post_many([payload])
@@ -249,31 +269,46 @@ class Mailbox:
             self._outbox.put(payload)
         # Set first: the connection runs only once the save has captured the state and waits
         # on its write (see the class docstring).
-        self._posted.set()
+        self.wake()
         if any(is_durable(payload) for payload in payloads):
             await self._save()
 
-    async def pending(self, *, after: int = 0) -> dict[int, protocol.Payload]:
-        """The messages numbered after `after`, oldest first, once there are any; they stay
-        in the box until `delivered`."""
-        while not (batch := self._outbox.after(after)):
-            self._posted.clear()
-            await self._posted.wait()
-        return batch
+    def items(self) -> dict[int, protocol.Payload]:
+        """Every message in the box by number, oldest first."""
+        return self._outbox.after(0)
+
+    def finished_jobs(self) -> list[str]:
+        """The jobs whose job.done waits in the box for its receipt."""
+        return sorted(payload.job for payload in self._outbox if isinstance(payload, protocol.JobDone))
+
+    def wake(self) -> None:
+        """Wake :meth:`wait`: a post, or something else that changes what is due (a receipt)."""
+        self._changed.set()
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until the next :meth:`wake` (one since the last wait counts) or ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
+        self._changed.clear()
 
     async def delivered(self, numbers: Iterable[int]) -> None:
-        """The operator has read these messages: they leave the box, with one save."""
+        """These messages are settled: they leave the box, with one save if any was durable."""
         removed = [payload for number in numbers if (payload := self._outbox.discard(number)) is not None]
         if any(is_durable(payload) for payload in removed):
             await self._save()
 
 
 def state_saver(
-    store: StateStore, *, cursors: Callable[[], Mapping[str, Cursor]], outbox: Outbox
+    store: StateStore, *, cursors: Callable[[], Mapping[str, Cursor]], outbox: Outbox, journal: Journal
 ) -> Callable[[], Awaitable[None]]:
-    """The one way the agent saves: the scheduler's cursors and the outbox's durable part together."""
+    """The one way the agent saves: the scheduler's cursors, the outbox's durable part and
+    the journal together."""
 
     async def save() -> None:
-        await store.save(AgentState(cursors=dict(cursors()), outbox=outbox.durable()))
+        await store.save(AgentState(cursors=dict(cursors()), outbox=outbox.durable(),
+                                    journal=Journal(dict(journal.running), set(journal.unlock))))
 
     return save

@@ -73,6 +73,10 @@ def only_status_changed(old: Watched, new: Watched) -> bool:
     return dataclasses.replace(old, status=new.status, resource_version=new.resource_version) == new
 
 
+# A fire's receipt: its outcome, the job it names (created, exists), the reason (the others).
+FireAnswer = tuple[protocol.FireOutcome, str | None, str]
+
+
 class HistoryKey(NamedTuple):
     schedule: ObjectKey
     agent: str
@@ -347,7 +351,7 @@ class Controller:
                     message = f"{frame.type}: job {report.job} is not a job of agent {session.agent.name}"
                     await self._forbid(session, frame.id, "job-of-another-agent", message)
                     return
-                await self.dispatcher.on_report(session, report)
+                await self.dispatcher.on_report(session, report, frame_id=frame.id)
             case protocol.Error() as error:
                 log.warning("agent %s reports %s about frame %s: %s",
                             session.agent, error.code, error.ref, error.message)
@@ -400,13 +404,28 @@ class Controller:
     # --- fires ------------------------------------------------------------------------------
 
     async def _on_fire(self, session: Session, fire: protocol.ScheduleFire, *, frame_id: str) -> None:
+        """Decide the fire, carry the decision out, and answer with its receipt once the outcome
+        is durable; whatever stands in the way now (an API error, a timeout) answers ``retry``,
+        and the agent sends the fire again."""
+        try:
+            result = await self._fire(session, fire)
+        except Exception as error:  # KubeError above all, but a bug must not lose the fire either
+            if not isinstance(error, KubeError):
+                log.exception("agent %s: handling the fire of %s at %s failed", session.agent, fire.id,
+                              format_time(fire.scheduled_at))
+            self.metrics.fires_retried[type(error).__name__] += 1
+            result = (protocol.FireOutcome.RETRY, None, f"the operator could not decide now: {error}")
+        outcome, job, reason = result
+        await session.send(protocol.FireResult(ref=frame_id, id=fire.id, scheduled_at=fire.scheduled_at,
+                                               outcome=outcome, job=job, reason=reason))
+
+    async def _fire(self, session: Session, fire: protocol.ScheduleFire) -> FireAnswer:
         key = ObjectKey.parse(fire.id)
         schedule = self.store.schedules.get(key) if key.namespace == session.agent.namespace else None
         if schedule is None:
             # No lock: the key is the agent's to choose, and nothing is written.
-            await self._decided(session, fire, frame_id, fires.decide(
+            return await self._decided(session, fire, fires.decide(
                 fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock()))
-            return
         # The create's place in the first lane is taken before the decision: a storm's fires
         # queue there cheaply, instead of each being decided before any of their creates is sent.
         async with self._kube.first_lane(), self._fire_locks[key][session.agent.name]:
@@ -417,15 +436,21 @@ class Controller:
                 targeted=session.agent in self.index.agents_of(schedule.key),
                 jobs=jobs, now=self._clock(), problems=self.problems(schedule),
             )
-            await self._decided(session, fire, frame_id, decision, schedule)
+            if decision.verdict is fires.Verdict.CREATE:
+                return await self._decided(session, fire, decision, schedule)
+        # Anything else is recorded outside the lane: its receipt waits for a status write,
+        # and status writes wait for the lane's creates to finish.
+        return await self._decided(session, fire, decision, schedule)
 
-    async def _decided(self, session: Session, fire: protocol.ScheduleFire, frame_id: str,
-                       decision: fires.Decision, schedule: Schedule | None = None) -> None:
+    async def _decided(self, session: Session, fire: protocol.ScheduleFire,
+                       decision: fires.Decision, schedule: Schedule | None = None) -> FireAnswer:
         """Carry out a fire's decision; only a Schedule that targets the agent is touched."""
+        namespace = session.agent.namespace
         if decision.verdict is fires.Verdict.FORBIDDEN:
             self.refused[decision.reason] += 1
-            await self._forbid(session, frame_id, "fire", decision.message)
-            return
+            self.metrics.frames_refused["forbidden-fire"] += 1
+            session.log_refusal("forbidden: %s", decision.message)
+            return protocol.FireOutcome.REFUSED, None, f"{decision.reason}: {decision.message}"
         book = self._book(schedule) if schedule is not None and schedule.uid == fire.uid else None
         if book is not None:
             assert schedule is not None
@@ -435,19 +460,21 @@ class Controller:
                 self.writer.mark("schedules", schedule.key, delay=FIRE_STATUS_DELAY)
         if decision.verdict is fires.Verdict.DUPLICATE:
             log.info("Schedule %s: %s", fire.id, decision.message)
-        elif book is None:
+            return protocol.FireOutcome.EXISTS, f"{namespace}/{decision.job_name}", ""
+        if book is None:
             # A Schedule gone or recreated since the agent got its set: nothing to record.
             self.refused[decision.reason] += 1
             session.log_refusal("fire refused: %s", decision.message)
-        elif decision.verdict is fires.Verdict.CREATE:
-            assert schedule is not None
-            await self._create_job(schedule, book, session.agent.name, decision, fire)
-        else:
-            assert schedule is not None
-            await self._refuse(schedule, book, decision)
+            return protocol.FireOutcome.REFUSED, None, f"{decision.reason}: {decision.message}"
+        assert schedule is not None
+        if decision.verdict is fires.Verdict.CREATE:
+            return await self._create_job(schedule, book, session.agent.name, decision, fire)
+        await self._refuse(schedule, book, decision, session.agent.name, fire)
+        outcome = protocol.FireOutcome.MISSED if decision.verdict is fires.Verdict.MISSED else protocol.FireOutcome.REFUSED
+        return outcome, None, f"{decision.reason}: {decision.message}"
 
     async def _create_job(self, schedule: Schedule, book: statuses.ScheduleBook, agent: str,
-                          decision: fires.Decision, fire: protocol.ScheduleFire) -> None:
+                          decision: fires.Decision, fire: protocol.ScheduleFire) -> FireAnswer:
         for name in decision.replace:
             await self.dispatcher.cancel_for_replace(ObjectKey(schedule.key.namespace, name), by=decision.job_name)
         created = None
@@ -460,7 +487,7 @@ class Controller:
                 existing = await self._kube.get("resticjobs", ObjectKey(schedule.key.namespace, name))
                 if fires.same_fire(existing, schedule_uid=schedule.uid, agent=agent, scheduled_at=fire.scheduled_at):
                     log.info("Schedule %s: ResticJob %s exists already (fire delivered twice)", schedule.key, name)
-                    return
+                    return protocol.FireOutcome.EXISTS, f"{schedule.key.namespace}/{name}", ""
                 # Another Schedule/agent pair's job has this name: the hashed name is ours.
         if created is None:
             raise KubeError(f"Schedule {schedule.key}: no free ResticJob name for the fire at {fire.scheduled_at}")
@@ -471,23 +498,32 @@ class Controller:
         if book.last_schedule_time is None or fire.scheduled_at > book.last_schedule_time:
             book.last_schedule_time = fire.scheduled_at
         self.writer.mark("schedules", schedule.key, delay=FIRE_STATUS_DELAY)
+        return protocol.FireOutcome.CREATED, f"{schedule.key.namespace}/{created['metadata']['name']}", ""
 
-    async def _refuse(self, schedule: Schedule, book: statuses.ScheduleBook, decision: fires.Decision) -> None:
-        """A fire of a Schedule that targets the agent, not honoured: counted, on the status, an Event."""
+    async def _refuse(self, schedule: Schedule, book: statuses.ScheduleBook, decision: fires.Decision,
+                      agent: str, fire: protocol.ScheduleFire) -> None:
+        """A fire of a Schedule that targets the agent, not honoured: an Event, counted on the
+        status; returns once both are written.
+
+        The Event is named after the fire, so a fire refused again (its receipt was lost, or
+        the operator restarted before sending it) finds its Event and is not counted twice."""
         self.refused[decision.reason] += 1
         log.warning("Schedule %s: %s", schedule.key, decision.message)
-        if decision.verdict is fires.Verdict.MISSED:
-            book.missed += 1
-        else:
-            book.refused += 1
-        self.writer.mark("schedules", schedule.key)
         try:
             await self._kube.post_event(
                 {"apiVersion": API_VERSION, "kind": "Schedule", "name": schedule.key.name,
                  "namespace": schedule.key.namespace, "uid": schedule.uid},
-                type="Warning", reason=decision.reason, message=decision.message, now=self._clock())
-        except KubeError as error:
-            log.warning("Schedule %s: could not record Event %s: %s", schedule.key, decision.reason, error)
+                type="Warning", reason=decision.reason, message=decision.message, now=self._clock(),
+                name=fires.event_name(schedule, agent=agent, scheduled_at=fire.scheduled_at, reason=decision.reason))
+        except AlreadyExists:
+            pass  # recorded before
+        else:
+            if decision.verdict is fires.Verdict.MISSED:
+                book.missed += 1
+            else:
+                book.refused += 1
+        if not await self.writer.flushed("schedules", schedule.key):
+            raise KubeError(f"Schedule {schedule.key}: the status with the {decision.reason} fire is not written yet")
 
     # --- jobs finishing ---------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ do; :class:`Dispatcher` carries it out:
   API only when the watch has not shown it) and read its Secrets now, add the
   cancel-on-delete finalizer unless the job holds it already (fired jobs are created with
   it), send ``command.run``, Running;
-* Running but the agent's hello did not list it and this connection never got it → the
-  agent lost it: Failed, reason AgentLost; the same when the agent stays away past the
-  job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays Running forever;
+* listed in the agent's hello as finished (its job.done follows and settles it) → wait;
+* Running but the agent's hello listed it neither as running nor as finished and this
+  connection never got it → the agent lost it: Failed, reason AgentLost; the same when the
+  agent stays away past the job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays
+  Running forever;
 * being deleted while Running → ``command.cancel`` to the agent, then let it go;
 * finished → drop the finalizer; prune the Schedule's history beyond its limits.
 
@@ -23,7 +25,9 @@ the very next job.
 Nothing is reconciled while fired ResticJobs are being created (:meth:`Kube.creates_done`): a
 storm's jobs are dispatched once all of them exist.
 
-``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py.
+``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py; a
+``job.done`` is answered with ``job.done.ack`` once the final status is written, and not
+before: until then the agent keeps it and sends it again.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ class Step(enum.Enum):
 class AgentView:
     """What the agent's current connection says about its jobs."""
 
-    running: frozenset[str]     # listed in its hello
+    running: frozenset[str]     # listed in its hello as running
     dispatched: frozenset[str]  # sent to it over this connection
+    finished: frozenset[str] = frozenset()  # listed in its hello as ended, job.done to follow
 
 
 def give_up_at(job: Job, status: Mapping[str, Any]) -> datetime | None:
@@ -94,6 +99,8 @@ def next_step(job: Job, status: Mapping[str, Any], agent: AgentView | None, *, n
             return Step.WAIT
         deadline = give_up_at(job, status)
         return Step.LOSE if deadline is not None and now >= deadline else Step.NOTHING
+    if job_id in agent.finished:
+        return Step.NOTHING
     known = job_id in agent.running or job_id in agent.dispatched
     if phase == "Pending":
         return Step.ADOPT if known else Step.DISPATCH
@@ -215,12 +222,15 @@ class Dispatcher:
             self._set(job, {**status, "message": f"cancel requested: replaced by {by}"})
 
     async def on_report(
-        self, session: Session, report: protocol.JobStarted | protocol.JobProgress | protocol.JobDone
+        self, session: Session, report: protocol.JobStarted | protocol.JobProgress | protocol.JobDone, *,
+        frame_id: str,
     ) -> None:
         """A job.* message from ``session``'s agent (checked to be about its own job)."""
         job = self._store.jobs.get(ObjectKey.parse(report.job))
         if job is None or job.deleting:
-            if not isinstance(report, protocol.JobDone):
+            if isinstance(report, protocol.JobDone):
+                await session.send(protocol.JobDoneAck(ref=frame_id, job=report.job))  # nothing to record
+            else:
                 log.info("agent %s reports on job %s, which is gone: cancelling it", session.agent, report.job)
                 await session.send(protocol.CommandCancel(job=report.job))
             return
@@ -233,6 +243,10 @@ class Dispatcher:
             session.dispatched.discard(report.job)
             self._set(job, statuses.job_done(status, report))
             log.info("job %s: %s (exit code %s)", job.key, report.outcome.value, report.exit_code)
+            if await self._writer.flushed(PLURAL, job.key):
+                await session.send(protocol.JobDoneAck(ref=frame_id, job=report.job))
+            else:
+                log.warning("job %s: final status not written in time; the agent will send job.done again", job.key)
 
     # --- the level-triggered reconcile --------------------------------------------------------
 
@@ -245,7 +259,8 @@ class Dispatcher:
             return
         status = self.status_of(job)
         session = self._session_of(job.agent_key)
-        view = AgentView(frozenset(session.hello.running_jobs), frozenset(session.dispatched)) if session else None
+        view = AgentView(frozenset(session.hello.running_jobs), frozenset(session.dispatched),
+                         frozenset(session.hello.finished_jobs)) if session else None
         now = self._clock()
         step = next_step(job, status, view, now=now)
         if step is Step.WAIT:

@@ -77,6 +77,12 @@ def same_fire(job: Mapping[str, Any], *, schedule_uid: str, agent: str, schedule
     )
 
 
+def event_name(schedule: Schedule, *, agent: str, scheduled_at: datetime, reason: str) -> str:
+    """The name of the Event that records one fire's refusal or miss: one per fire and reason."""
+    digest = hashlib.sha256(f"{schedule.uid}/{agent}/{format_time(scheduled_at)}/{reason}".encode()).hexdigest()[:16]
+    return f"{schedule.key.name[:MAX_NAME]}.{digest}"
+
+
 def label_value(name: str) -> str:
     """An object name as a label value (at most 63 characters; longer names end in a hash)."""
     if len(name) <= MAX_NAME:

@@ -639,15 +639,17 @@ class Kube:
 
     async def post_event(
         self, involved: Mapping[str, Any], *, type: str, reason: str, message: str,
-        now: datetime | None = None,
+        now: datetime | None = None, name: str | None = None,
     ) -> None:
-        """A core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid)."""
+        """A core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid).
+
+        ``name`` makes it the one Event of that name: posting it again raises AlreadyExists."""
         stamp = format_time(now or datetime.now(timezone.utc))
         namespace = involved["namespace"]
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{involved['name']}.{secrets.token_hex(8)}", "namespace": namespace},
+            "metadata": {"name": name or f"{involved['name']}.{secrets.token_hex(8)}", "namespace": namespace},
             "involvedObject": dict(involved),
             "type": type,
             "reason": reason,

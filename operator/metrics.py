@@ -22,6 +22,7 @@ class Metrics:
     handshakes_refused: collections.Counter[str] = field(default_factory=collections.Counter)
     frames_refused: collections.Counter[str] = field(default_factory=collections.Counter)
     fires_refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    fires_retried: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def exposition(self) -> str:
         """The counters in the Prometheus text format."""
@@ -32,6 +33,9 @@ class Metrics:
              self.frames_refused),
             ("restic_manager_fires_refused_total", "schedule.fire messages not honoured, by reason.",
              self.fires_refused),
+            ("restic_manager_fires_retried_total",
+             "schedule.fire messages answered with retry (not decided now; the agent sends them again).",
+             self.fires_retried),
         )
         lines = []
         for name, text, counter in families:

@@ -6,10 +6,13 @@ credential that :data:`Authenticate` turns into an :class:`~restic_manager.opera
 or it is refused with 401/403 (the reason goes to the log and the metrics, nothing but the
 status to the peer); the first frame must be a ``hello`` naming that identity's Agent; the
 session is registered (replacing an older connection of the same agent); then every inbound
-frame is rate-limited, validated and handed to the :class:`SessionHandler` in order. An
-invalid, rate-limited or forbidden frame is answered with an ``error`` frame and never ends
-the connection; a frame over the size limit does (1009), before it is buffered. What the
-frames mean is the handler's business.
+frame is rate-limited, validated, checked against the session's rules
+(restic_manager/session.py: an ack names a set this connection was sent, fires come after
+the first ack) and handed to the :class:`SessionHandler` in order. An invalid, rate-limited,
+out-of-order or forbidden frame is answered (a fire with a ``refused`` receipt, anything else
+with an ``error`` frame) and never ends the connection; a frame over the size limit does
+(1009), before it is buffered. What the frames mean is the handler's business. Every
+handshake response names the protocol version spoken here (:data:`protocol.PROTOCOL_HEADER`).
 
 TLS: ``serve(tls=...)`` serves ``wss`` with a :class:`ServingCertificate`, which reloads its
 files when they change (a renewed Secret) so new connections get the new certificate; plain
@@ -39,6 +42,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from restic_manager import protocol
+from restic_manager.session import OperatorSession, SessionError
 from restic_manager.operator.identity import AuthError, Identity
 from restic_manager.operator.limits import Limits, TokenBucket
 from restic_manager.operator.metrics import Metrics
@@ -86,6 +90,7 @@ class Session:
     dispatched: set[str] = field(default_factory=set)
     pushed: tuple[protocol.ScheduleEntry, ...] | None = None
     refusals_logged: int = 0
+    rules: OperatorSession = field(default_factory=OperatorSession)
 
     @property
     def agent(self) -> ObjectKey:
@@ -101,6 +106,7 @@ class Session:
 
     async def send(self, payload: protocol.Payload) -> bool:
         """Send one frame; False when the connection is gone (the caller decides what that means)."""
+        self.rules.sending(payload)
         try:
             await self.connection.send(protocol.encode(payload))
             return True
@@ -202,7 +208,7 @@ class AgentServer:
                     started: Callable[[int], None] | None = None) -> None:
         limits = self._limits
         async with serve(self._serve, host, port, ssl=tls.context if tls else None,
-                         process_request=self._check_credentials,
+                         process_request=self._check_credentials, process_response=_name_protocol,
                          max_size=limits.max_frame_bytes, compression=None, open_timeout=limits.open_timeout,
                          ping_interval=limits.ping_interval, ping_timeout=limits.ping_timeout,
                          server_header=None, logger=_WIRE_LOG) as server:
@@ -245,7 +251,7 @@ class AgentServer:
     async def _serve(self, connection: ServerConnection) -> None:
         identity = self._identities.pop(connection)
         try:
-            hello = await self._receive_hello(connection, identity)
+            hello_frame = await self._receive_hello(connection, identity)
         except protocol.ProtocolError as error:
             self.metrics.handshakes_refused["invalid-hello"] += 1
             log.warning("agent %s from %s refused: %s", identity.agent, _peer(connection), error)
@@ -259,8 +265,12 @@ class AgentServer:
             return
         except ConnectionClosed:
             return
+        rules = OperatorSession()
+        rules.receive(hello_frame)
+        hello = hello_frame.payload
+        assert isinstance(hello, protocol.Hello)
         session = Session(identity=identity, hello=hello, connection=connection,
-                          connected_at=datetime.now(timezone.utc))
+                          connected_at=datetime.now(timezone.utc), rules=rules)
         agent = session.agent
         previous = self.sessions.get(agent)
         self.sessions[agent] = session
@@ -283,7 +293,7 @@ class AgentServer:
             if current:
                 await self._handler.on_disconnect(session)
 
-    async def _receive_hello(self, connection: ServerConnection, identity: Identity) -> protocol.Hello:
+    async def _receive_hello(self, connection: ServerConnection, identity: Identity) -> protocol.Frame:
         async with asyncio.timeout(self._limits.hello_timeout):
             message = await connection.recv()
         frame = protocol.decode(message)
@@ -299,7 +309,7 @@ class AgentServer:
             raise protocol.ProtocolError(
                 f"hello: agent {hello.agent!r} is not the Agent these credentials belong to "
                 f"({identity.agent.name!r})", ref=frame.id)
-        return hello
+        return frame
 
     async def _receive(self, session: Session) -> None:
         limits = self._limits
@@ -322,6 +332,11 @@ class AgentServer:
                     await session.send(protocol.Error(code="invalid-frame", message=str(error), ref=error.ref))
                     continue
                 try:
+                    session.rules.receive(frame)
+                except SessionError as error:
+                    await self._out_of_order(session, frame, str(error))
+                    continue
+                try:
                     await self._handler.on_message(session, frame)
                 except Exception:
                     # One bad message must not end the agent's connection; the log has the trace.
@@ -330,6 +345,22 @@ class AgentServer:
                         code="internal", ref=frame.id, message=f"the operator failed to handle {frame.type}"))
         except ConnectionClosed:
             pass
+
+
+    async def _out_of_order(self, session: Session, frame: protocol.Frame, message: str) -> None:
+        """A frame the session's rules do not allow now: counted, answered, nothing else."""
+        self.metrics.frames_refused["out-of-order"] += 1
+        session.log_refusal("out of order: %s", message)
+        if isinstance(frame.payload, protocol.ScheduleFire):
+            fire = frame.payload
+            await session.send(protocol.FireResult(ref=frame.id, id=fire.id, scheduled_at=fire.scheduled_at,
+                                                   outcome=protocol.FireOutcome.REFUSED, reason=message))
+        else:
+            await session.send(protocol.Error(code="invalid-frame", ref=frame.id, message=message))
+
+
+def _name_protocol(connection: ServerConnection, request: Request, response: Response) -> None:
+    response.headers[protocol.PROTOCOL_HEADER] = str(protocol.PROTOCOL_VERSION)
 
 
 def _peer(connection: ServerConnection) -> str:

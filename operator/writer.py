@@ -6,12 +6,14 @@ last wrote (or, the first time, from what the API showed). A mark is written at 
 a patch of that object is in flight; then every mark made meanwhile (a thousand acks for one
 Schedule) becomes one more patch after it (coalesce.py). What is only informational waits:
 a job's progress is written at most every :data:`PROGRESS_INTERVAL`, an Agent's lastSeen
-every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once. Nothing is
+every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once. Whoever must
+know that a status is in the API before it answers (a receipt) awaits :meth:`StatusWriter.flushed`. Nothing is
 rendered or written while fired ResticJobs are being created (:meth:`Kube.creates_done`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 2.0
 LAST_SEEN_INTERVAL = 30.0
+FLUSH_TIMEOUT = 10.0
 
 
 class Target(NamedTuple):
@@ -58,16 +61,37 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 
 
 class StatusWriter:
-    def __init__(self, kube: Kube, *, render: Render) -> None:
+    def __init__(self, kube: Kube, *, render: Render, flush_timeout: float = FLUSH_TIMEOUT) -> None:
         self._kube = kube
         self._render = render
+        self._flush_timeout = flush_timeout
         # By object: the uid it had and the status last written to it. A recreated object (a new
         # uid) is patched from what the API shows, not from what its namesake was given.
         self._written: dict[Target, tuple[str, Mapping[str, Any]]] = {}
         self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write)
+        self._waiters: dict[Target, list[asyncio.Future[None]]] = {}
 
     def mark(self, plural: str, key: ObjectKey, *, delay: float = 0.0) -> None:
         self._loop.mark(Target(plural, key), delay=delay)
+
+    async def flushed(self, plural: str, key: ObjectKey) -> bool:
+        """Write the object's status at once (after the write in flight, if one is) and wait:
+        True once what is known now is in the API or the object is gone, False when that
+        did not happen within the flush timeout (the write is still retried)."""
+        target = Target(plural, key)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(target, []).append(waiter)
+        self._loop.mark(target)
+        try:
+            async with asyncio.timeout(self._flush_timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._waiters.get(target, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
 
     def forget(self, plural: str, key: ObjectKey) -> None:
         """Drop what was written for a deleted object."""
@@ -77,6 +101,18 @@ class StatusWriter:
         await self._loop.run()
 
     async def _write(self, target: Target) -> None:
+        # Those who waited before this render are answered by this write; later ones by the next.
+        waiters = self._waiters.pop(target, [])
+        try:
+            await self._write_now(target)
+        except BaseException:
+            self._waiters.setdefault(target, [])[:0] = waiters
+            raise
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _write_now(self, target: Target) -> None:
         await self._kube.creates_done()  # rendered and sent after a fire storm's creates
         rendered = self._render(target)
         if rendered is None:

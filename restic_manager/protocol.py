@@ -11,15 +11,19 @@ frame is validated with :func:`decode`: an unknown type, a missing, extra or mis
 field, or a frame over :data:`MAX_FRAME_BYTES` raises :class:`ProtocolError` with a
 message that says which, so the receiver can answer with an ``error`` frame and go on.
 
-Connection life: the agent connects and sends ``hello`` first; the operator answers with
+Connection life: the agent connects; the operator's handshake response carries the
+protocol version it speaks in the :data:`PROTOCOL_HEADER` header, and an agent that speaks
+another refuses it. The agent sends ``hello`` first; the operator answers with
 ``schedule.set`` (the whole set for that agent, possibly empty), and the agent answers
-every set with ``schedule.ack``. From then on, in any order:
+every set with ``schedule.ack``. Fires and job reports follow only once this connection's
+first set is acknowledged. From then on, in any order:
 
 =================  ==========  =========================================================
 type               direction   payload
 =================  ==========  =========================================================
 hello              agent → op  agent, agentVersion, resticVersion, protocolVersion,
-                               hostname, runningJobs[]
+                               hostname, runningJobs[], finishedJobs[] (ended, job.done
+                               not yet acknowledged: it follows)
 schedule.set       op → agent  version, schedules[] {id, uid, generation, schedule,
                                timeZone, suspend}
 schedule.ack       agent → op  version, appliedAt, applied[] {id, generation},
@@ -32,9 +36,21 @@ job.started        agent → op  job, startedAt
 job.progress       agent → op  job, percentDone, filesDone, totalFiles, bytesDone,
                                totalBytes, secondsElapsed, secondsRemaining
 job.done           agent → op  job, outcome, exitCode, finishedAt, summary, error,
-                               logTail[]
+                               logTail[], interrupted (the agent died while restic ran)
+fire.result        op → agent  ref (the schedule.fire frame's id), id, scheduledAt,
+                               outcome (created | exists | refused | missed | retry),
+                               job (created, exists), reason (the others)
+job.done.ack       op → agent  ref (the job.done frame's id), job
 error              both        code, message, ref (the id of the frame it answers)
 =================  ==========  =========================================================
+
+Receipts: a ping's pong proves only that bytes arrived, so it is never taken for delivery.
+A ``schedule.fire`` is settled by a ``fire.result`` with a final outcome, sent once that
+outcome is durable (the ResticJob exists; a refusal or miss is on the Schedule's status and
+in an Event); ``retry`` and silence leave it pending, to be sent again. A ``job.done`` is
+settled by its ``job.done.ack``, sent once the job's final status is written. ``job.started``
+and ``job.progress`` are best effort. restic_manager/session.py holds the rules both ends
+follow: what may be sent when, and what each receipt settles.
 
 Schedule ids and job names are ``namespace/name``. Times are ISO 8601 with an offset.
 Repository credentials travel only in ``command.run``'s ``repository.env``; nothing else
@@ -55,7 +71,10 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, 
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+# 2: receipts (fire.result, job.done.ack) and hello's finishedJobs.
+PROTOCOL_VERSION = 2
+# The handshake response header in which the operator names the protocol version it speaks.
+PROTOCOL_HEADER = "Restic-Manager-Protocol"
 MAX_FRAME_BYTES = 1024 * 1024
 LOG_TAIL_LINES = 50
 
@@ -178,6 +197,9 @@ class Hello(Payload, frozen=True, kw_only=True):
     protocol_version: int
     hostname: ShortText = ""
     running_jobs: list[NamespacedName] = []
+    # Jobs that ended while their job.done waits for its ack: it follows hello, so the
+    # operator does not take them for lost.
+    finished_jobs: list[NamespacedName] = []
 
 
 class ScheduleEntry(Model, frozen=True, kw_only=True):
@@ -311,6 +333,39 @@ class JobDone(Payload, frozen=True, kw_only=True):
     summary: Summary | None = None
     error: ShortText = ""
     log_tail: Annotated[list[ShortText], msgspec.Meta(max_length=LOG_TAIL_LINES)] = []
+    # The agent stopped (was killed, restarted) while restic ran, and restic was stopped with it.
+    interrupted: bool = False
+
+
+class FireOutcome(str, Enum):
+    CREATED = "created"    # the ResticJob exists now
+    EXISTS = "exists"      # it existed already: this fire was delivered before
+    REFUSED = "refused"    # not honoured; the reason is recorded
+    MISSED = "missed"      # past startingDeadlineSeconds; recorded as missed
+    RETRY = "retry"        # not decided now (API error, overload): send it again later
+
+    @property
+    def final(self) -> bool:
+        return self is not FireOutcome.RETRY
+
+
+FrameId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class FireResult(Payload, frozen=True, kw_only=True):
+    TYPE: ClassVar[str] = "fire.result"
+    ref: FrameId
+    id: NamespacedName
+    scheduled_at: AwareDatetime
+    outcome: FireOutcome
+    job: NamespacedName | None = None
+    reason: ShortText = ""
+
+
+class JobDoneAck(Payload, frozen=True, kw_only=True):
+    TYPE: ClassVar[str] = "job.done.ack"
+    ref: FrameId
+    job: NamespacedName
 
 
 class Error(Payload, frozen=True, kw_only=True):
@@ -322,12 +377,12 @@ class Error(Payload, frozen=True, kw_only=True):
 
 AnyPayload: TypeAlias = Union[
     Hello, ScheduleSet, ScheduleAck, ScheduleFire, CommandRun, CommandCancel,
-    JobStarted, JobProgress, JobDone, Error,
+    JobStarted, JobProgress, JobDone, FireResult, JobDoneAck, Error,
 ]
 PAYLOADS: dict[str, type[Payload]] = {
     model.TYPE: model
     for model in (Hello, ScheduleSet, ScheduleAck, ScheduleFire, CommandRun, CommandCancel,
-                  JobStarted, JobProgress, JobDone, Error)
+                  JobStarted, JobProgress, JobDone, FireResult, JobDoneAck, Error)
 }
 
 

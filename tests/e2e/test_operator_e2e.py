@@ -234,6 +234,8 @@ def test_an_agent_killed_mid_job_leaves_the_job_failed_agent_lost(world: World) 
     world.wait("resticjob/long", "jsonpath={.status.phase}=Failed")
     job = world.get("resticjob/long")
     assert job is not None and job["status"]["reason"] == "AgentLost"
+    # the restarted agent said so itself, from its journal
+    assert "the agent stopped while restic ran this job" in job["status"]["message"]
 
 
 @pytest.mark.parametrize("policy", ["Forbid", "Replace", "Allow"])

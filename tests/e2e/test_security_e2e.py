@@ -246,19 +246,21 @@ def test_agents_act_only_on_their_own_in_their_own_namespace(world: World) -> No
             for websocket, payloads in sent.items():
                 for payload in payloads:
                     websocket.send(protocol.encode(payload))
-                errors = [p for p in answers(websocket, "done") if isinstance(p, protocol.Error)]
-                assert [e.code for e in errors] == ["forbidden"] * len(payloads), errors
-            # A write the operator must make after handling all that: once it shows, any
-            # status write those frames had caused would show too (the writer coalesces in order).
-            web_a.send(protocol.encode(protocol.ScheduleAck(version=424242, applied_at=datetime.now(timezone.utc))))
-            world.wait("agent/web-a", "jsonpath={.status.appliedVersion}=424242")
-            assert snapshot(world) == before
+                # A fire is settled with a refusal (the agent stops sending it), a report is an error.
+                got = [(type(p).__name__, getattr(p, "code", getattr(p, "outcome", None)))
+                       for p in answers(websocket, "done") if isinstance(p, (protocol.Error, protocol.FireResult))]
+                assert got == [("FireResult", protocol.FireOutcome.REFUSED) if isinstance(p, protocol.ScheduleFire)
+                               else ("Error", "forbidden") for p in payloads], got
+        # A write the operator makes after handling all that (web-a's disconnect): once it
+        # shows, any status write those frames had caused would show too.
+        world.wait("agent/web-a", 'jsonpath={.status.conditions[?(@.type=="Connected")].reason}=Disconnected')
+        assert snapshot(world) == before
 
-            # web-a's own job names a Repository only Y has: it waits, and Y's Secret is never read.
-            world.wait("resticjob/y-repo", "jsonpath={.status.reason}=RepositoryNotFound")
-            job = world.get("resticjob/y-repo")
-            assert job is not None and job["status"]["phase"] == "Pending" and "dispatchedAt" not in job["status"]
-            assert f"no such Repository in namespace {world.namespace}" in job["status"]["message"]
+        # web-a's own job names a Repository only Y has: it waits, and Y's Secret is never read.
+        world.wait("resticjob/y-repo", "jsonpath={.status.reason}=RepositoryNotFound")
+        job = world.get("resticjob/y-repo")
+        assert job is not None and job["status"]["phase"] == "Pending" and "dispatchedAt" not in job["status"]
+        assert f"no such Repository in namespace {world.namespace}" in job["status"]["message"]
         refused = counters(metrics_port)
         assert refused['restic_manager_agent_frames_refused_total{reason="forbidden-fire"}'] == 3
         assert refused['restic_manager_agent_frames_refused_total{reason="forbidden-job-of-another-agent"}'] == 3

@@ -138,7 +138,7 @@ class Agent:
 
     def __init__(
         self, operator: FakeOperator, state_dir: Path, *, clock: Clock, running: list[str] = (),
-        gate: SaveGate | None = None,
+        gate: SaveGate | None = None, receipt_timeout: float = 30.0,
     ) -> None:
         token_file = state_dir / "token"
         token_file.write_text(TOKEN + "\n")
@@ -146,7 +146,7 @@ class Agent:
         saved = store.load()
         self.scheduler = Scheduler(saved.cursors)
         self.outbox = Outbox(saved.outbox)
-        save = state_saver(store, cursors=self.scheduler.cursors, outbox=self.outbox)
+        save = state_saver(store, cursors=self.scheduler.cursors, outbox=self.outbox, journal=saved.journal)
         if gate is not None:
             save = gate.guard(save)
         self.mailbox = Mailbox(self.outbox, save=save)
@@ -157,7 +157,7 @@ class Agent:
             endpoint=Endpoint(operator.url, token_file=token_file),
             identity=Identity(agent="web-01", restic_version="0.19.1", hostname="web-01.example.com"),
             timer=self.timer, runner=self.runner, mailbox=self.mailbox,
-            rng=HighestDelay(), sleep=self.retries.sleep,
+            rng=HighestDelay(), sleep=self.retries.sleep, receipt_timeout=receipt_timeout,
         )
 
     @contextlib.asynccontextmanager
@@ -280,10 +280,63 @@ async def test_a_fire_due_while_disconnected_is_delivered_once_after_the_ack(
         await agent.retries.release()
         await operator.expect(protocol.Hello)
         await operator.apply(schedules, version=1)  # apply() checks the ack comes first
-        fire = await operator.expect(protocol.ScheduleFire)
+        fire = await operator.expect_frame(protocol.ScheduleFire)
+        assert len(agent.outbox) == 1  # kept until its receipt
+        await operator.settle(fire)
         await operator.apply(schedules, version=2)  # the next frame is this ack: no second fire
 
-        assert fire.scheduled_at == at("2026-03-02T13:00:00+00:00")
+        assert fire.payload.scheduled_at == at("2026-03-02T13:00:00+00:00")  # type: ignore[attr-defined]
+        assert len(agent.outbox) == 0
+
+
+@pytest.mark.parametrize("outcome", [protocol.FireOutcome.REFUSED, protocol.FireOutcome.MISSED,
+                                     protocol.FireOutcome.EXISTS])
+async def test_a_final_fire_result_settles_the_fire(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path, outcome: protocol.FireOutcome
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        await agent.mailbox.post(protocol.ScheduleFire(id="ns/a", uid="u", generation=1, scheduled_at=T0))
+        await operator.settle(await operator.expect_frame(protocol.ScheduleFire), outcome)
+        await operator.apply([], version=2)
+        assert len(agent.outbox) == 0
+
+
+async def test_a_fire_answered_retry_is_sent_again_and_kept_until_settled(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    fire = protocol.ScheduleFire(id="ns/a", uid="u", generation=1, scheduled_at=T0)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        await agent.mailbox.post(fire)
+        first = await operator.expect_frame(protocol.ScheduleFire)
+        await operator.settle(first, protocol.FireOutcome.RETRY)
+        again = await operator.expect_frame(protocol.ScheduleFire)  # after RETRY_BASE, at most a second
+        assert (again.id, again.payload) == (first.id, fire)
+        assert len(agent.outbox) == 1
+        await operator.settle(again)
+        await operator.apply([], version=2)
+        assert len(agent.outbox) == 0
+
+
+async def test_a_fire_without_a_receipt_is_sent_again_on_the_same_connection(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock, receipt_timeout=0.2)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        done = protocol.JobDone(job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=T0)
+        await agent.mailbox.post(done)
+        first = await operator.expect_frame(protocol.JobDone)  # unanswered: the operator died with it
+        again = await operator.expect_frame(protocol.JobDone)
+        assert again.id == first.id and operator.connections == 1
+        await operator.settle(again)
+        await operator.apply([], version=2)
         assert len(agent.outbox) == 0
 
 
@@ -301,9 +354,10 @@ async def test_a_job_done_while_disconnected_is_delivered_after_reconnect(
 
         await agent.mailbox.post(done)  # as the runner reports a job that ended meanwhile
         await agent.retries.release()
-        await operator.expect(protocol.Hello)
+        hello = await operator.expect(protocol.Hello)
         await operator.apply([], version=1)
 
+        assert hello.finished_jobs == ["ns/job-1"]  # so the operator does not take it for lost
         assert await operator.expect(protocol.JobDone) == done
 
 
@@ -325,7 +379,24 @@ async def test_a_message_the_operator_never_read_is_sent_again_after_reconnect(
         assert await operator.expect(protocol.JobDone) == done
 
 
-async def test_a_new_message_is_sent_while_the_last_batch_is_still_being_confirmed(
+async def test_a_message_the_operator_read_but_did_not_settle_is_sent_again_after_reconnect(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    fire = protocol.ScheduleFire(id="ns/a", uid="u", generation=1, scheduled_at=T0)
+    async with agent.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        await agent.mailbox.post(fire)
+        assert await operator.expect(protocol.ScheduleFire) == fire  # read (and its pong answered)
+        await operator.drop()  # as an operator killed before the create
+
+        await operator.expect(protocol.Hello)
+        await operator.apply([], version=1)
+        assert await operator.expect(protocol.ScheduleFire) == fire
+
+
+async def test_a_new_message_is_sent_while_the_last_one_is_still_being_settled(
     operator: FakeOperator, clock: ManualClock, tmp_path: Path
 ) -> None:
     gate = SaveGate()
@@ -335,9 +406,9 @@ async def test_a_new_message_is_sent_while_the_last_batch_is_still_being_confirm
     async with agent.running():
         await operator.expect(protocol.Hello)
         await operator.apply([], version=1)
-        gate.close(passes=1)  # posting `done` saves; confirming it (after its pong) will hang
+        gate.close(passes=1)  # posting `done` saves; settling it (after its ack) will hang
         await agent.mailbox.post(done)
-        assert await operator.expect(protocol.JobDone) == done
+        await operator.settle(await operator.expect_frame(protocol.JobDone))
         async with asyncio.timeout(TIMEOUT):
             await gate.waiting.wait()
 
@@ -368,6 +439,40 @@ async def test_undelivered_messages_survive_an_agent_restart(
         await operator.apply(schedules, version=2)
 
     assert fire.scheduled_at == at("2026-03-02T11:00:00+00:00")
+
+
+async def test_a_saved_fire_and_the_catch_up_after_a_restart_are_one_fire_the_newest(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    schedules = [entry("ns/hourly", "0 * * * *")]
+    first = Agent(operator, tmp_path, clock=clock)
+    async with first.running():
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)
+        first.retries.hold()
+        await operator.drop()
+        await first.retries.held()
+        await clock.run_until(at("2026-03-02T11:10:00+00:00"))  # 11:00 fires, undeliverable
+
+    # Down over 12:00: the saved 11:00 fire and the catch-up for 12:00 meet at the next start.
+    clock_after_restart = ManualClock(at("2026-03-02T12:20:00+00:00"))
+    async with Agent(operator, tmp_path, clock=clock_after_restart).running():
+        await operator.expect(protocol.Hello)
+        await operator.apply(schedules, version=1)
+        fire = await operator.expect(protocol.ScheduleFire)
+        await operator.apply(schedules, version=2)  # the next frame: no second fire
+
+    assert fire.scheduled_at == at("2026-03-02T12:00:00+00:00")
+
+
+async def test_an_operator_of_another_protocol_version_is_refused(clock: ManualClock, tmp_path: Path) -> None:
+    async with FakeOperator(token=TOKEN, protocol_version=None) as old:
+        agent = Agent(old, tmp_path, clock=clock)
+        agent.retries.hold()
+        async with agent.running():
+            await agent.retries.held()
+        assert old.connections >= 1 and old.closes[0][0] == 1008
+        assert old._frames.empty()  # no hello was sent to it
 
 
 async def test_an_invalid_frame_is_answered_with_an_error_and_the_agent_keeps_working(

@@ -10,9 +10,11 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.agent import restic as rules
-from restic_manager.agent.runner import JobRunner, ResticUnavailable, restic_version
+from restic_manager.agent.runner import INTERRUPTED, JobRunner, ResticUnavailable, interrupted, restic_version
+from restic_manager.agent.state import Journal
 from restic_manager.protocol import Outcome
 
 pytestmark = pytest.mark.restic
@@ -288,17 +291,7 @@ async def test_timeout_stops_restic_and_fails_the_job(
 async def test_a_stale_lock_is_removed_and_the_job_retried_once(
     runner: JobRunner, repo: Path, slow_tree: Path, restic_bin: Path
 ) -> None:
-    # A restic killed with SIGKILL leaves its lock behind; check needs an exclusive lock.
-    crashed = await asyncio.create_subprocess_exec(
-        str(restic_bin), "--json", "backup", str(slow_tree),
-        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert crashed.stdout is not None
-    await crashed.stdout.readline()  # a status line: it holds its lock now
-    crashed.kill()
-    await crashed.wait()
-    assert len(await restic_json(restic_bin, repo, "list", "locks")) == 1
+    await leave_a_stale_lock(restic_bin, repo, slow_tree)  # check needs an exclusive lock
 
     done = await run(runner, command("check", "check", {}, repo))
 
@@ -432,3 +425,157 @@ async def test_aclose_cancels_every_running_job(
     (done,) = recorder.of(protocol.JobDone, job.job)
     assert done.outcome is Outcome.CANCELLED
     assert runner.running() == []
+
+
+# --- a job runs once, and restic never outlives its agent -------------------------------------
+
+
+async def test_a_job_that_ran_is_not_run_again(runner: JobRunner, recorder: Recorder, repo: Path, tree: Path) -> None:
+    job = command("once", "backup", {"paths": [str(tree)]}, repo)
+    assert (await run(runner, job)).outcome is Outcome.SUCCEEDED
+
+    await runner.start(job)  # command.run again, e.g. from an operator that restarted
+
+    assert runner.running() == []
+    assert (len(recorder.of(protocol.JobStarted, job.job)), len(recorder.of(protocol.JobDone, job.job))) == (1, 1)
+
+
+async def test_a_job_whose_job_done_waits_for_its_receipt_is_not_run_again(
+    restic_bin: Path, recorder: Recorder, repo: Path, tree: Path
+) -> None:
+    job = command("unsettled", "backup", {"paths": [str(tree)]}, repo)
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, unsettled=lambda: [job.job])
+    try:
+        await runner.start(job)
+        assert runner.running() == [] and recorder.payloads == []
+    finally:
+        await runner.aclose()
+
+
+async def test_a_job_is_journaled_while_it_runs(restic_bin: Path, recorder: Recorder, repo: Path, tree: Path) -> None:
+    journal, saved = Journal(), []
+
+    async def save() -> None:
+        saved.append(dict(journal.running))
+
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, journal=journal, save=save)
+    try:
+        await run(runner, command("journaled", "backup", {"paths": [str(tree)]}, repo))
+    finally:
+        await runner.aclose()
+    assert saved == [{"backups/journaled": str(repo)}]  # saved before restic started
+    assert journal.running == {}  # and gone when its job.done was posted
+
+
+async def test_jobs_a_dead_agent_left_end_failed_and_their_repository_is_unlocked_first(
+    restic_bin: Path, recorder: Recorder, repo: Path, slow_tree: Path
+) -> None:
+    await leave_a_stale_lock(restic_bin, repo, slow_tree)
+    journal = Journal(running={"backups/killed": str(repo)})
+
+    [lost] = interrupted(journal, now=datetime.now(timezone.utc))
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, journal=journal)
+    try:
+        done = await run(runner, command("check-after", "check", {}, repo))
+    finally:
+        await runner.aclose()
+
+    assert (lost.job, lost.outcome, lost.error) == ("backups/killed", Outcome.FAILED, INTERRUPTED)
+    assert done.outcome is Outcome.SUCCEEDED
+    assert ("agent: a restic of this agent was killed while it used the repository; removing stale locks "
+            "with `restic unlock`") in done.log_tail
+    assert not any("repository is already locked" in line for line in done.log_tail)  # unlocked before
+    assert journal.unlock == set()
+    assert await restic_json(restic_bin, repo, "list", "locks") == []
+
+
+async def test_a_restic_killed_from_outside_mid_backup_leaves_no_lock(
+    runner: JobRunner, recorder: Recorder, repo: Path, slow_tree: Path, restic_bin: Path
+) -> None:
+    job = command("killed", "backup", {"paths": [str(slow_tree)]}, repo)
+    await runner.start(job)
+    await recorder.first(is_progress(job.job))
+    [pid] = restic_children(os.getpid(), running=str(slow_tree))
+    os.kill(pid, signal.SIGKILL)
+
+    done = await runner.wait(job.job)
+
+    assert done is not None and (done.outcome, done.exit_code) == (Outcome.FAILED, 137)
+    assert "agent: restic was killed by signal 9; removing stale locks with `restic unlock`" in done.log_tail
+    assert await restic_json(restic_bin, repo, "list", "locks") == []
+
+
+AGENT_SCRIPT = """
+import asyncio, msgspec, sys
+from restic_manager import protocol
+from restic_manager.agent.runner import JobRunner
+
+async def main():
+    async def send(payload):
+        if isinstance(payload, protocol.JobProgress):
+            print("progress", flush=True)
+    runner = JobRunner(restic=sys.argv[1], host="test-host", send=send)
+    await runner.start(msgspec.json.decode(sys.argv[2].encode(), type=protocol.CommandRun))
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_restic_dies_with_its_agent(tmp_path: Path) -> None:
+    """A stand-in restic that only sleeps: nothing but the parent-death signal can end it
+    (real restic may also die of SIGPIPE on its next status line; its lock is then the
+    journal's to remove, see above)."""
+    stand_in = tmp_path / "sleepy-restic"
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        "import signal, time\n"
+        # SIGINT's default action, whatever this process inherited (a shell's background
+        # job starts with SIGINT ignored)
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        "print('{\"message_type\":\"status\",\"percent_done\":0.5,\"bytes_done\":1,\"total_bytes\":2}', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    stand_in.chmod(0o755)
+    job = command("orphan", "backup", {"paths": ["/etc"]}, tmp_path / "repo")
+    wire = json.dumps(protocol.to_wire(job))
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", AGENT_SCRIPT, str(stand_in), wire, stdout=asyncio.subprocess.PIPE)
+    assert agent.stdout is not None
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        assert await agent.stdout.readline() == b"progress\n"
+    [restic] = restic_children(agent.pid)
+
+    agent.kill()  # kill -9: the agent gets no chance to stop restic itself
+    await agent.wait()
+
+    async with asyncio.timeout(EVENT_TIMEOUT):  # bounded poll: a process's end has no event to await
+        while process_state(restic) not in ("gone", "Z"):
+            await asyncio.sleep(0.05)
+
+
+def restic_children(parent: int, *, running: str = "restic") -> list[int]:
+    """The pids of ``parent``'s child processes whose command line holds ``running``."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children if running in Path(f"/proc/{pid}/cmdline").read_bytes().decode()]
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+async def leave_a_stale_lock(restic_bin: Path, repo: Path, source: Path) -> None:
+    """A restic killed with SIGKILL mid-backup leaves its lock behind."""
+    crashed = await asyncio.create_subprocess_exec(
+        str(restic_bin), "--json", "backup", str(source),
+        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert crashed.stdout is not None
+    await crashed.stdout.readline()  # a status line: it holds its lock now
+    crashed.kill()
+    await crashed.wait()
+    assert len(await restic_json(restic_bin, repo, "list", "locks")) == 1

@@ -36,8 +36,9 @@ class FakeOperator:
     """An operator's agent endpoint on 127.0.0.1 that records what agents send and sends
     what the test says. One agent at a time is enough for the agent's own tests."""
 
-    def __init__(self, *, token: str | None = None) -> None:
+    def __init__(self, *, token: str | None = None, protocol_version: int | None = protocol.PROTOCOL_VERSION) -> None:
         self.token = token
+        self.protocol_version = protocol_version  # named in the handshake response; None: not at all
         self.connections = 0
         self.closes: list[tuple[int | None, str]] = []  # (code, reason) of each finished connection
         self._frames: asyncio.Queue[protocol.Frame | protocol.ProtocolError] = asyncio.Queue()
@@ -47,7 +48,8 @@ class FakeOperator:
         self._server: Server | None = None
 
     async def __aenter__(self) -> FakeOperator:
-        self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._admit)
+        self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._admit,
+                                   process_response=self._name_protocol)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -73,9 +75,25 @@ class FakeOperator:
 
     async def expect(self, kind: type[P]) -> P:
         """The next frame's payload, which must be a `kind`."""
+        return (await self.expect_frame(kind)).payload  # type: ignore[return-value]
+
+    async def expect_frame(self, kind: type[protocol.Payload]) -> protocol.Frame:
+        """The next frame, whose payload must be a `kind`."""
         frame = await self.receive()
         assert isinstance(frame.payload, kind), f"expected {kind.TYPE}, got {frame.type}: {frame.payload!r}"
-        return frame.payload
+        return frame
+
+    async def settle(self, frame: protocol.Frame,
+                     outcome: protocol.FireOutcome = protocol.FireOutcome.CREATED) -> None:
+        """Answer a schedule.fire with its fire.result, or a job.done with its job.done.ack."""
+        match frame.payload:
+            case protocol.ScheduleFire() as fire:
+                await self.send(protocol.FireResult(ref=frame.id, id=fire.id, scheduled_at=fire.scheduled_at,
+                                                    outcome=outcome, reason="" if outcome.final else "busy"))
+            case protocol.JobDone(job=job):
+                await self.send(protocol.JobDoneAck(ref=frame.id, job=job))
+            case _:
+                raise AssertionError(f"{frame.type} takes no receipt")
 
     async def send(self, payload: protocol.Payload, *, frame_id: str | None = None) -> str:
         """Send `payload` to the connected agent; returns the frame id."""
@@ -133,6 +151,10 @@ class FakeOperator:
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
         return None
+
+    def _name_protocol(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        if self.protocol_version is not None:
+            response.headers[protocol.PROTOCOL_HEADER] = str(self.protocol_version)
 
     async def _handle(self, connection: ServerConnection) -> None:
         self._current = connection

@@ -13,7 +13,7 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.agent.scheduler import Cursor
-from restic_manager.agent.state import AgentState, Mailbox, Outbox, StateStore
+from restic_manager.agent.state import AgentState, Journal, Mailbox, Outbox, StateStore
 
 T0 = datetime.fromisoformat("2026-03-02T10:00:00+00:00")
 
@@ -104,13 +104,23 @@ def test_messages_are_numbered_in_posting_order() -> None:
 async def test_state_survives_a_restart(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state" / "state.json")
     cursors = {"ns/a": Cursor(uid="u1", until=T0), "ns/b": Cursor(uid="u2", until=T0.replace(hour=2))}
-    await store.save(AgentState(cursors=cursors, outbox=[fire("ns/a", 10), done("ns/j")]))
+    journal = Journal(running={"ns/k": "/srv/restic"}, unlock={"s3:host/bucket"})
+    await store.save(AgentState(cursors=cursors, outbox=[fire("ns/a", 10), done("ns/j")], journal=journal))
 
     loaded = StateStore(tmp_path / "state" / "state.json").load()
 
-    assert loaded == AgentState(cursors=cursors, outbox=[fire("ns/a", 10), done("ns/j")])
+    assert loaded == AgentState(cursors=cursors, outbox=[fire("ns/a", 10), done("ns/j")], journal=journal)
     assert stat.S_IMODE((tmp_path / "state" / "state.json").stat().st_mode) == 0o600
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["state.json"]  # no temporary left
+
+
+def test_a_state_file_of_format_1_loads_with_an_empty_journal(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"format": 1, "cursors": {"ns/a": {"uid": "u", "until": T0.isoformat()}},
+                                "outbox": [protocol.encode(fire("ns/a", 10))]}))
+
+    assert StateStore(path).load() == AgentState(cursors={"ns/a": Cursor(uid="u", until=T0)},
+                                                 outbox=[fire("ns/a", 10)])
 
 
 async def test_state_keeps_any_uid_text(tmp_path: Path) -> None:
@@ -202,25 +212,40 @@ class CountingSave:
 async def test_the_mailbox_hands_out_messages_in_order_and_saves_durable_changes() -> None:
     save = CountingSave()
     mailbox = Mailbox(Outbox(), save=save)
-    waiting = asyncio.create_task(mailbox.pending())
+    waiting = asyncio.create_task(mailbox.wait(None))
     await asyncio.sleep(0)  # let it wait on the empty box
     assert not waiting.done()
 
     await mailbox.post(progress("ns/j", 1))
-    assert (list((await waiting).values()), save.count) == ([progress("ns/j", 1)], 0)
+    await waiting  # a post wakes the waiter
+    assert (list(mailbox.items().values()), save.count) == ([progress("ns/j", 1)], 0)
     await mailbox.post(fire("ns/a", 11))
     assert save.count == 1
 
-    batch = await mailbox.pending()
+    batch = mailbox.items()
     assert list(batch.values()) == [progress("ns/j", 1), fire("ns/a", 11)]
     await mailbox.post(fire("ns/b", 12))  # while the batch is on its way
-    assert list((await mailbox.pending(after=max(batch))).values()) == [fire("ns/b", 12)]
     await mailbox.delivered(batch)
 
-    left = await mailbox.pending()
+    left = mailbox.items()
     assert (list(left.values()), save.count) == ([fire("ns/b", 12)], 3)
     await mailbox.delivered(batch)  # again: nothing left to remove, nothing saved
-    assert (await mailbox.pending(), save.count) == (left, 3)
+    assert (mailbox.items(), save.count) == (left, 3)
+
+
+async def test_a_wait_returns_after_its_timeout_when_nothing_is_posted() -> None:
+    mailbox = Mailbox(Outbox(), save=CountingSave())
+    await mailbox.post(fire("ns/a", 11))
+    await mailbox.wait(None)  # the post before the wait counts
+    async with asyncio.timeout(5):
+        await mailbox.wait(0.01)
+    assert list(mailbox.items().values()) == [fire("ns/a", 11)]
+
+
+async def test_the_mailbox_names_the_jobs_whose_job_done_waits_for_its_receipt() -> None:
+    mailbox = Mailbox(Outbox(), save=CountingSave())
+    await mailbox.post_many([done("ns/b"), started("ns/c"), done("ns/a")])
+    assert mailbox.finished_jobs() == ["ns/a", "ns/b"]
 
 
 async def test_posted_messages_can_be_sent_while_their_save_is_still_writing() -> None:
@@ -234,7 +259,7 @@ async def test_posted_messages_can_be_sent_while_their_save_is_still_writing() -
     posting = asyncio.create_task(mailbox.post(fire("ns/a", 11)))
     await writing.wait()
 
-    assert list((await mailbox.pending()).values()) == [fire("ns/a", 11)]
+    assert list(mailbox.items().values()) == [fire("ns/a", 11)]
     assert not posting.done()
     landed.set()
     await posting
@@ -246,7 +271,7 @@ async def test_fires_posted_together_are_saved_once_and_delivered_with_one_save(
     await mailbox.post_many([fire(f"ns/s{n}", 11) for n in range(50)])
     assert save.count == 1
 
-    await mailbox.delivered(await mailbox.pending())
+    await mailbox.delivered(mailbox.items())
     assert save.count == 2
 
 
@@ -254,6 +279,6 @@ async def test_a_batch_without_durable_messages_is_not_saved() -> None:
     save = CountingSave()
     mailbox = Mailbox(Outbox(), save=save)
     await mailbox.post_many([started("ns/j"), progress("ns/j", 5)])
-    await mailbox.delivered(await mailbox.pending())
+    await mailbox.delivered(mailbox.items())
 
     assert save.count == 0

@@ -1,5 +1,6 @@
 """The import direction of STYLE §3, enforced by import-linter (contracts in pyproject.toml):
-cli on top, operator and agent side by side and independent, protocol and cron at the bottom."""
+cli on top, operator and agent side by side and independent, the session rules under them,
+protocol and cron at the bottom."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_a_wrong_way_import_is_caught(tmp_path: Path) -> None:
     package = tmp_path / "restic_manager"
     (package / "agent").mkdir(parents=True)
     (package / "operator").mkdir()
-    for module in ("__init__.py", "protocol.py", "cron.py", "cli.py"):
+    for module in ("__init__.py", "protocol.py", "cron.py", "cli.py", "session.py"):
         (package / module).write_text("")
     (package / "operator" / "__init__.py").write_text("")
     (package / "agent" / "__init__.py").write_text("from restic_manager import operator\n")

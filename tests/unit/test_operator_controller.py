@@ -17,7 +17,7 @@ import pytest
 from restic_manager import protocol
 from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, Controller
 from restic_manager.operator.fires import job_name
-from restic_manager.operator.kube import AlreadyExists, NotFound
+from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound
 from restic_manager.operator.identity import AuthError
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
@@ -35,6 +35,8 @@ class FakeKube:
         self.answer = asyncio.Event()  # creates are answered once it is set
         self.answer.set()
         self.events: list[dict[str, Any]] = []
+        self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
+        self.fail_creates = False
         self._rv = 100
 
     async def creates_done(self) -> None:
@@ -60,6 +62,8 @@ class FakeKube:
         if first and self.in_lane:
             self.created_first.append(body["metadata"]["name"])
         await self.answer.wait()
+        if self.fail_creates:
+            raise KubeError("create resticjobs: timed out", status=504)
         if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
             raise AlreadyExists("409")
         self._rv += 1
@@ -73,7 +77,12 @@ class FakeKube:
         return next(c for c in self.created if c["metadata"]["name"] == key.name)
 
     async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
+        if event.get("name") and any(e.get("name") == event["name"] for e in self.events):
+            raise AlreadyExists("409")
         self.events.append({"involved": involved, **event})
+
+    async def patch_status(self, plural: str, key: ObjectKey, patch: dict[str, Any], *, uid: str) -> None:
+        self.patches.append((plural, key, patch))
 
 
 def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
@@ -91,13 +100,16 @@ def schedule_body(*, suspend: bool = False, generation: int = 1) -> dict[str, An
 
 
 @pytest.fixture
-async def controller() -> Controller:
+async def controller() -> AsyncIterator[Controller]:
     kube = FakeKube()
     made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
     await made._prime()
     made.observe("agents", "ADDED", agent_body("web-01"))
     made.observe("schedules", "ADDED", schedule_body())
-    return made
+    writing = asyncio.create_task(made.writer.run())  # receipts wait for status writes
+    yield made
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)
 
 
 def connect(controller: Controller, name: str = "web-01") -> FakeSession:
@@ -163,12 +175,20 @@ async def test_a_rejection_is_shown_with_the_agents_error(controller: Controller
     assert "Mars/Olympus" in condition["message"]
 
 
+def receipts(session: FakeSession) -> list[tuple[str, protocol.FireOutcome, str | None]]:
+    return [(p.ref, p.outcome, p.job) for p in session.sent if isinstance(p, protocol.FireResult)]
+
+
 async def test_a_fire_creates_one_job_however_often_it_comes(controller: Controller) -> None:
     kube: FakeKube = controller._kube  # type: ignore[assignment]
     session = connect(controller)
-    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
-    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
+    first, again = frame(FIRE), frame(FIRE)
+    await controller.on_message(session, first)  # type: ignore[arg-type]
+    await controller.on_message(session, again)  # type: ignore[arg-type]
     [job] = kube.created
+    name = f"ns/{job['metadata']['name']}"
+    assert receipts(session) == [(first.id, protocol.FireOutcome.CREATED, name),
+                                 (again.id, protocol.FireOutcome.EXISTS, name)]
     assert job["metadata"]["name"] == f"nightly-web-01-{int(FIRE.scheduled_at.timestamp()) // 60}"
     assert kube.created_first == [job["metadata"]["name"]]  # a fire's job goes ahead of other calls
     assert job["spec"]["scheduleRef"] == {"name": "nightly", "uid": "uid-nightly"}
@@ -204,6 +224,45 @@ async def test_a_refused_fire_is_an_event_and_a_count_never_a_job(controller: Co
     assert event["involved"]["kind"] == "Schedule" and event["involved"]["uid"] == "uid-nightly"
     assert schedule_status(controller)["refusedFires"] == 1
     assert controller.refused["Suspended"] == 1
+    [(_, outcome, job)] = receipts(session)
+    assert (outcome, job) == (protocol.FireOutcome.REFUSED, None)
+    # the receipt went out once the count was in the API
+    assert any(patch.get("refusedFires") == 1 for plural, _, patch in kube.patches if plural == "schedules")
+
+
+async def test_a_refusal_delivered_twice_is_recorded_once(controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    controller.observe("schedules", "MODIFIED", schedule_body(suspend=True, generation=2))
+    session = connect(controller)
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
+    await controller.on_message(session, frame(FIRE))  # its receipt was lost: the agent sent it again
+    assert len(kube.events) == 1 and schedule_status(controller)["refusedFires"] == 1
+    assert [outcome for _, outcome, _ in receipts(session)] == [protocol.FireOutcome.REFUSED] * 2
+
+
+async def test_a_fire_past_its_deadline_is_missed(controller: Controller) -> None:
+    body = schedule_body(generation=2)
+    body["spec"]["startingDeadlineSeconds"] = 1
+    controller.observe("schedules", "MODIFIED", body)
+    session = connect(controller)
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]  # 5 s late
+    [(_, outcome, _)] = receipts(session)
+    assert outcome is protocol.FireOutcome.MISSED
+    assert schedule_status(controller)["missedFires"] == 1
+
+
+async def test_a_fire_the_api_cannot_take_now_is_answered_retry(controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    kube.fail_creates = True
+    session = connect(controller)
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
+    [(_, outcome, _)] = receipts(session)
+    assert outcome is protocol.FireOutcome.RETRY
+    assert controller.metrics.fires_retried == {"KubeError": 1}
+
+    kube.fail_creates = False
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]  # sent again
+    assert receipts(session)[-1][1] is protocol.FireOutcome.CREATED and len(kube.created) == 1
 
 
 async def test_a_fire_for_another_namespaces_schedule_is_refused(controller: Controller) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -19,7 +21,7 @@ from restic_manager.operator.dispatch import (
     next_step,
     repository_env,
 )
-from restic_manager.operator.kube import FinalizersSeen, NotFound
+from restic_manager.operator.kube import FinalizersSeen, KubeError, NotFound
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
 from restic_manager.operator.writer import Rendered, StatusWriter, Target
 
@@ -54,6 +56,7 @@ def job(**kwargs: Any) -> Job:
 CONNECTED = AgentView(running=frozenset(), dispatched=frozenset())
 LISTS_IT = AgentView(running=frozenset({"ns/j"}), dispatched=frozenset())
 SENT_IT = AgentView(running=frozenset(), dispatched=frozenset({"ns/j"}))
+ENDED_IT = AgentView(running=frozenset(), dispatched=frozenset(), finished=frozenset({"ns/j"}))
 
 STEPS = [
     # (case, job, phase, agent view, step)
@@ -66,6 +69,9 @@ STEPS = [
     ("running, listed in hello", job(), "Running", LISTS_IT, Step.NOTHING),
     ("running, sent on this connection", job(), "Running", SENT_IT, Step.NOTHING),
     ("running, agent came back without it", job(), "Running", CONNECTED, Step.LOSE),
+    # its job.done follows hello: the real outcome, not AgentLost a moment before it
+    ("running, agent came back with its job.done", job(), "Running", ENDED_IT, Step.NOTHING),
+    ("pending, agent came back with its job.done", job(), "Pending", ENDED_IT, Step.NOTHING),
     ("deleted while running", job(deleting=True, finalizer=True), "Running", LISTS_IT, Step.CANCEL),
     ("deleted while running, agent away", job(deleting=True, finalizer=True), "Running", None, Step.RELEASE),
     ("deleted while pending", job(deleting=True), "Pending", CONNECTED, Step.NOTHING),
@@ -132,12 +138,15 @@ class FakeKube:
         self.gets: list[ObjectKey] = []
         self.creates_clear = asyncio.Event()  # cleared: ResticJob creates are under way
         self.patched: list[tuple[str, ObjectKey, dict[str, Any]]] = []
+        self.refuse_patches = False
         self.creates_clear.set()
 
     async def creates_done(self) -> None:
         await self.creates_clear.wait()
 
     async def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any], *, uid: str) -> None:
+        if self.refuse_patches:
+            raise KubeError(f"patch {plural} {key}: 503", status=503)
         self.patched.append((plural, key, status))
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
@@ -171,18 +180,33 @@ class FakeSession:
 
 
 class Harness:
-    def __init__(self, session: FakeSession | None) -> None:
+    def __init__(self, session: FakeSession | None, *, flush_timeout: float = 10.0) -> None:
         self.store = Store()
         self.kube = FakeKube()
         self.session = session
         self.changes: list[tuple[str, str]] = []
+        self.writer = StatusWriter(self.kube, render=self._render, flush_timeout=flush_timeout)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(
             store=self.store, kube=self.kube,  # type: ignore[arg-type]
-            writer=StatusWriter(self.kube, render=lambda target: None),  # type: ignore[arg-type]
+            writer=self.writer,
             session_of=lambda key: self.session,  # type: ignore[arg-type,return-value]
             on_phase_change=lambda job, status: self.changes.append((job.key.name, status["phase"])),
             clock=lambda: NOW,
         )
+
+    def _render(self, target: Target) -> Rendered | None:
+        found = self.store.jobs.get(target.key)
+        return None if found is None else Rendered(found.uid, found.status, self.dispatcher.status_of(found))
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """The status writer's loop runs meanwhile."""
+        task = asyncio.create_task(self.writer.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def add(self, **kwargs: Any) -> Job:
         self.store.jobs.upsert(job_body(**kwargs))
@@ -313,18 +337,42 @@ async def test_invalid_parameters_fail_the_job() -> None:
     assert "args.snapshot" in status["message"] or "snapshot" in status["message"]
 
 
-async def test_reports_drive_the_job_to_its_end() -> None:
+async def test_reports_drive_the_job_to_its_end_and_job_done_is_acked_once_written() -> None:
     session = FakeSession()
     harness = Harness(session)
     harness.add()
     await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
-    await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/j", started_at=NOW))  # type: ignore[arg-type]
-    await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
-        job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
-        summary=protocol.Summary(snapshot_id="abcdef12")))
+    async with harness.writing():
+        await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/j", started_at=NOW),  # type: ignore[arg-type]
+                                           frame_id="s1")
+        await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+            job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
+            summary=protocol.Summary(snapshot_id="abcdef12")), frame_id="d1")
+        assert session.sent[-1] == protocol.JobDoneAck(ref="d1", job="ns/j")
+        # the ack went out after a write that holds the final phase
+        assert harness.kube.patched[-1][2]["phase"] == "Succeeded"
     assert harness.phase() == "Succeeded"
     assert harness.changes == [("j", "Running"), ("j", "Succeeded")]
     assert "ns/j" not in session.dispatched
+
+
+async def test_a_job_done_whose_status_cannot_be_written_is_not_acked() -> None:
+    session = FakeSession()
+    harness = Harness(session, flush_timeout=0.2)
+    harness.add(phase="Running")
+    harness.kube.refuse_patches = True
+    async with harness.writing():
+        await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+            job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW), frame_id="d1")
+    assert not any(isinstance(payload, protocol.JobDoneAck) for payload in session.sent)
+
+
+async def test_a_job_done_about_a_deleted_job_is_acked_at_once() -> None:
+    session = FakeSession()
+    harness = Harness(session)
+    await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+        job="ns/gone", outcome=protocol.Outcome.FAILED, exit_code=1, finished_at=NOW), frame_id="d1")
+    assert session.sent == [protocol.JobDoneAck(ref="d1", job="ns/gone")]
 
 
 async def test_a_running_job_the_agent_no_longer_has_is_lost() -> None:
@@ -372,5 +420,6 @@ async def test_replace_cancels_a_running_job_and_ends_a_pending_one() -> None:
 async def test_a_report_about_a_deleted_job_cancels_it() -> None:
     session = FakeSession()
     harness = Harness(session)
-    await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/gone", started_at=NOW))  # type: ignore[arg-type]
+    await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/gone", started_at=NOW),  # type: ignore[arg-type]
+                                       frame_id="s1")
     assert session.sent == [protocol.CommandCancel(job="ns/gone")]

@@ -137,6 +137,8 @@ async def test_invalid_frames_are_answered_and_the_connection_goes_on(served: tu
         await websocket.send(hello())
         kind, session, _ = await handler.next()
         assert kind == "connect" and session.agent == ObjectKey("ns", "web-01")
+        await session.send(protocol.ScheduleSet(version=3, schedules=[]))
+        assert isinstance(await receive(websocket), protocol.ScheduleSet)
         await websocket.send("{not json")
         bad_json = await receive(websocket)
         assert isinstance(bad_json, protocol.Error) and "not valid JSON" in bad_json.message
@@ -149,17 +151,46 @@ async def test_invalid_frames_are_answered_and_the_connection_goes_on(served: tu
         assert kind == "message" and frame is not None and frame.payload == ack
 
 
+async def test_frames_out_of_order_are_answered_and_never_handled(served: tuple[str, Handler, AgentServer]) -> None:
+    url, handler, server = served
+    async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
+        assert websocket.response.headers[protocol.PROTOCOL_HEADER] == str(protocol.PROTOCOL_VERSION)
+        await websocket.send(hello())
+        _, session, _ = await handler.next()
+        fire = protocol.ScheduleFire(id="ns/a", uid="u", generation=1, scheduled_at=datetime.now(timezone.utc))
+        await websocket.send(protocol.encode(fire, frame_id="f1"))
+        refused = await receive(websocket)
+        assert isinstance(refused, protocol.FireResult)
+        assert (refused.ref, refused.outcome) == ("f1", protocol.FireOutcome.REFUSED)
+        assert "before this connection's schedule set was acknowledged" in refused.reason
+        await websocket.send(protocol.encode(protocol.ScheduleAck(version=7, applied_at=datetime.now(timezone.utc)),
+                                             frame_id="a1"))
+        unsent = await receive(websocket)
+        assert isinstance(unsent, protocol.Error) and unsent.ref == "a1"
+        assert "version 7 was never sent on this connection" in unsent.message
+        await websocket.send(hello())
+        again = await receive(websocket)
+        assert isinstance(again, protocol.Error) and "already received" in again.message
+        await websocket.send(protocol.encode(protocol.CommandCancel(job="ns/j"), frame_id="c1"))
+        wrong_way = await receive(websocket)
+        assert isinstance(wrong_way, protocol.Error) and "sent by the operator" in wrong_way.message
+    assert handler.events.qsize() <= 1  # at most the disconnect: no frame above reached the handler
+    assert server.metrics.frames_refused["out-of-order"] == 4
+
+
 async def test_a_failing_handler_does_not_end_the_connection(served: tuple[str, Handler, AgentServer]) -> None:
     url, handler, _ = served
-    handler.fail_on = "job.started"
+    handler.fail_on = "schedule.ack"
     async with connect(url, **authorized()) as websocket:  # type: ignore[arg-type]
         await websocket.send(hello())
-        await handler.next()
-        await websocket.send(protocol.encode(protocol.JobStarted(job="ns/j", started_at=datetime.now(timezone.utc)),
-                                             frame_id="s1"))
+        _, session, _ = await handler.next()
+        await session.send(protocol.ScheduleSet(version=1, schedules=[]))
+        await receive(websocket)
+        ack = protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc))
+        await websocket.send(protocol.encode(ack, frame_id="s1"))
         error = await receive(websocket)
         assert isinstance(error, protocol.Error) and error.code == "internal" and error.ref == "s1"
-        ack = protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc))
+        handler.fail_on = None
         await websocket.send(protocol.encode(ack))
         kind, _, _ = await handler.next()
         assert kind == "message"

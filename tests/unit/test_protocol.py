@@ -57,7 +57,7 @@ def test_wire_fields_are_camel_case() -> None:
     assert raw["type"] == "schedule.fire"
     assert set(raw["payload"]) == {"id", "uid", "generation", "scheduledAt"}
     assert set(json.loads(p.encode(MESSAGES[0]))["payload"]) == {
-        "agent", "agentVersion", "resticVersion", "protocolVersion", "hostname", "runningJobs"}
+        "agent", "agentVersion", "resticVersion", "protocolVersion", "hostname", "runningJobs", "finishedJobs"}
 
 
 def frame(kind: str, payload: object, frame_id: object = "f-9") -> str:
@@ -160,7 +160,7 @@ def test_repository_credentials_never_show_in_repr() -> None:
 def test_none_is_left_out_and_defaults_are_written() -> None:
     done = p.JobDone(job="a/b", outcome=p.Outcome.FAILED, finished_at=NOW, summary=p.Summary(files_new=0))
     assert p.to_wire(done) == {"job": "a/b", "outcome": "Failed", "finishedAt": "2026-11-26T02:00:00Z",
-                               "summary": {"filesNew": 0}, "error": "", "logTail": []}
+                               "summary": {"filesNew": 0}, "error": "", "logTail": [], "interrupted": False}
 
 
 def test_a_command_built_with_args_as_data_checks_them_against_its_type() -> None:

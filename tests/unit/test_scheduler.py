@@ -18,7 +18,7 @@ from support.fake_operator import ManualClock
 
 from restic_manager import protocol
 from restic_manager.agent.scheduler import Scheduler, Timer
-from restic_manager.agent.state import Mailbox, Outbox, StateStore, state_saver
+from restic_manager.agent.state import Journal, Mailbox, Outbox, StateStore, state_saver
 
 
 def at(text: str) -> datetime:
@@ -237,7 +237,7 @@ async def test_a_fire_missed_while_the_agent_was_down_runs_once_after_restart(tm
     before = Scheduler()
     before.apply(schedule_set(entry("ns/nightly", "0 2 * * *")), now=at("2026-03-01T12:00Z"))
     before.due(at("2026-03-02T02:00Z"))
-    await state_saver(store, cursors=before.cursors, outbox=Outbox())()
+    await state_saver(store, cursors=before.cursors, outbox=Outbox(), journal=Journal())()
     # the agent is down from 2026-03-02T03:00 until 2026-03-05T12:00
 
     after = Scheduler(store.load().cursors)
@@ -253,7 +253,7 @@ async def test_a_schedule_applied_but_never_fired_catches_up_after_restart(tmp_p
     store = StateStore(tmp_path / "state.json")
     before = Scheduler()
     before.apply(schedule_set(entry("ns/nightly", "0 2 * * *")), now=at("2026-03-01T12:00Z"))
-    await state_saver(store, cursors=before.cursors, outbox=Outbox())()
+    await state_saver(store, cursors=before.cursors, outbox=Outbox(), journal=Journal())()
 
     after = Scheduler(store.load().cursors)
     after.apply(schedule_set(entry("ns/nightly", "0 2 * * *")), now=at("2026-03-02T09:00Z"))

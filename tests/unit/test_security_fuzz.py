@@ -177,11 +177,15 @@ def agent(operator: RunningOperator, name: str) -> Iterator[ClientConnection]:
         yield websocket
 
 
+PUSHED: dict[str, set[int]] = {}  # by agent: the set versions its connection was sent
+
+
 def greet(websocket: ClientConnection, name: str) -> None:
     websocket.send(protocol.encode(protocol.Hello(agent=name, agent_version="fuzz", restic_version="0",
                                                   protocol_version=protocol.PROTOCOL_VERSION)))
     pushed = protocol.decode(websocket.recv(timeout=TIMEOUT)).payload
     assert isinstance(pushed, protocol.ScheduleSet)
+    PUSHED[name] = {pushed.version}
     websocket.send(protocol.encode(protocol.ScheduleAck(
         version=pushed.version, applied_at=datetime.now(timezone.utc),
         applied=[protocol.AppliedEntry(id=e.id, generation=e.generation) for e in pushed.schedules])))
@@ -274,9 +278,12 @@ def expected_invalid(data: str | bytes) -> tuple[str | None, str] | None:
         frame = protocol.decode(data)
     except protocol.ProtocolError as error:
         return error.ref, str(error)
+    if isinstance(frame.payload, protocol.ScheduleAck) and frame.payload.version not in PUSHED["fuzzer"]:
+        return frame.id, f"schedule.ack: version {frame.payload.version} was never sent on this connection"
     if isinstance(frame.payload, protocol.Hello):
         return frame.id, "hello: already received; send it once, as the first frame"
-    if isinstance(frame.payload, (protocol.ScheduleSet, protocol.CommandRun, protocol.CommandCancel)):
+    if isinstance(frame.payload, (protocol.ScheduleSet, protocol.CommandRun, protocol.CommandCancel,
+                                  protocol.FireResult, protocol.JobDoneAck)):
         return frame.id, f"{frame.type} is sent by the operator, not by agents"
     return None
 

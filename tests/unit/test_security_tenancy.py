@@ -131,9 +131,15 @@ async def test_a_message_about_what_is_not_the_agents_own_is_refused_and_changes
     session = connect(controller, *sender)
     before = everything(controller)
     await controller.on_message(session, frame(payload))  # type: ignore[arg-type]
-    [error] = session.sent
-    assert isinstance(error, protocol.Error) and (error.code, error.ref) == ("forbidden", "f1")
-    assert message in error.message
+    [answer] = session.sent
+    if isinstance(payload, protocol.ScheduleFire):
+        # A fire is settled with a refusal (the agent stops sending it); nothing is recorded.
+        assert isinstance(answer, protocol.FireResult)
+        assert (answer.outcome, answer.ref) == (protocol.FireOutcome.REFUSED, "f1")
+        assert message in answer.reason
+    else:
+        assert isinstance(answer, protocol.Error) and (answer.code, answer.ref) == ("forbidden", "f1")
+        assert message in answer.message
     assert controller.metrics.frames_refused == {counted: 1}
     assert everything(controller) == before
 
