@@ -126,7 +126,9 @@ class CoalescingLoop(Generic[K]):
     """Runs ``work(key)`` for marked keys, at most ``concurrency`` at a time.
 
     A key is never worked on twice at once: marks that arrive while it is worked on become
-    one follow-up run. Work that raises is logged and retried after ``retry_delay``.
+    one follow-up run. Work that raises is logged and retried after ``retry_delay``: an
+    exception of a ``transient`` class (the API not answering, say) as a warning with its
+    message, anything else with its traceback.
     """
 
     def __init__(
@@ -136,8 +138,10 @@ class CoalescingLoop(Generic[K]):
         *,
         concurrency: int = 8,
         retry_delay: float = 2.0,
+        transient: tuple[type[Exception], ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._transient = transient
         self.name = name
         self._work = work
         self._coalescer: Coalescer[K] = Coalescer()
@@ -169,9 +173,12 @@ class CoalescingLoop(Generic[K]):
     async def _run_one(self, key: K) -> None:
         try:
             await self._work(key)
+        except self._transient as error:
+            log.warning("%s: work on %s failed: %s; retrying in %.0fs", self.name, key, error, self._retry_delay)
+            self.mark(key, delay=self._retry_delay)  # a follow-up: the key is still being worked on
         except Exception:
             log.exception("%s: work on %s failed; retrying in %.0fs", self.name, key, self._retry_delay)
-            self.mark(key, delay=self._retry_delay)  # a follow-up: the key is still being worked on
+            self.mark(key, delay=self._retry_delay)
         finally:
             self._busy -= 1
             self._coalescer.done(key)

@@ -108,8 +108,8 @@ class Controller:
         # so the agents of one Schedule are decided, and their jobs created, side by side.
         self._fire_locks: dict[ObjectKey, dict[str, asyncio.Lock]] = collections.defaultdict(
             lambda: collections.defaultdict(asyncio.Lock))
-        self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent)
-        self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune)
+        self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent, transient=(KubeError,))
+        self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune, transient=(KubeError,))
         self.repositories = RepositoryReporter(kube, clock=clock)
         self.refused = self.metrics.fires_refused  # fire refusals by reason
         self._problems: dict[str, tuple[int, tuple[str, ...]]] = {}  # by Schedule uid: (generation, problems)

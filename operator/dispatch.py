@@ -44,7 +44,7 @@ import msgspec
 from restic_manager import protocol
 from restic_manager.operator import status as statuses
 from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import FinalizersSeen, Kube, NotFound
+from restic_manager.operator.kube import FinalizersSeen, Kube, KubeError, NotFound
 from restic_manager.operator.server import Session
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
 from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
@@ -181,7 +181,7 @@ class Dispatcher:
         self._on_phase_change = on_phase_change
         self._clock = clock
         self._status: dict[str, dict[str, Any]] = {}  # by job uid: the status the operator owns
-        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile)
+        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile, transient=(KubeError,))
 
     # --- what others call -------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ class RepositoryReporter:
         self._kube = kube
         self._clock = clock
         self._ended: dict[ObjectKey, tuple[Job, Mapping[str, Any]]] = {}
-        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write)
+        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write, transient=(KubeError,))
 
     def job_ended(self, job: Job, status: Mapping[str, Any]) -> None:
         key = ObjectKey(job.key.namespace, job.repository)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import Conflict, Kube, NotFound
+from restic_manager.operator.kube import Conflict, Kube, KubeError, NotFound
 from restic_manager.operator.store import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class StatusWriter:
         # By object: the uid it had and the status last written to it. A recreated object (a new
         # uid) is patched from what the API shows, not from what its namesake was given.
         self._written: dict[Target, tuple[str, Mapping[str, Any]]] = {}
-        self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write)
+        self._loop: CoalescingLoop[Target] = CoalescingLoop("status write", self._write, transient=(KubeError,))
         self._waiters: dict[Target, list[asyncio.Future[None]]] = {}
 
     def mark(self, plural: str, key: ObjectKey, *, delay: float = 0.0) -> None:

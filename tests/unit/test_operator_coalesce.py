@@ -148,12 +148,16 @@ async def test_a_burst_on_many_keys_is_one_piece_of_work_each() -> None:
     assert sorted(recorder.calls) == sorted(f"agent-{index}" for index in range(50))
 
 
-async def test_failed_work_is_retried() -> None:
+@pytest.mark.parametrize(("transient", "traceback"), [((), True), ((RuntimeError,), False)])
+async def test_failed_work_is_retried_and_only_unexpected_errors_log_a_traceback(
+        transient: tuple[type[Exception], ...], traceback: bool, caplog: pytest.LogCaptureFixture) -> None:
     recorder = Recorder(fail_first=1)
-    loop = CoalescingLoop("test", recorder, retry_delay=0.01)
+    loop = CoalescingLoop("test", recorder, retry_delay=0.01, transient=transient)
     loop.mark("schedule")
     await run_until_sentinel(loop, recorder, after=0.2)
     assert recorder.calls == ["schedule", "schedule"]
+    [record] = [r for r in caplog.records if "work on schedule failed" in r.getMessage()]
+    assert (record.exc_info is not None) is traceback
 
 
 async def test_a_mark_without_delay_is_served_without_waiting_for_the_clock() -> None:
