@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv binaries tools cluster cluster-down kind clean
+.PHONY: demo test bench soak venv binaries tools cluster cluster-down kind clean
 
 # Python packages into .venv, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +39,12 @@ BENCH_ARGS ?=
 bench: venv binaries
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The fault-injection soak (soak/README.md), by hand: 60 minutes of faults by default.
+# SOAK_ARGS="--minutes 5" for a short one.
+SOAK_ARGS ?=
+soak: venv binaries
+	$(BIN)/python soak/soak.py $(SOAK_ARGS)
 
 cluster: binaries
 	$(PYTHON) testbin/controlplane.py up

@@ -6,6 +6,7 @@ Each component is a small Go module whose go.mod/go.sum pin exactly one upstream
     kubernetes  kube-apiserver, kube-controller-manager, kubectl from k8s.io/kubernetes
     restic      github.com/restic/restic/cmd/restic
     helm        helm.sh/helm/v3/cmd/helm
+    toxiproxy   github.com/Shopify/toxiproxy/v2/cmd/server (the soak's fault proxy)
 
 Binaries go to a cache outside the checkout ($RESTIC_MANAGER_CACHE, default
 ~/.cache/restic-manager/testbin/<component>-<key>), keyed by a hash of the component's files
@@ -64,9 +65,11 @@ COMPONENTS = (
     ),
     Component("restic", "github.com/restic/restic", ("github.com/restic/restic/cmd/restic",), ("main.version={bare}",)),
     Component("helm", "helm.sh/helm/v3", ("helm.sh/helm/v3/cmd/helm",), ("helm.sh/helm/v3/internal/version.version={version}",)),
+    Component("toxiproxy", "github.com/Shopify/toxiproxy/v2", ("github.com/Shopify/toxiproxy/v2/cmd/server",),
+              ("github.com/Shopify/toxiproxy/v2.Version={version}",)),
 )
-# etcd's main package is the module itself; name its binary explicitly.
-BINARY_NAMES = {("etcd", "."): "etcd"}
+# etcd's main package is the module itself, toxiproxy's is called server: name their binaries.
+BINARY_NAMES = {("etcd", "."): "etcd", ("toxiproxy", "github.com/Shopify/toxiproxy/v2/cmd/server"): "toxiproxy-server"}
 
 
 class BuildError(RuntimeError):
