@@ -50,6 +50,12 @@ PLURALS = ("agents", "schedules", "resticjobs", "secrets")  # secrets: the token
 RECONNECT_GRACE = 60.0
 # How long a Schedule's status write after an apply waits for the acks of its connected agents.
 ACK_WAIT = 1.0
+# The wait between listings the apiserver did not answer at start-up: first, and at most.
+PRIME_RETRY = (0.5, 5.0)
+# How long a fire's decision may take before it is answered with retry: the agent's frames
+# are handled in order, so one fire waiting on an apiserver that does not answer must not
+# hold up the connection for the client's whole request timeout.
+FIRE_TIMEOUT = 10.0
 # What fires change on a Schedule's status (lastFireTime, lastScheduleTime, active) waits this
 # long, so a burst of fires and the jobs they create cost one status write, not three each.
 FIRE_STATUS_DELAY = 1.0
@@ -146,7 +152,7 @@ class Controller:
         """
         listed_at: dict[str, str] = {}
         for plural in PLURALS:
-            bodies, version = await self._kube.list_objects(plural, self._namespaces)
+            bodies, version = await self._list_until_answered(plural)
             listed_at[plural] = version
             collection = self._collection(plural)
             scope = set(self._namespaces) if self._namespaces is not None else None
@@ -160,6 +166,18 @@ class Controller:
         log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
                  len(self.store.schedules.objects), len(self.store.jobs.objects))
         return listed_at["resticjobs"]
+
+    async def _list_until_answered(self, plural: str) -> tuple[list[dict[str, Any]], str]:
+        """An operator started while the apiserver cannot be reached waits for it, serving
+        nobody meanwhile, instead of exiting."""
+        delay = PRIME_RETRY[0]
+        while True:
+            try:
+                return await self._kube.list_objects(plural, self._namespaces)
+            except KubeError as error:
+                log.warning("cannot list %s yet (%s); trying again in %.1f s", plural, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PRIME_RETRY[1])
 
     # --- watch events (kopf's, and watch.py's of ResticJobs) --------------------------------
 
@@ -408,7 +426,12 @@ class Controller:
         is durable; whatever stands in the way now (an API error, a timeout) answers ``retry``,
         and the agent sends the fire again."""
         try:
-            result = await self._fire(session, fire)
+            async with asyncio.timeout(FIRE_TIMEOUT):
+                result = await self._fire(session, fire)
+        except TimeoutError:
+            self.metrics.fires_retried["Timeout"] += 1
+            result = (protocol.FireOutcome.RETRY, None,
+                      f"the apiserver did not answer within {FIRE_TIMEOUT:g} s; send the fire again")
         except Exception as error:  # KubeError above all, but a bug must not lose the fire either
             if not isinstance(error, KubeError):
                 log.exception("agent %s: handling the fire of %s at %s failed", session.agent, fire.id,

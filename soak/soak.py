@@ -18,6 +18,8 @@ Faults, each kind a Poisson process of its own (rates per minute, ``--rate KIND=
     etcd-stop       SIGSTOP of etcd for 1-5 s
     restic-kill     kill -9 of a running restic, mid-backup
     disk-full       the first agent's state directory (a small tmpfs) filled for 5-15 s
+    hostile         a rogue agent's session: malformed, out-of-order and oversized frames, a
+                    fire before its set, receipts for nothing, reports on others' jobs
 
 After the faults everything is healed and the system runs ``--quiet`` seconds undisturbed;
 then the Schedule is suspended, the jobs allowed to finish, and the verifier checks:
@@ -28,7 +30,7 @@ then the Schedule is suspended, the jobs allowed to finish, and the verifier che
 * no job is left Pending or Running;
 * every Succeeded job's snapshot exists, and every snapshot belongs to a Succeeded job;
 * no restic lock is left in the repository;
-* no traceback in any log;
+* no traceback in any log, and every hostile frame answered;
 
 and measures the time from each operator start to all agents connected again. It prints a
 table and writes it, with every fault, to the results directory.
@@ -62,6 +64,10 @@ import build  # noqa: E402
 import controlplane  # noqa: E402
 from toxiproxy import KINDS as NET_TOXICS, Toxiproxy  # noqa: E402
 
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from restic_manager import protocol  # noqa: E402
 from restic_manager.cron import Cron  # noqa: E402
 
 RESTIC_MANAGER = Path(sys.executable).parent / "restic-manager"
@@ -69,10 +75,11 @@ NAMESPACE = "soak"
 PASSWORD = "soak-repository-password"
 SCHEDULE = "soak"
 TRACEBACK = "Traceback (most recent call last)"
-DEFAULT_RATES = {  # per minute: a 60-minute run makes ≥ 100 kills of each, ≥ 50 network faults
-    "operator-kill": 2.0, "agent-kill": 2.0, "agent-net": 1.0, "apiserver-net": 0.5,
-    "apiserver-stop": 0.25, "etcd-stop": 0.12, "restic-kill": 0.5, "disk-full": 0.1,
+DEFAULT_RATES = {  # per minute: 60 minutes make > 100 kills of each, > 50 network faults, > 10 and > 5 stops
+    "operator-kill": 2.5, "agent-kill": 2.5, "agent-net": 1.0, "apiserver-net": 0.5,
+    "apiserver-stop": 0.3, "etcd-stop": 0.2, "restic-kill": 0.5, "disk-full": 0.1, "hostile": 0.5,
 }
+ROGUE = "rogue"
 # SIGSTOP leaves a stopped process stopped even after this process dies; resumed on every path.
 STOPPABLE = ("kube-apiserver", "etcd")
 
@@ -183,6 +190,9 @@ class Soak:
         self.disk: Path | None = None  # the tmpfs under the first agent's state
         self.started_at = 0.0
         self.healed_at = 0.0
+        self.operator_port = 0
+        self.rogue_token = ""
+        self.hostile: Counter[str] = Counter()  # what the rogue sent, and how it was answered
 
     # --- set up and tear down -------------------------------------------------------------
 
@@ -230,7 +240,7 @@ class Soak:
               url: {self.repository}
               passwordSecretRef: {{name: soak-password, key: password}}
         """)
-        operator_port = free_port()
+        operator_port = self.operator_port = free_port()
         self.operator = Process("operator", [
             str(RESTIC_MANAGER), "operator", "--kubeconfig", str(operator_kubeconfig),
             "--listen", f"127.0.0.1:{operator_port}", "--namespace", NAMESPACE, "--insecure-listen",
@@ -256,6 +266,12 @@ class Soak:
                 "--restic", str(self.restic),
             ], self.dir / f"{name}.log")
             self.agents[name].start()
+        self.apply(f"""
+            apiVersion: resticmanager.io/v1alpha1
+            kind: Agent
+            metadata: {{name: {ROGUE}, namespace: {NAMESPACE}}}
+        """)
+        self.rogue_token = await self._token(ROGUE)
         self.apply(f"""
             apiVersion: resticmanager.io/v1alpha1
             kind: Schedule
@@ -403,7 +419,8 @@ class Soak:
         await self._stop("etcd-stop", "etcd", rng.uniform(1, 5))
 
     async def _restic_kill(self, rng: random.Random) -> None:
-        running = [pid for pid in _pids_of(self.restic) if "backup" in _cmdline(pid)]
+        agents = {process.popen.pid for process in self.agents.values() if process.popen is not None}
+        running = [pid for pid in _pids_of(self.restic) if "backup" in _cmdline(pid) and _parent(pid) in agents]
         if not running:
             return  # nothing mid-backup right now: try at the next draw
         pid = rng.choice(running)
@@ -423,6 +440,51 @@ class Soak:
         finally:
             filler.unlink(missing_ok=True)
             fault.end = now()
+
+    async def _hostile(self, rng: random.Random) -> None:
+        """A session of a rogue agent (its own Agent, targeted by nothing): every frame it
+        sends must be answered with an error or a refusal, and change nothing."""
+        fault = Fault("hostile", ROGUE, "bad frames", now())
+        other_job = f"{NAMESPACE}/{SCHEDULE}-host-0-1"
+        at = datetime.now(timezone.utc)
+        bad = [
+            "{not json",
+            json.dumps({"type": "schedule.fire", "id": "x", "payload": {"id": 5}}),
+            protocol.encode(protocol.ScheduleFire(id=f"{NAMESPACE}/{SCHEDULE}", uid="u", generation=1,
+                                                  scheduled_at=at)),  # before any set is acked
+            protocol.encode(protocol.ScheduleAck(version=123456789, applied_at=at)),  # never sent
+            protocol.encode(protocol.FireResult(ref="never", id=f"{NAMESPACE}/{SCHEDULE}", scheduled_at=at,
+                                                outcome=protocol.FireOutcome.CREATED)),
+            protocol.encode(protocol.JobDoneAck(ref="never", job=other_job)),
+        ]
+        try:
+            async with connect(f"ws://127.0.0.1:{self.operator_port}/agent", open_timeout=10, max_size=None,
+                               additional_headers={"Authorization": f"Bearer {self.rogue_token}"}) as rogue:
+                await rogue.send(protocol.encode(protocol.Hello(
+                    agent=ROGUE, agent_version="rogue", restic_version="0", protocol_version=protocol.PROTOCOL_VERSION)))
+                pushed = protocol.decode(await asyncio.wait_for(rogue.recv(), 10)).payload
+                for frame in rng.sample(bad, len(bad)):
+                    await rogue.send(frame)
+                    self.hostile["sent"] += 1
+                if isinstance(pushed, protocol.ScheduleSet):  # now acked: a report on another's job
+                    await rogue.send(protocol.encode(protocol.ScheduleAck(version=pushed.version, applied_at=at)))
+                    await rogue.send(protocol.encode(protocol.JobDone(
+                        job=other_job, outcome=protocol.Outcome.FAILED, finished_at=at)))
+                    self.hostile["sent"] += 1
+                while self.hostile["answered"] < self.hostile["sent"]:
+                    answer = protocol.decode(await asyncio.wait_for(rogue.recv(), 10)).payload
+                    # Errors, refusals, and the ack of a job.done about a job that does not exist
+                    if isinstance(answer, (protocol.Error, protocol.FireResult, protocol.JobDoneAck)):
+                        self.hostile["answered"] += 1
+                await rogue.send("x" * (protocol.MAX_FRAME_BYTES + 1))  # over the limit: closed, 1009
+                with contextlib.suppress(ConnectionClosed):
+                    await asyncio.wait_for(rogue.recv(), 10)
+                self.hostile["closed-1009"] += rogue.close_code == 1009
+        except (OSError, TimeoutError, ConnectionClosed) as error:
+            self.hostile["cut-short"] += 1  # the operator was down or the session cut: not a verdict
+            fault.detail = f"cut short: {error}"
+        fault.end = now()
+        await self._held(fault, 0)
 
     async def _heal_all(self) -> None:
         self._resume_stopped()
@@ -513,8 +575,10 @@ class Soak:
             "reconnect_seconds": reconnects,
             "fault_log": [asdict(fault) for fault in self.faults],
         }
+        report["hostile"] = dict(self.hostile)
+        report["rogue_jobs"] = sum(1 for job in jobs if job["spec"].get("agent") == ROGUE)
         report["ok"] = not (duplicates or lost or unexplained or stuck or missing_snapshots or orphans or locks
-                            or report["tracebacks"])
+                            or report["tracebacks"] or report["rogue_jobs"])
         return report
 
     async def _settled_jobs(self, *, timeout: float) -> list[dict[str, Any]]:
@@ -575,6 +639,13 @@ def _pids_of(binary: Path) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -606,12 +677,25 @@ def table(report: dict[str, Any]) -> str:
         ("orphan snapshots (no Succeeded job names them)", len(report["orphan_snapshots"])),
         ("restic locks left", len(report["locks_left"])),
         ("tracebacks in logs", sum(report["tracebacks"].values())),
+        ("hostile frames sent / answered; oversized closed 1009", "{} / {}; {}".format(
+            report["hostile"].get("sent", 0), report["hostile"].get("answered", 0),
+            report["hostile"].get("closed-1009", 0))),
+        ("jobs made for the rogue agent", report["rogue_jobs"]),
         ("operator ready → all agents connected",
          ", ".join(f"{k} {v}" for k, v in report["reconnect_seconds"].items())),
         ("verdict", "OK" if report["ok"] else "FAILED"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
+
+
+async def _until_signalled(work: Any) -> Any:
+    """Run ``work``; SIGTERM or SIGINT cancels it, so its clean-up (processes, the tmpfs) runs."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    return await task
 
 
 def main() -> int:
@@ -636,7 +720,11 @@ def main() -> int:
         rates[kind] = float(value)
     settings = Settings(minutes=args.minutes, agents=args.agents, schedule=args.schedule, quiet=args.quiet,
                         seed=args.seed, rates=rates, directory=args.directory.resolve(), results=args.results)
-    report = asyncio.run(Soak(settings).run())
+    try:
+        report = asyncio.run(_until_signalled(Soak(settings).run()))
+    except asyncio.CancelledError:
+        print("soak: interrupted; what it started is stopped", file=sys.stderr)
+        return 130
     print(table(report))
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -89,17 +89,19 @@ class Toxiproxy:
                                         "upstream": f"127.0.0.1:{upstream_port}", "enabled": True})
         return port
 
-    def fault(self, name: str, kind: str, rng: random.Random | None = None) -> str:
+    def fault(self, name: str, kind: str, rng: random.Random | None = None, *,
+              attributes: dict[str, int] | None = None) -> str:
         """Turn proxy ``name`` bad in the way ``kind`` says, until :meth:`heal`; returns what it
         did, for the record. A partition closes its connections and refuses new ones; the
-        other kinds are toxics on both directions."""
+        other kinds are toxics on both directions, with ``attributes`` or random ones
+        (``timeout`` 0 is a peer that never answers)."""
         if kind not in KINDS:
             raise ToxiproxyError(f"unknown fault {kind!r}; choose from {KINDS}")
         if kind == "partition":
             self._call("POST", f"/proxies/{name}", {"enabled": False})
             return "partition"
         rng = rng or random.Random()
-        attributes = {
+        attributes = attributes or {
             "latency": {"latency": rng.randint(300, 2000), "jitter": rng.randint(0, 500)},  # ms
             "timeout": {"timeout": rng.randint(500, 3000)},    # data stops; closed after this many ms
             "reset_peer": {"timeout": rng.randint(0, 1000)},   # a TCP reset after this many ms

@@ -17,3 +17,20 @@ def world(kube: Any, namespace: str, tmp_path: Path, restic_bin: Path) -> Iterat
         yield here
     finally:
         here.close()
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Iterator[Any]:
+    """A Toxiproxy server (testbin/toxiproxy.py) whose proxies a test breaks like a network."""
+    from toxiproxy import Toxiproxy, ToxiproxyError  # testbin/, on the path from tests/conftest.py
+    from build import BuildError
+
+    try:
+        server = Toxiproxy(log=tmp_path / "toxiproxy.log")
+        server.start()
+    except (BuildError, ToxiproxyError) as error:
+        pytest.fail(f"the fault proxy cannot run: {error}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

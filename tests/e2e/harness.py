@@ -29,6 +29,7 @@ import shutil
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RESTIC_MANAGER = Path(sys.executable).parent / "restic-manager"
@@ -270,13 +272,15 @@ class World:
 
     # --- processes --------------------------------------------------------------------------
 
-    def start_operator(self, *, tls: Certificates | None = None, extra: Sequence[str] = ()) -> Process:
-        """Start (or restart) the operator; ``tls`` and ``extra`` count on the first start."""
+    def start_operator(self, *, tls: Certificates | None = None, extra: Sequence[str] = (),
+                       kubeconfig: Path | None = None) -> Process:
+        """Start (or restart) the operator; ``tls``, ``extra`` and ``kubeconfig`` (the cluster's
+        by default) count on the first start."""
         if self.operator is None:
             self.tls = tls
             serving = ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)] if tls else ["--insecure-listen"]
             self.operator = Process("operator", [
-                str(RESTIC_MANAGER), "operator", "--kubeconfig", str(self.kube.kubeconfig),
+                str(RESTIC_MANAGER), "operator", "--kubeconfig", str(kubeconfig or self.kube.kubeconfig),
                 "--listen", f"127.0.0.1:{self.operator_port}", "--namespace", self.namespace, *serving, *extra,
             ], self.directory / "operator.log")
         self.operator.start()
@@ -313,6 +317,22 @@ class World:
         secret = self.get(f"secret/{agent}-agent-token")
         assert secret is not None
         return base64.b64decode(secret["data"]["token"]).decode()
+
+    def apiserver_through(self, faults: Any) -> Path:
+        """A kubeconfig that reaches the apiserver through a Toxiproxy proxy named "apiserver"
+        (``faults``, a testbin/toxiproxy.py Toxiproxy), for an operator whose API link a test
+        breaks."""
+        config = yaml.safe_load(self.kube.kubeconfig.read_text())
+        server = config["clusters"][0]["cluster"]["server"]
+        address = urllib.parse.urlsplit(server)
+        if address.hostname not in ("127.0.0.1", "localhost"):
+            pytest.fail(f"the apiserver at {server} is not on this machine: its link cannot be proxied here",
+                        pytrace=False)
+        port = faults.proxy("apiserver", address.port or 443)
+        config["clusters"][0]["cluster"]["server"] = f"{address.scheme}://127.0.0.1:{port}"
+        path = self.directory / "operator.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def proxy(self) -> Proxy:
         relay = Proxy(self.operator_port)

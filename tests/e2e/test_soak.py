@@ -23,7 +23,7 @@ def load_soak():  # type: ignore[no-untyped-def]
 
 SHORT_RATES = {  # per minute: enough that a 90-second run meets most kinds more than once
     "operator-kill": 4.0, "agent-kill": 4.0, "agent-net": 3.0, "apiserver-net": 2.0,
-    "apiserver-stop": 2.0, "etcd-stop": 1.5, "restic-kill": 3.0, "disk-full": 1.5,
+    "apiserver-stop": 2.0, "etcd-stop": 1.5, "restic-kill": 3.0, "disk-full": 1.5, "hostile": 2.0,
 }
 
 
@@ -35,6 +35,7 @@ def test_a_short_soak_loses_doubles_and_leaves_nothing(tmp_path: Path) -> None:
     print(soak.table(report))
     assert report["faults"].get("operator-kill", 0) > 0 and report["faults"].get("agent-kill", 0) > 0
     assert report["jobs"] > 0 and report["phases"].get("Succeeded", 0) > 0
+    assert report["hostile"].get("sent", 0) == report["hostile"].get("answered", 0)
     assert report["ok"], soak.table(report) + f"\nlost: {report['lost']}\nunexplained: " \
         f"{report['gaps_without_a_fault']}\nstuck: {report['stuck']}\norphans: {report['orphan_snapshots']}\n" \
         f"missing: {report['snapshots_missing']}\nlocks: {report['locks_left']}\nlogs in {tmp_path / 'soak'}"

@@ -37,6 +37,7 @@ class FakeKube:
         self.events: list[dict[str, Any]] = []
         self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
         self.fail_creates = False
+        self.unreachable_lists = 0  # this many listings fail as if the apiserver could not be reached
         self._rv = 100
 
     async def creates_done(self) -> None:
@@ -51,6 +52,9 @@ class FakeKube:
             self.in_lane -= 1
 
     async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
+        if self.unreachable_lists:
+            self.unreachable_lists -= 1
+            raise KubeError(f"list {plural}: ConnectionRefusedError: [Errno 111] Connect call failed")
         return [], "1"
 
     async def read_secret(self, key: ObjectKey) -> dict[str, str]:
@@ -138,6 +142,17 @@ def token_secret_body(agent: str, namespace: str, token: str) -> dict[str, Any]:
                          "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
                                               "name": agent, "uid": f"uid-{namespace}-{agent}"}]},
             "data": {"token": base64.b64encode(token.encode()).decode()}}
+
+
+async def test_an_operator_started_while_the_apiserver_is_unreachable_waits_for_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("restic_manager.operator.controller.PRIME_RETRY", (0.01, 0.02))
+    kube = FakeKube()
+    kube.unreachable_lists = 3
+    made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
+    await made._prime()
+    assert made.primed.is_set() and kube.unreachable_lists == 0
+    assert caplog.text.count("cannot list agents yet") == 3
 
 
 async def test_an_agent_is_known_by_the_token_issued_for_it(controller: Controller) -> None:
@@ -263,6 +278,18 @@ async def test_a_fire_the_api_cannot_take_now_is_answered_retry(controller: Cont
     kube.fail_creates = False
     await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]  # sent again
     assert receipts(session)[-1][1] is protocol.FireOutcome.CREATED and len(kube.created) == 1
+
+
+async def test_a_fire_whose_create_the_api_does_not_answer_is_answered_retry_in_bounded_time(
+        controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    monkeypatch.setattr("restic_manager.operator.controller.FIRE_TIMEOUT", 0.1)
+    kube.answer.clear()  # the create hangs
+    session = connect(controller)
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
+    [(_, outcome, _)] = receipts(session)
+    assert outcome is protocol.FireOutcome.RETRY
+    assert controller.metrics.fires_retried == {"Timeout": 1}
 
 
 async def test_a_fire_for_another_namespaces_schedule_is_refused(controller: Controller) -> None:
