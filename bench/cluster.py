@@ -266,6 +266,17 @@ class Operator:
         return self._process is not None and self._process.poll() is None
 
     async def __aenter__(self) -> Operator:
+        await self.start()
+        return self
+
+    async def kill_and_restart(self) -> None:
+        """kill -9, then the same command again, listening on the same port."""
+        assert self._process is not None
+        self._process.kill()
+        await asyncio.to_thread(self._process.wait)
+        await self.start()
+
+    async def start(self) -> None:
         with open(self.log, "ab") as log:
             log.write(f"--- {SOURCE.label}: {' '.join(self.argv)}\n".encode())
             log.flush()
@@ -279,7 +290,7 @@ class Operator:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()
                 await writer.wait_closed()
-                return self
+                return
             except OSError:
                 await asyncio.sleep(0.2)
         await self.__aexit__()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from restic_manager import cron, protocol
+from restic_manager.agent.connection import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class SimAgent:
     sets: int = 0
     jobs: int = 0
     drops: int = 0
+    acked_at: float = 0.0  # when it last acknowledged a set (epoch seconds)
     errors: list[str] = field(default_factory=list)
     connection: ClientConnection | None = None
 
@@ -70,6 +73,7 @@ class SimAgent:
                 self.entries = tuple(schedule_set.schedules)
                 self.sets += 1
                 self.acked_version = schedule_set.version
+                self.acked_at = time.time()
                 return [protocol.encode(protocol.ScheduleAck(
                     version=schedule_set.version, applied_at=utcnow(),
                     applied=[protocol.AppliedEntry(id=e.id, generation=e.generation) for e in schedule_set.schedules]))]
@@ -90,10 +94,15 @@ class Fleet:
     """Runs ``agents`` against the operator at ``url`` until cancelled.
 
     At most ``handshakes`` connections are being opened at a time, as a real fleet coming
-    up is spread out by its jittered backoff rather than arriving in one instant.
+    up is spread out by its jittered backoff rather than arriving in one instant. With a
+    ``backoff`` (the real agent's, agent/connection.py), an agent reconnects for as long as
+    the fleet runs, waiting as the real agent does; without, it gives up after a few tries.
     """
 
-    def __init__(self, agents: Sequence[SimAgent], *, url: str, handshakes: int = 64) -> None:
+    def __init__(self, agents: Sequence[SimAgent], *, url: str, handshakes: int = 64,
+                 backoff: Backoff | None = None) -> None:
+        self._backoff = backoff
+        self._rng = random.Random(0)
         self.agents: list[SimAgent] = []
         self.by_name: dict[str, SimAgent] = {}
         self._additions: asyncio.Queue[list[SimAgent]] = asyncio.Queue()
@@ -141,6 +150,9 @@ class Fleet:
             self._changed.notify_all()
 
     async def _run_agent(self, agent: SimAgent) -> None:
+        if self._backoff is not None:
+            await self._reconnect_forever(agent, self._backoff)
+            return
         for attempt in range(RECONNECTS + 1):
             try:
                 await self._session(agent)
@@ -154,6 +166,24 @@ class Fleet:
                     await self._notify()
             await asyncio.sleep(1.0 + attempt)
         log.warning("agent %s gave up after %d connections: %s", agent.name, RECONNECTS + 1, agent.errors[-1:])
+
+    async def _reconnect_forever(self, agent: SimAgent, backoff: Backoff) -> None:
+        retry = 0
+        while True:
+            sets = agent.sets
+            try:
+                await self._session(agent)
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+                pass
+            finally:
+                if agent.connection is not None:
+                    agent.connection = None
+                    agent.drops += 1
+                    self._connected -= 1
+                    await self._notify()
+            retry = 0 if agent.sets != sets else retry  # a session that got an ack was a success
+            await asyncio.sleep(backoff.delay(retry, self._rng))
+            retry += 1
 
     async def _session(self, agent: SimAgent) -> None:
         async with self._gate:

@@ -387,6 +387,15 @@ class World:
         (tree / "notes.txt").write_text("what the backups are of\n")
         return tree
 
+    def backup_job(self, name: str, tree: Path, *, agent: str = "web-01") -> None:
+        """A kubectl-made ResticJob that backs ``tree`` up to the ``local`` repository."""
+        self.apply(f"""
+            apiVersion: resticmanager.io/v1alpha1
+            kind: ResticJob
+            metadata: {{name: {name}}}
+            spec: {{agent: {agent}, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
+        """)
+
     def held_restic(self) -> Path:
         """A restic that holds every backup before starting it, until the test ends.
 

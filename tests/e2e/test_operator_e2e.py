@@ -222,12 +222,7 @@ def test_an_agent_killed_mid_job_leaves_the_job_failed_agent_lost(world: World) 
     held = world.held_restic()
     world.start_operator()
     agent = world.add_agent("web-01", restic=held)
-    world.apply(f"""
-        apiVersion: resticmanager.io/v1alpha1
-        kind: ResticJob
-        metadata: {{name: long}}
-        spec: {{agent: web-01, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
-    """)
+    world.backup_job("long", tree)
     world.wait("resticjob/long", "jsonpath={.status.startTime}")
     agent.kill()
     agent.start()

@@ -120,12 +120,7 @@ def test_an_operator_killed_before_writing_a_jobs_end_still_shows_its_real_end(w
     held = world.held_restic()
     world.start_operator(kubeconfig=world.apiserver_through(faults))
     agent = world.add_agent("web-01", restic=held)
-    world.apply(f"""
-        apiVersion: resticmanager.io/v1alpha1
-        kind: ResticJob
-        metadata: {{name: manual}}
-        spec: {{agent: web-01, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
-    """)
+    world.backup_job("manual", tree)
     world.wait("resticjob/manual", "jsonpath={.status.startTime}")
     faults.fault("apiserver", "timeout", attributes=SILENT)
     for hold in world.holds:
@@ -148,12 +143,7 @@ def test_an_operator_restarted_while_a_job_runs_never_runs_it_again(world: World
     held = world.held_restic()
     world.start_operator()
     agent = world.add_agent("web-01", restic=held)
-    world.apply(f"""
-        apiVersion: resticmanager.io/v1alpha1
-        kind: ResticJob
-        metadata: {{name: once}}
-        spec: {{agent: web-01, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
-    """)
+    world.backup_job("once", tree)
     world.wait("resticjob/once", "jsonpath={.status.startTime}")
     assert world.operator is not None
     world.operator.kill()

@@ -418,8 +418,14 @@ async def test_a_new_message_is_sent_while_the_last_one_is_still_being_settled(
         gate.open()
 
 
-async def test_undelivered_messages_survive_an_agent_restart(
-    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+@pytest.mark.parametrize(("restarted", "fired"), [
+    # the 11:00 fire, undelivered, survives the restart
+    ("2026-03-02T11:20:00+00:00", "2026-03-02T11:00:00+00:00"),
+    # down over 12:00 too: the saved 11:00 fire and the catch-up for 12:00 are one fire, the newest
+    ("2026-03-02T12:20:00+00:00", "2026-03-02T12:00:00+00:00"),
+])
+async def test_undelivered_fires_survive_an_agent_restart_newest_only(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path, restarted: str, fired: str
 ) -> None:
     schedules = [entry("ns/hourly", "0 * * * *")]
     first = Agent(operator, tmp_path, clock=clock)
@@ -431,38 +437,13 @@ async def test_undelivered_messages_survive_an_agent_restart(
         await first.retries.held()
         await clock.run_until(at("2026-03-02T11:10:00+00:00"))  # 11:00 fires, undeliverable
 
-    clock_after_restart = ManualClock(at("2026-03-02T11:20:00+00:00"))
-    async with Agent(operator, tmp_path, clock=clock_after_restart).running():
-        await operator.expect(protocol.Hello)
-        await operator.apply(schedules, version=1)
-        fire = await operator.expect(protocol.ScheduleFire)
-        await operator.apply(schedules, version=2)
-
-    assert fire.scheduled_at == at("2026-03-02T11:00:00+00:00")
-
-
-async def test_a_saved_fire_and_the_catch_up_after_a_restart_are_one_fire_the_newest(
-    operator: FakeOperator, clock: ManualClock, tmp_path: Path
-) -> None:
-    schedules = [entry("ns/hourly", "0 * * * *")]
-    first = Agent(operator, tmp_path, clock=clock)
-    async with first.running():
-        await operator.expect(protocol.Hello)
-        await operator.apply(schedules, version=1)
-        first.retries.hold()
-        await operator.drop()
-        await first.retries.held()
-        await clock.run_until(at("2026-03-02T11:10:00+00:00"))  # 11:00 fires, undeliverable
-
-    # Down over 12:00: the saved 11:00 fire and the catch-up for 12:00 meet at the next start.
-    clock_after_restart = ManualClock(at("2026-03-02T12:20:00+00:00"))
-    async with Agent(operator, tmp_path, clock=clock_after_restart).running():
+    async with Agent(operator, tmp_path, clock=ManualClock(at(restarted))).running():
         await operator.expect(protocol.Hello)
         await operator.apply(schedules, version=1)
         fire = await operator.expect(protocol.ScheduleFire)
         await operator.apply(schedules, version=2)  # the next frame: no second fire
 
-    assert fire.scheduled_at == at("2026-03-02T12:00:00+00:00")
+    assert fire.scheduled_at == at(fired)
 
 
 async def test_an_operator_of_another_protocol_version_is_refused(clock: ManualClock, tmp_path: Path) -> None:
