@@ -50,6 +50,8 @@ PLURALS = ("agents", "schedules", "resticjobs", "secrets")  # secrets: the token
 RECONNECT_GRACE = 60.0
 # How long a Schedule's status write after an apply waits for the acks of its connected agents.
 ACK_WAIT = 1.0
+# How many recent generations of a Schedule have their expression remembered for checking fires.
+EXPRESSIONS_KEPT = 8
 # The wait between listings the apiserver did not answer at start-up: first, and at most.
 PRIME_RETRY = (0.5, 5.0)
 # How long a fire's decision may take before it is answered with retry: the agent's frames
@@ -119,6 +121,9 @@ class Controller:
         self.repositories = RepositoryReporter(kube, clock=clock)
         self.refused = self.metrics.fires_refused  # fire refusals by reason
         self._problems: dict[str, tuple[int, tuple[str, ...]]] = {}  # by Schedule uid: (generation, problems)
+        # By Schedule uid, then generation: the expression each recent generation had, so a
+        # fire an agent sent before an edit is checked against the expression it fired by.
+        self._expressions: dict[str, dict[int, cron.Cron | cron.CronError]] = {}
         self._primed_at: datetime | None = None
         self._jobs_watch = Watch(kube, "resticjobs", namespaces, collection=self.store.jobs,
                                  changed=lambda change: self._changed("resticjobs", change))
@@ -237,6 +242,7 @@ class Controller:
             self.pusher.request(self.index.remove_schedule(old.key))
             self._books.pop(old.uid, None)
             self._problems.pop(old.uid, None)
+            self._expressions.pop(old.uid, None)
             self._fire_locks.pop(old.key, None)
             self.writer.forget("schedules", old.key)
             return
@@ -245,6 +251,11 @@ class Controller:
         if old is not None and old.uid != new.uid:
             self._books.pop(old.uid, None)
             self._problems.pop(old.uid, None)
+            self._expressions.pop(old.uid, None)
+        remembered = self._expressions.setdefault(new.uid, {})
+        remembered[new.generation] = compile_schedule(new)
+        for generation in sorted(remembered)[:-EXPRESSIONS_KEPT]:
+            del remembered[generation]
         pushed = self.index.put_schedule(new)
         self.pusher.request(pushed)
         # An agent given a new generation acks it in moments, and its ack writes the status at
@@ -448,16 +459,21 @@ class Controller:
         if schedule is None:
             # No lock: the key is the agent's to choose, and nothing is written.
             return await self._decided(session, fire, fires.decide(
-                fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock()))
+                fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock(),
+                produced=False, acked=None))
         # The create's place in the first lane is taken before the decision: a storm's fires
         # queue there cheaply, instead of each being decided before any of their creates is sent.
         async with self._kube.first_lane(), self._fire_locks[key][session.agent.name]:
             jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
                     for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
+            expression = self._expressions.get(schedule.uid, {}).get(fire.generation) or compile_schedule(schedule)
+            ack = self._book(schedule).acks.get(session.agent.name)
             decision = fires.decide(
                 fire=fire, agent=session.agent, schedule=schedule,
                 targeted=session.agent in self.index.agents_of(schedule.key),
                 jobs=jobs, now=self._clock(), problems=self.problems(schedule),
+                produced=isinstance(expression, cron.Cron) and fires.produces(expression, fire.scheduled_at),
+                acked=ack.generation if ack is not None and not ack.error else None,
             )
             if decision.verdict is fires.Verdict.CREATE:
                 return await self._decided(session, fire, decision, schedule)

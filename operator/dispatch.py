@@ -13,6 +13,7 @@ do; :class:`Dispatcher` carries it out:
   connection never got it → the agent lost it: Failed, reason AgentLost; the same when the
   agent stays away past the job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays
   Running forever;
+* its agent or repository not a name an object can have → Failed, reason Invalid, once;
 * being deleted while Running → ``command.cancel`` to the agent, then let it go;
 * finished → drop the finalizer; prune the Schedule's history beyond its limits.
 
@@ -43,6 +44,7 @@ import msgspec
 
 from restic_manager import protocol
 from restic_manager.operator import status as statuses
+from restic_manager.operator import validation
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.kube import FinalizersSeen, Kube, KubeError, NotFound
 from restic_manager.operator.server import Session
@@ -258,6 +260,11 @@ class Dispatcher:
         if job is None:
             return
         status = self.status_of(job)
+        if not statuses.is_terminal(status) and not job.deleting and (problems := validation.job_problems(job.spec)):
+            # Names that can never resolve fail the job once, instead of a lookup retried for ever.
+            self._set(job, statuses.job_ended(status, phase="Failed", reason="Invalid", message="; ".join(problems),
+                                              now=self._clock()))
+            return
         session = self._session_of(job.agent_key)
         view = AgentView(frozenset(session.hello.running_jobs), frozenset(session.dispatched),
                          frozenset(session.hello.finished_jobs)) if session else None

@@ -13,13 +13,16 @@ import enum
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from restic_manager import cron
 from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey, Schedule, format_time
 from restic_manager.protocol import ScheduleFire
 
 MAX_NAME = 63
+# How far ahead of the operator's clock an agent's clock may be: a fire for a later time is a lie.
+FUTURE_SKEW = timedelta(seconds=30)
 LABEL_SCHEDULE = "resticmanager.io/schedule"
 LABEL_AGENT = "resticmanager.io/agent"
 ACTIVE_PHASES = frozenset({"Pending", "Running"})
@@ -104,13 +107,20 @@ def decide(
     targeted: bool,
     jobs: Mapping[str, str],
     now: datetime,
+    produced: bool,
+    acked: int | None,
     problems: Sequence[str] = (),
 ) -> Decision:
     """Whether ``agent``'s fire is honoured.
 
     ``jobs`` maps the names of the Schedule's ResticJobs on that agent to their phases as
     the operator knows them; ``targeted`` says whether the Schedule targets the agent now;
-    ``problems`` are what makes the Schedule invalid (validation.py), if anything.
+    ``produced`` whether the fire's time is one the expression of the fire's generation
+    produces (in its zone, with the DST rules); ``acked`` the generation of the Schedule the
+    agent last applied (None if it never did, or rejected it); ``problems`` are what makes
+    the Schedule invalid (validation.py), if anything. An agent may only say what is true: a
+    time the expression does not produce, one ahead of the operator's clock, or a generation
+    the agent never applied is refused and changes nothing.
     """
     fire_key = ObjectKey.parse(fire.id)
     when = format_time(fire.scheduled_at)
@@ -148,6 +158,19 @@ def decide(
         return Decision(Verdict.REFUSED, "BeforeCreation",
                         f"fire at {when} from agent {agent.name} is older than the Schedule "
                         f"(created {format_time(schedule.created)})")
+    if not produced:
+        return Decision(Verdict.FORBIDDEN, "NotProduced",
+                        f"fire at {when} from agent {agent.name}: the expression of Schedule {fire.id} "
+                        f"generation {fire.generation} has no fire at that time")
+    if fire.scheduled_at > now + FUTURE_SKEW:
+        return Decision(Verdict.FORBIDDEN, "InTheFuture",
+                        f"fire at {when} from agent {agent.name} is ahead of the operator's clock "
+                        f"({format_time(now)}) by more than {FUTURE_SKEW.total_seconds():.0f}s")
+    if acked is None or fire.generation > acked:
+        return Decision(Verdict.FORBIDDEN, "NotAcked",
+                        f"fire at {when} from agent {agent.name} names generation {fire.generation} of Schedule "
+                        f"{fire.id}, which that agent has not applied"
+                        + (f" (it applied {acked})" if acked is not None else ""))
     deadline = schedule.starting_deadline_seconds
     late = (now - fire.scheduled_at).total_seconds()
     if deadline is not None and late > deadline:
@@ -161,6 +184,11 @@ def decide(
                         f"and {', '.join(active)} is still active")
     replace = active if schedule.concurrency_policy == "Replace" else ()
     return Decision(Verdict.CREATE, "Honoured", f"fire at {when} from agent {agent.name}", name, replace)
+
+
+def produces(expression: cron.Cron, moment: datetime) -> bool:
+    """Whether ``moment`` is one of the expression's fire times (they fall on whole seconds)."""
+    return expression.next_after(moment - timedelta(seconds=1)) == moment
 
 
 def job_body(schedule: Schedule, *, agent: str, name: str, scheduled_at: datetime) -> dict[str, Any]:

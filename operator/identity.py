@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, TypeVar
 
-from restic_manager.operator.store import ObjectKey, token_digest
+from restic_manager.operator.store import ObjectKey, is_object_name, token_digest
 
 DEFAULT_AUDIENCE = "restic-manager"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 MAX_TOKEN_LENGTH = 16 * 1024  # far above any real token; bounds the work on junk
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
 K = TypeVar("K")
@@ -121,7 +120,7 @@ def node_of_review(status: Mapping[str, Any], *, audience: str, service_account:
                         "the ServiceAccount token is not bound to a pod on a node "
                         "(a projected token of a DaemonSet pod is; Kubernetes 1.30 or newer)")
     node = nodes[0]
-    if len(node) > 253 or not _DNS_SUBDOMAIN.match(node):
+    if not is_object_name(node):
         raise AuthError(HTTPStatus.FORBIDDEN, "no-node-binding", f"node name {node!r} is not a valid Agent name")
     pods = extra.get(POD_UID_EXTRA) or [""]
     return node, str(pods[0])

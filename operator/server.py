@@ -369,7 +369,10 @@ def _peer(connection: ServerConnection) -> str:
 
 
 def _bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    given = request.headers.get_all("Authorization")
+    if len(given) > 1:
+        raise AuthError(HTTPStatus.BAD_REQUEST, "duplicate-authorization", "more than one Authorization header")
+    scheme, _, token = (given[0] if given else "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 

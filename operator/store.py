@@ -16,6 +16,7 @@ import base64
 import binascii
 import copy
 import hashlib
+import re
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +48,15 @@ class ObjectKey(NamedTuple):
     @classmethod
     def of(cls, body: Body) -> ObjectKey:
         return cls(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def is_object_name(value: object) -> bool:
+    """Whether ``value`` can name an object (a DNS-1123 subdomain): the one check of names
+    that go into API paths, so ``..`` or ``%2e`` never reach a request."""
+    return isinstance(value, str) and len(value) <= 253 and _OBJECT_NAME.fullmatch(value) is not None
 
 
 def parse_time(text: str | None) -> datetime | None:

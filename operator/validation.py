@@ -10,7 +10,6 @@ are names of objects in the Schedule's own namespace.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,9 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from restic_manager import cron, protocol
+from restic_manager.operator.store import is_object_name
 from restic_manager.operator.targets import SelectorError, selector_matches
 
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TYPES = ", ".join(t.value for t in protocol.JobType)
 
 
@@ -44,9 +43,16 @@ def schedule_problems(spec: Mapping[str, Any], *, schedule_id: str) -> list[str]
     return problems
 
 
-def _name_problems(field: str, value: object, *, kind: str) -> list[str]:
-    if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
-        return [f"{field} {value!r}: must be the name of a {kind} in the Schedule's own namespace "
+def job_problems(spec: Mapping[str, Any]) -> list[str]:
+    """What makes a ResticJob's references unresolvable, for ever: its agent or repository is
+    not a name an object can have."""
+    return (_name_problems("spec.agent", spec.get("agent"), kind="Agent", owner="ResticJob")
+            + _name_problems("spec.repository", spec.get("repository"), kind="Repository", owner="ResticJob"))
+
+
+def _name_problems(field: str, value: object, *, kind: str, owner: str = "Schedule") -> list[str]:
+    if not is_object_name(value):
+        return [f"{field} {value!r}: must be the name of a {kind} in the {owner}'s own namespace "
                 "(lowercase letters, digits, '-' and '.'; no namespace part)"]
     return []
 

@@ -232,6 +232,12 @@ class Cron:
         """The earliest fire time at or after `start` (seconds since the epoch)."""
         local = datetime.fromtimestamp(start, self.zone)
         wall = local.replace(tzinfo=None)
+        if self.fixed_time:
+            before = datetime.fromtimestamp(start - 1, self.zone).replace(tzinfo=None)
+            if wall - before > _ONE_SECOND and self._calendar.first_at_or_after(before + _ONE_SECOND) < wall:
+                # `start` is the first instant after a skipped stretch the expression matches in:
+                # its catch-up is now (the loop below would look only from `wall` on).
+                return start
         if local.fold == 0 and not self.fixed_time:
             first, second = self._occurrences(wall)
             if first < second:

@@ -126,7 +126,8 @@ def test_the_same_fire_delivered_twice_and_after_a_reconnect_makes_one_job(world
     world.start_operator()
     world.apply('{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-01"}}')
     token = world.token("web-01")
-    world.apply(schedule("nightly", expression="0 2 * * *", paths=["/srv"]))
+    # Every second: a time the expression produces, and not before the Schedule was made.
+    world.apply(schedule("nightly", expression="* * * * * *", paths=["/srv"]))
     nightly = world.get("schedule/nightly")
     assert nightly is not None
     fire = protocol.ScheduleFire(id=f"{world.namespace}/nightly", uid=nightly["metadata"]["uid"], generation=1,

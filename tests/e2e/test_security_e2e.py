@@ -13,7 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,44 @@ def test_agents_act_only_on_their_own_in_their_own_namespace(world: World) -> No
         assert refused['restic_manager_fires_refused_total{reason="InvalidSchedule"}'] == 1
     finally:
         world.kube.kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_an_agent_may_only_fire_times_its_schedule_produces(world: World) -> None:
+    """An agent's fires at a time the expression does not produce, or ahead of the operator's
+    clock, are refused in their receipts, counted, and change nothing."""
+    metrics_port = free_port()
+    world.start_operator(extra=["--metrics-listen", f"127.0.0.1:{metrics_port}"])
+    world.apply(json.dumps({"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-a"}}))
+    world.apply("""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: Schedule
+        metadata: {name: nightly}
+        spec:
+          agent: web-a
+          repository: offsite
+          schedule: "0 2 * * *"
+          template: {type: backup, backup: {paths: [/etc]}}
+    """)
+    uid = world.get("schedule/nightly")["metadata"]["uid"]  # type: ignore[index]
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=5)
+    if (soon.hour, soon.minute, soon.second) == (2, 0, 0):
+        soon += timedelta(seconds=1)
+    later = soon.replace(year=soon.year + 10, hour=2, minute=0, second=0)
+    made_up = [soon, later]  # after the Schedule was made; 0 2 * * * fires at neither of them now
+    with session(world, world.token("web-a"), "web-a") as web_a:
+        for at in made_up:
+            web_a.send(protocol.encode(protocol.ScheduleFire(
+                id=f"{world.namespace}/nightly", uid=uid, generation=1, scheduled_at=at)))
+        results = [p for p in answers(web_a, "done") if isinstance(p, protocol.FireResult)]
+    assert [(r.outcome, r.reason.split(":")[0]) for r in results] == [
+        (protocol.FireOutcome.REFUSED, "NotProduced"), (protocol.FireOutcome.REFUSED, "InTheFuture")]
+    world.wait("agent/web-a", 'jsonpath={.status.conditions[?(@.type=="Connected")].reason}=Disconnected')
+    status = world.get("schedule/nightly")["status"]  # type: ignore[index]
+    assert (status.get("refusedFires", 0), status.get("missedFires", 0), status.get("lastScheduleTime")) == (0, 0, None)
+    assert world.items("resticjobs") == [] and world.items("events") == []
+    refused = counters(metrics_port)
+    assert refused['restic_manager_fires_refused_total{reason="NotProduced"}'] == 1
+    assert refused['restic_manager_fires_refused_total{reason="InTheFuture"}'] == 1
 
 
 def secret_token(world: World, namespace: str, name: str) -> str | None:

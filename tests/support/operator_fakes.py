@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from typing import Any
+
 from restic_manager import protocol
 from restic_manager.operator.store import ObjectKey
 
@@ -23,3 +26,16 @@ class FakeSession:
 
     def log_refusal(self, message: str, *args: object) -> None:
         pass
+
+
+def connect(controller: Any, agent: ObjectKey, *, acked: bool = True) -> FakeSession:
+    """A session of ``agent`` registered with ``controller`` (a Controller) that, like a real
+    agent's first frames, has acknowledged every Schedule targeting it at its generation."""
+    session = FakeSession(agent)
+    controller.server.sessions[agent] = session
+    if acked:
+        applied = [protocol.AppliedEntry(id=schedule.id, generation=schedule.generation)
+                   for schedule in controller.index.schedules_of(agent)]
+        controller._on_ack(session, protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc),
+                                                         applied=applied))
+    return session

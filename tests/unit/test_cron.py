@@ -163,6 +163,28 @@ SKIPPED_HOUR = [
         ["2026-09-06T01:00:00-03:00", "2026-09-07T00:00:00-03:00"],
         id="daily-macro-is-fixed-time-midnight-skipped",
     ),
+    # From the last second before the gap, and from the instant before that: the catch-up
+    # at the first instant after the gap is the very next fire.
+    pytest.param(
+        "30 1 * * *", "Europe/London", "2026-03-29T00:59:59+00:00",
+        ["2026-03-29T02:00:00+01:00", "2026-03-30T01:30:00+01:00"],
+        id="london-fixed-from-the-last-second-before-the-gap",
+    ),
+    pytest.param(
+        "30 1 * * *", "Europe/London", "2026-03-29T00:59:59.500000+00:00",
+        ["2026-03-29T02:00:00+01:00"],
+        id="london-fixed-from-within-the-last-second-before-the-gap",
+    ),
+    pytest.param(
+        "59 59 0 * * *", "Europe/London", "2026-03-29T00:59:59+00:00",
+        ["2026-03-30T00:59:59+01:00"],
+        id="london-a-fire-in-the-last-second-before-a-gap-it-does-not-match",
+    ),
+    pytest.param(
+        "15 2 * * *", "Australia/Lord_Howe", "2026-10-04T01:59:59+10:30",
+        ["2026-10-04T02:30:00+11:00"],
+        id="lord-howe-fixed-from-the-last-second-before-the-half-hour-gap",
+    ),
 ]
 
 

@@ -21,7 +21,7 @@ from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound
 from restic_manager.operator.identity import AuthError
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
-from support.operator_fakes import FakeSession
+from support.operator_fakes import FakeSession, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 
@@ -116,10 +116,8 @@ async def controller() -> AsyncIterator[Controller]:
     await asyncio.gather(writing, return_exceptions=True)
 
 
-def connect(controller: Controller, name: str = "web-01") -> FakeSession:
-    session = FakeSession(ObjectKey("ns", name))
-    controller.server.sessions[session.agent] = session  # type: ignore[assignment]
-    return session
+def connect(controller: Controller, name: str = "web-01", *, acked: bool = True) -> FakeSession:
+    return connect_session(controller, ObjectKey("ns", name), acked=acked)
 
 
 def frame(payload: protocol.Payload) -> protocol.Frame:
@@ -373,7 +371,7 @@ def with_status(body: dict[str, Any], resource_version: str, **status: Any) -> d
 async def test_an_ack_that_changes_nothing_writes_no_status(controller: Controller,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     controller.observe("schedules", "ADDED", named_schedule("other", "web-01"))
-    session = connect(controller)
+    session = connect(controller, acked=False)
     requests = Requests(controller, monkeypatch)
     await controller.on_message(session, ack_of(("nightly", 1), ("other", 1)))  # type: ignore[arg-type]
     assert sorted((name, delay) for plural, name, delay in requests.marks if plural == "schedules") == [
@@ -404,7 +402,7 @@ async def test_an_ack_is_recorded_only_on_the_agents_own_schedules(controller: C
 
 async def test_the_applied_version_is_written_lazily_like_last_seen(controller: Controller,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    session = connect(controller)
+    session = connect(controller, acked=False)
     requests = Requests(controller, monkeypatch)
     await controller.on_message(session, ack_of(("nightly", 1), version=41))  # type: ignore[arg-type]
     assert ("agents", "web-01", 0.0) in requests.marks  # the Agent's first: it has applied a set at all
@@ -462,8 +460,8 @@ async def test_fires_write_the_schedules_status_after_a_delay(controller: Contro
     for minute in range(3):  # a burst of fires (Allow, so each makes a job)
         controller.observe("schedules", "MODIFIED", schedule_body() | {
             "metadata": {**schedule_body()["metadata"], "resourceVersion": str(60 + minute)},
-            "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow"}})
-        fire = msgspec.structs.replace(FIRE, scheduled_at=FIRE.scheduled_at.replace(minute=minute))
+            "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow", "schedule": "0 * * * *"}})
+        fire = msgspec.structs.replace(FIRE, scheduled_at=FIRE.scheduled_at.replace(hour=2 - minute))
         requests.clear()
         await controller.on_message(session, frame(fire))  # type: ignore[arg-type]
         schedule_marks = [delay for plural, _, delay in requests.marks if plural == "schedules"]

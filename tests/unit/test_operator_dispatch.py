@@ -327,6 +327,20 @@ async def test_a_job_waits_for_a_missing_secret_and_says_which() -> None:
     assert harness.session.sent == []  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("names", [{"repository": ".."}, {"repository": "."}, {"repository": "%2e%2e"},
+                                   {"agent": ".."}, {"repository": "Offsite"}])
+async def test_names_that_can_never_resolve_fail_the_job_once_and_cost_nothing_after(names: dict[str, str]) -> None:
+    harness = Harness(FakeSession())
+    harness.add(spec={"agent": "web-01", "repository": "offsite", "type": "prune", **names})
+    for _ in range(3):
+        await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Failed", "Invalid")
+    assert f"{next(iter(names.values()))!r}: must be the name of" in status["message"]
+    assert harness.kube.gets == [] and harness.session.sent == []  # type: ignore[union-attr]
+    assert harness.changes == [("j", "Failed")]
+
+
 async def test_invalid_parameters_fail_the_job() -> None:
     harness = Harness(FakeSession())
     harness.add(spec={"agent": "web-01", "repository": "offsite", "type": "restore",

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from restic_manager import protocol
+from restic_manager.cron import Cron
 from restic_manager.operator import fires
 from restic_manager.operator.fires import Verdict, decide, job_body, job_name
 from restic_manager.operator.store import ObjectKey, Schedule
@@ -134,16 +135,47 @@ def test_fire_decision(
     fire_: protocol.ScheduleFire, schedule: Schedule | None, targeted: bool, jobs: dict[str, str],
     now: datetime, verdict: Verdict, reason: str, replace: tuple[str, ...],
 ) -> None:
-    decision = decide(fire=fire_, agent=WEB01, schedule=schedule, targeted=targeted, jobs=jobs, now=now)
+    decision = decide(fire=fire_, agent=WEB01, schedule=schedule, targeted=targeted, jobs=jobs, now=now,
+                      produced=fires.produces(NIGHTLY, fire_.scheduled_at), acked=3)
     assert (decision.verdict, decision.reason, decision.replace) == (verdict, reason, replace)
     assert decision.message
     if verdict in (Verdict.CREATE, Verdict.DUPLICATE):
         assert decision.job_name == job_name("nightly", "web-01", fire_.scheduled_at)
 
 
+NIGHTLY = Cron("0 2 * * *", "UTC")
+TRUTH = [
+    # (case, fire, acked generation, verdict, reason): an agent may only say what is true
+    ("a time the expression produces, acked", fire(), 3, Verdict.CREATE, "Honoured"),
+    ("a time the expression does not produce", fire(at=AT + timedelta(minutes=7)), 3,
+     Verdict.FORBIDDEN, "NotProduced"),
+    ("a time with a fraction of a second", fire(at=AT + timedelta(microseconds=5)), 3,
+     Verdict.FORBIDDEN, "NotProduced"),
+    ("a produced time ten years ahead", fire(at=AT.replace(year=2036)), 3, Verdict.FORBIDDEN, "InTheFuture"),
+    ("a produced time a day ahead", fire(at=AT + timedelta(days=1)), 3, Verdict.FORBIDDEN, "InTheFuture"),
+    ("a generation the agent never applied", fire(), None, Verdict.FORBIDDEN, "NotAcked"),
+    ("a generation newer than the agent applied", fire(generation=3), 2, Verdict.FORBIDDEN, "NotAcked"),
+    ("an older generation than the agent applied", fire(generation=2), 3, Verdict.CREATE, "Honoured"),
+]
+
+
+@pytest.mark.parametrize(("fire_", "acked", "verdict", "reason"), [c[1:] for c in TRUTH], ids=[c[0] for c in TRUTH])
+def test_an_agent_may_only_say_what_is_true(fire_: protocol.ScheduleFire, acked: int | None, verdict: Verdict,
+                                            reason: str) -> None:
+    decision = decide(fire=fire_, agent=WEB01, schedule=make_schedule(), targeted=True, jobs={}, now=AT,
+                      produced=fires.produces(NIGHTLY, fire_.scheduled_at), acked=acked)
+    assert (decision.verdict, decision.reason) == (verdict, reason), decision.message
+
+
+def test_a_fire_at_the_first_instant_after_a_spring_forward_gap_is_produced() -> None:
+    london = Cron("30 1 * * *", "Europe/London")  # 01:30 does not exist on 29 March 2026
+    after_gap = datetime.fromisoformat("2026-03-29T02:00:00+01:00")
+    assert fires.produces(london, after_gap) and not fires.produces(london, after_gap + timedelta(minutes=30))
+
+
 def test_refusals_name_the_agent_and_the_time() -> None:
     decision = decide(fire=fire(), agent=WEB01, schedule=make_schedule(suspend=True), targeted=True,
-                      jobs={}, now=AT)
+                      jobs={}, now=AT, produced=True, acked=3)
     assert "web-01" in decision.message and "2026-03-02T02:00:00Z" in decision.message
 
 

@@ -295,7 +295,7 @@ def test_ten_thousand_hostile_frames_get_clear_errors_and_harm_no_one(operator: 
 
 def run_fuzz(operator: RunningOperator, fuzzer: ClientConnection, honest: ClientConnection) -> None:
     sent: list[int] = []
-    fires = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    fires = datetime(2026, 1, 2, 2, tzinfo=timezone.utc)  # 02:00, when the Schedule (0 2 * * *) fires
 
     @settings(max_examples=BATCHES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -314,7 +314,7 @@ def run_fuzz(operator: RunningOperator, fuzzer: ClientConnection, honest: Client
         # Meanwhile another agent's fire still becomes a ResticJob.
         jobs = operator.kube.jobs()
         fire = protocol.ScheduleFire(id=f"{NS}/nightly", uid="uid-nightly", generation=1,
-                                     scheduled_at=fires + timedelta(minutes=len(sent)))
+                                     scheduled_at=fires + timedelta(days=len(sent)))
         honest.send(protocol.encode(fire, frame_id="fire"))
         assert [p for p in until_barrier(honest, f"honest-{len(sent)}") if isinstance(p, protocol.Error)] == []
         assert operator.kube.jobs() == jobs + 1

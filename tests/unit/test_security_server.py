@@ -135,6 +135,17 @@ async def test_a_refused_handshake_says_only_its_status(served: Served) -> None:
     assert served.server.metrics.handshakes_refused == {"no-token": 2, "unknown-token": 1}
 
 
+async def test_a_handshake_with_two_authorization_headers_is_a_bad_request(served: Served) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(served.url, additional_headers=[("Authorization", f"Bearer {TOKEN}"),
+                                                            ("Authorization", "Bearer other")]):
+            pass
+    assert (refused.value.response.status_code, refused.value.response.body) == (400, b"Bad Request\n")
+    assert served.server.metrics.handshakes_refused == {"duplicate-authorization": 1}
+    async with open_agent(served.url) as websocket:  # and the server goes on serving
+        await say_hello(websocket, served.handler)
+
+
 async def test_a_frame_over_the_size_limit_closes_only_that_connection(served: Served) -> None:
     async with open_agent(served.url, max_size=None) as big:
         await say_hello(big, served.handler)

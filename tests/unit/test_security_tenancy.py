@@ -16,7 +16,7 @@ from restic_manager import protocol
 from restic_manager.operator.controller import Controller
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import Target
-from support.operator_fakes import FakeSession
+from support.operator_fakes import FakeSession, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 AT = datetime(2026, 3, 2, 2, 0, tzinfo=timezone.utc)
@@ -75,9 +75,7 @@ async def controller() -> Controller:
 
 
 def connect(controller: Controller, namespace: str, name: str) -> FakeSession:
-    session = FakeSession(ObjectKey(namespace, name))
-    controller.server.sessions[session.agent] = session  # type: ignore[assignment]
-    return session
+    return connect_session(controller, ObjectKey(namespace, name))
 
 
 def everything(controller: Controller) -> dict[str, Any]:
