@@ -28,6 +28,7 @@ from restic_manager.operator.controller import Controller
 from restic_manager.operator.heap import Heap
 from restic_manager.operator.identity import DEFAULT_AUDIENCE
 from restic_manager.operator.kube import Kube, load_configuration
+from restic_manager.operator.limits import Limits
 from restic_manager.operator.server import ServingCertificate, TLSError
 from restic_manager.operator.store import ObjectKey
 
@@ -55,6 +56,22 @@ def _namespaced_name(text: str) -> ObjectKey:
     if not namespace or not name or "/" in name:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME, e.g. backup/restic-manager-agent")
     return ObjectKey(namespace, name)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def _whole(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number of at least 1")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="watch only this namespace (repeatable; default: all namespaces)")
     parser.add_argument("--liveness", metavar="URL",
                         help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--agent-frame-rate", type=_positive, default=Limits.frames_per_second, metavar="N",
+                        help="frames per second one agent may send, sustained (default: %(default)g); a frame over "
+                             "it is dropped and answered rate-limited, and an agent sends a dropped fire again")
+    parser.add_argument("--agent-frame-burst", type=_whole, default=Limits.burst, metavar="N",
+                        help="frames one agent may send at once above the rate (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="default: INFO")
 
@@ -160,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, kube: Kube, *,
                 tls: ServingCertificate | None, webhook: kopf.WebhookServer | None, nodes: NodeAgents | None) -> int:
-    controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes)
+    controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes,
+                            limits=Limits(frames_per_second=args.agent_frame_rate, burst=args.agent_frame_burst))
     host, port = args.listen
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 

@@ -155,3 +155,26 @@ def test_an_operator_restarted_while_a_job_runs_never_runs_it_again(world: World
     world.wait("resticjob/once", "jsonpath={.status.phase}=Succeeded")
     assert len(world.snapshot_ids(repository)) == 1
     assert agent.output().count("once: backup requested") == 1
+
+
+def test_a_fire_the_operator_dropped_over_its_rate_limit_is_sent_again_and_made(world: World) -> None:
+    """Three Schedules fire at once on an agent allowed two frames at a time: one fire is
+    dropped unread (answered rate-limited), and the agent, never getting its receipt, sends
+    it again."""
+    world.repository()
+    tree = world.source_tree()
+    world.start_operator(extra=["--agent-frame-rate", "0.5", "--agent-frame-burst", "2"])
+    world.add_agent("web-01")
+    for name in ("one", "two", "three"):
+        world.apply(fast_schedule([str(tree)], every=SLOW).replace("name: fast", f"name: {name}"))
+    for name in ("one", "two", "three"):
+        world.wait(f"schedule/{name}", "condition=Applied")
+    fire = wait_past_next_fire(datetime.now(timezone.utc), every=SLOW)
+
+    def made() -> list[str] | None:
+        names = [j["spec"]["scheduleRef"]["name"] for j in world.items("resticjobs")
+                 if parse_time(j["spec"]["scheduledAt"]) == fire]
+        return names if len(names) == 3 else None
+
+    assert sorted(eventually("a job for each of the three fires", made, timeout=45)) == ["one", "three", "two"]
+    assert "frame dropped: over 0.5 frames per second" in (world.operator.output() if world.operator else "")
