@@ -59,7 +59,8 @@ class StandInOperator:
 
     async def serve(self, started: asyncio.Event) -> None:
         # No server pings: the agent's wake-ups are then its own (its keepalive included).
-        async with serve(self._handle, "127.0.0.1", 0, ping_interval=None, max_size=protocol.MAX_FRAME_BYTES) as server:
+        async with serve(self._handle, "127.0.0.1", 0, ping_interval=None, max_size=protocol.MAX_FRAME_BYTES,
+                         process_response=_name_protocol) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             started.set()
             await asyncio.Future()
@@ -77,6 +78,10 @@ class StandInOperator:
                 self.frames.append((at, frame))
                 if isinstance(frame.payload, protocol.ScheduleAck):
                     self._acks.put_nowait(frame.payload)
+                elif isinstance(frame.payload, protocol.ScheduleFire):  # settled, as the operator would
+                    fire = frame.payload
+                    await connection.send(protocol.encode(protocol.FireResult(
+                        ref=frame.id, id=fire.id, scheduled_at=fire.scheduled_at, outcome=protocol.FireOutcome.CREATED)))
         except ConnectionClosed:
             pass
 
@@ -92,6 +97,10 @@ class StandInOperator:
     def fires(self, since: float) -> list[tuple[float, protocol.ScheduleFire]]:
         return [(at, f.payload) for at, f in self.frames
                 if isinstance(f.payload, protocol.ScheduleFire) and f.payload.scheduled_at.timestamp() >= since]
+
+
+def _name_protocol(connection: ServerConnection, request: Any, response: Any) -> None:
+    response.headers[protocol.PROTOCOL_HEADER] = str(protocol.PROTOCOL_VERSION)
 
 
 def entries(prefix: str, expression: Any) -> list[protocol.ScheduleEntry]:

@@ -297,7 +297,7 @@ class OperatorSession:
                 raise SessionError(f"schedule.ack: version {frame.payload.version} was never sent on this connection")
             self.stage = OperatorStage.READY
             return
-        if kind in ("error",):
+        if kind == "error":
             return
         if self.stage is not OperatorStage.READY:
             raise SessionError(f"{kind} before this connection's schedule set was acknowledged")
