@@ -159,13 +159,17 @@ class Fleet:
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
                 agent.errors.append(f"connection {attempt + 1}: {type(error).__name__}: {error}")
             finally:
-                if agent.connection is not None:
-                    agent.connection = None
-                    agent.drops += 1
-                    self._connected -= 1
-                    await self._notify()
+                await self._dropped(agent)
             await asyncio.sleep(1.0 + attempt)
         log.warning("agent %s gave up after %d connections: %s", agent.name, RECONNECTS + 1, agent.errors[-1:])
+
+    async def _dropped(self, agent: SimAgent) -> None:
+        """A session of ``agent`` ended: count it, if it had got as far as connecting."""
+        if agent.connection is not None:
+            agent.connection = None
+            agent.drops += 1
+            self._connected -= 1
+            await self._notify()
 
     async def _reconnect_forever(self, agent: SimAgent, backoff: Backoff) -> None:
         retry = 0
@@ -176,11 +180,7 @@ class Fleet:
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
                 pass
             finally:
-                if agent.connection is not None:
-                    agent.connection = None
-                    agent.drops += 1
-                    self._connected -= 1
-                    await self._notify()
+                await self._dropped(agent)
             retry = 0 if agent.sets != sets else retry  # a session that got an ack was a success
             await asyncio.sleep(backoff.delay(retry, self._rng))
             retry += 1
