@@ -5,7 +5,10 @@ A connection's life, as `Connection.run` and `_serve` spell it out:
 1. connect (bearer token from the token file, read afresh each time because projected
    ServiceAccount tokens rotate), with exponential backoff and full jitter between attempts;
    an operator whose handshake names another protocol version is refused;
-2. send `hello`, naming the jobs still running and those whose job.done waits for a receipt;
+2. send `hello`, naming the jobs still running, those whose job.done waits for a receipt, and
+   those an earlier agent process was running when it died (agent/runner.py: the operator
+   sends their command.run again and the runner learns their outcome from the repository;
+   those it does not ask for within `RECOVERY_WAIT` of the first ack end as Failed);
 3. serve the operator's frames as restic_manager/session.py's `AgentSession` reads them:
    `schedule.set` → apply → `schedule.ack`; `command.run` and `command.cancel` → the job
    runner; receipts → what they settle leaves the mailbox; anything invalid → an `error` back;
@@ -43,6 +46,10 @@ _WIRE_LOG.setLevel(logging.INFO)
 SHUTDOWN_REASON = "agent shutting down"
 
 
+# How long after a connection's first ack an interrupted job waits for its command.run.
+RECOVERY_WAIT = 30.0
+
+
 class Runner(Protocol):
     """What the connection needs of the job runner (agent/runner.py's JobRunner)."""
 
@@ -51,6 +58,10 @@ class Runner(Protocol):
     async def cancel(self, job: str) -> bool: ...
 
     def running(self) -> list[str]: ...
+
+    def interrupted(self) -> list[str]: ...
+
+    async def abandon_interrupted(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -106,10 +117,12 @@ class Connection:
         mailbox: Mailbox,
         backoff: Backoff = Backoff(),
         receipt_timeout: float = session.RECEIPT_TIMEOUT,
+        recovery_wait: float = RECOVERY_WAIT,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._receipt_timeout = receipt_timeout
+        self._recovery_wait = recovery_wait
         self._endpoint = endpoint
         self._identity = identity
         self._timer = timer
@@ -180,8 +193,10 @@ class Connection:
         await self._send(websocket, rules.hello(self._hello()))
         async with asyncio.TaskGroup() as tasks:
             delivery = tasks.create_task(self._deliver(websocket, rules, after=established))
+            abandon = tasks.create_task(self._abandon_interrupted(after=established))
             await self._receive(websocket, rules, established)
             delivery.cancel()
+            abandon.cancel()
 
     def _hello(self) -> protocol.Hello:
         return protocol.Hello(
@@ -192,7 +207,15 @@ class Connection:
             hostname=self._identity.hostname,
             running_jobs=sorted(self._runner.running()),
             finished_jobs=self._mailbox.finished_jobs(),
+            interrupted_jobs=self._runner.interrupted(),
         )
+
+    async def _abandon_interrupted(self, *, after: asyncio.Event) -> None:
+        if not self._runner.interrupted():
+            return
+        await after.wait()
+        await asyncio.sleep(self._recovery_wait)
+        await self._runner.abandon_interrupted()
 
     async def _receive(self, websocket: ClientConnection, rules: session.AgentSession,
                        established: asyncio.Event) -> None:

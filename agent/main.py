@@ -10,7 +10,6 @@ import signal
 import socket
 import ssl
 import sys
-from datetime import datetime, timezone
 from typing import Protocol
 
 from restic_manager.agent import config
@@ -54,11 +53,10 @@ async def _main(settings: config.AgentConfig, tls: ssl.SSLContext | None) -> int
     journal = saved.journal
     save = state_saver(store, cursors=scheduler.cursors, outbox=outbox, journal=journal)
     mailbox = Mailbox(outbox, save=save)
-    if lost := interrupted(journal, now=datetime.now(timezone.utc)):
-        log.warning("%d job(s) were running when the agent last stopped; they end as Failed: %s",
-                    len(lost), ", ".join(done.job for done in lost))
-        journal.running.clear()
-        await mailbox.post_many(lost)
+    if lost := interrupted(journal):
+        log.warning("%d job(s) were running when the agent last stopped; their outcome is looked up in the "
+                    "repository when the operator asks for them: %s", len(lost), ", ".join(lost))
+        await save()
     timer = Timer(scheduler, clock=SystemClock(), deliver=mailbox.post_many, save=save)
     runner = JobRunner(restic=settings.restic, host=settings.agent_name, send=mailbox.post,
                        journal=journal, save=save, unsettled=mailbox.finished_jobs,

@@ -29,6 +29,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ from restic_manager.protocol import (
     CheckArgs,
     CommandRun,
     ForgetArgs,
-    JobArgs,
     JobType,
     Outcome,
     RestoreArgs,
@@ -49,6 +49,7 @@ from restic_manager.protocol import (
 MAX_LINE_CHARS = 500
 MAX_MESSAGE_CHARS = 1000
 REDACTED = "[redacted]"
+JOB_TAG_PREFIX = "restic-manager.job="
 
 # Taken from the agent's environment when set: what restic and the programs it runs (ssh for
 # sftp:, rclone) need to find binaries, keys, proxies and CA certificates.
@@ -141,7 +142,20 @@ def build_invocation(
     """The restic call that carries out ``command`` on the host named ``host``."""
     if not host:
         raise InvocationError(f"job {command.job}: the agent's host name is empty; restic needs --host")
-    return _invocation(command, _ARGV[command.type](command.args, host), restic=restic, base_env=base_env)
+    return _invocation(command, _ARGV[command.type](command, host), restic=restic, base_env=base_env)
+
+
+def job_tag(job: str) -> str:
+    """The tag every backup's snapshot carries: it names the job (namespace/name) that made it."""
+    return f"{JOB_TAG_PREFIX}{job}"
+
+
+def lookup_invocation(
+    command: CommandRun, *, restic: str | os.PathLike[str], host: str, base_env: Mapping[str, str]
+) -> Invocation:
+    """``restic snapshots`` of the snapshot ``command``'s backup made, if it made one (its tag)."""
+    argv = ["snapshots", "--host", host, f"--tag={job_tag(command.job)}"]
+    return _invocation(command, argv, restic=restic, base_env=base_env)
 
 
 def unlock_invocation(
@@ -190,10 +204,11 @@ def _environment(command: CommandRun, base_env: Mapping[str, str]) -> dict[str, 
     return {**base_env, **repository.env, "RESTIC_REPOSITORY": repository.url}
 
 
-def _backup(args: JobArgs, host: str) -> list[str]:
+def _backup(command: CommandRun, host: str) -> list[str]:
+    args = command.args
     assert isinstance(args, BackupArgs)
     return [
-        "backup", "--host", host,
+        "backup", "--host", host, f"--tag={job_tag(command.job)}",
         *(["--one-file-system"] if args.one_file_system else []),
         *(f"--exclude={pattern}" for pattern in args.exclude),
         *(f"--tag={tag}" for tag in args.tags),
@@ -208,19 +223,22 @@ _KEEP_FLAGS = (
 )
 
 
-def _forget(args: JobArgs, host: str) -> list[str]:
+def _forget(command: CommandRun, host: str) -> list[str]:
+    args = command.args
     assert isinstance(args, ForgetArgs)
     # --host: one agent's policy never removes another host's snapshots from a shared repository.
     keeps = [f"{flag}={getattr(args, field)}" for field, flag in _KEEP_FLAGS if getattr(args, field)]
     return ["forget", "--host", host, *keeps, *(["--prune"] if args.prune else [])]
 
 
-def _check(args: JobArgs, host: str) -> list[str]:
+def _check(command: CommandRun, host: str) -> list[str]:
+    args = command.args
     assert isinstance(args, CheckArgs)
     return ["check", *([f"--read-data-subset={args.read_data_subset}"] if args.read_data_subset else [])]
 
 
-def _restore(args: JobArgs, host: str) -> list[str]:
+def _restore(command: CommandRun, host: str) -> list[str]:
+    args = command.args
     assert isinstance(args, RestoreArgs)
     # --host makes "latest" this host's latest snapshot; restic ignores it for an explicit id.
     return [
@@ -231,14 +249,14 @@ def _restore(args: JobArgs, host: str) -> list[str]:
     ]
 
 
-_ARGV: dict[JobType, Callable[[JobArgs, str], list[str]]] = {
+_ARGV: dict[JobType, Callable[[CommandRun, str], list[str]]] = {
     JobType.BACKUP: _backup,
     JobType.FORGET: _forget,
-    JobType.PRUNE: lambda args, host: ["prune"],
+    JobType.PRUNE: lambda command, host: ["prune"],
     JobType.CHECK: _check,
     JobType.RESTORE: _restore,
-    JobType.UNLOCK: lambda args, host: ["unlock"],
-    JobType.INIT: lambda args, host: ["init"],
+    JobType.UNLOCK: lambda command, host: ["unlock"],
+    JobType.INIT: lambda command, host: ["init"],
 }
 
 
@@ -346,6 +364,8 @@ def parse_line(raw: str) -> Line:
             message = None
         if isinstance(message, dict) and isinstance(message.get("message_type"), str):
             return _parse_message(message, line)
+        if isinstance(message, list) and message and all(_is_snapshot(item) for item in message):
+            return _parse_snapshots(message)
         if isinstance(message, list) and all(isinstance(group, dict) for group in message):
             return Line(Kind.TEXT, (_forget_text(message),))
     return Line(Kind.TEXT, (line,))
@@ -455,6 +475,36 @@ def _parse_summary(message: dict[str, Any], line: str) -> Line:
         f"restored {_count(message, 'files_restored')} of {summary.total_files_processed or 0} files, "
         f"{_size(_count(message, 'bytes_restored'))}",
     ), summary=summary)
+
+
+def _is_snapshot(item: object) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("id"), str) and "tree" in item
+
+
+def _parse_snapshots(snapshots: list[dict[str, Any]]) -> Line:
+    """`restic snapshots --json`: the newest one as a backup's summary (restic 0.17+ stores the
+    backup's figures in the snapshot; older ones give its id only)."""
+    newest = max(snapshots, key=lambda snapshot: str(snapshot.get("time", "")))
+    stored = newest.get("summary")
+    figures: dict[str, Any] = stored if isinstance(stored, dict) else {}
+    duration = None
+    try:
+        duration = (datetime.fromisoformat(figures["backup_end"])
+                    - datetime.fromisoformat(figures["backup_start"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        pass
+    summary = Summary(
+        snapshot_id=newest["id"],
+        files_new=_optional_int(figures, "files_new"),
+        files_changed=_optional_int(figures, "files_changed"),
+        files_unmodified=_optional_int(figures, "files_unmodified"),
+        data_added=_optional_int(figures, "data_added"),
+        total_files_processed=_optional_int(figures, "total_files_processed"),
+        total_bytes_processed=_optional_int(figures, "total_bytes_processed"),
+        duration_seconds=duration,
+    )
+    return Line(Kind.SUMMARY, (f"snapshot {newest['id'][:8]} of {newest.get('time', 'an unknown time')}",),
+                summary=summary)
 
 
 def _error_text(message: Mapping[str, Any]) -> str:

@@ -11,8 +11,16 @@ config``; an existing repository ends the job) → the restic command → on a l
 ``restic unlock`` and the command once more → if it was cancelled, timed out or killed,
 ``restic unlock`` so no stale lock outlives it. Stopping is SIGINT to restic's process group
 (restic then removes its own lock), SIGKILL after ``kill_grace``. restic never outlives the
-agent: it gets SIGINT when the agent dies (Linux's parent-death signal), and the jobs the
-journal still lists at the next start end as Failed (:func:`interrupted`).
+agent: it gets SIGINT when the agent dies (Linux's parent-death signal).
+
+The jobs the journal still lists at the next start are interrupted (:func:`interrupted`): the
+hello names them, and the operator sends their command.run again because only it holds the
+repository's credentials. The agent then does not run restic's command a second time: it
+unlocks the repository and, for a backup, looks for the snapshot tagged with the job's name
+(:func:`~restic_manager.agent.restic.job_tag`), which restic may have saved before it was
+stopped. Found, the job Succeeded with that snapshot; not found, it Failed as interrupted. An
+interrupted job the operator does not ask for soon after it connects (the job was deleted
+meanwhile; agent/connection.py's ``RECOVERY_WAIT``) ends as Failed without the lookup.
 
 A job runs once: a command.run for a job that runs, has ended since the agent started, or
 whose job.done still waits for its receipt is not run again.
@@ -135,6 +143,17 @@ class JobRunner:
     def running(self) -> list[str]:
         return list(self._jobs)
 
+    def interrupted(self) -> list[str]:
+        """The interrupted jobs (see the module's docstring) whose outcome is still to be learned."""
+        return sorted(job for job in self._journal.interrupted if job not in self._jobs)
+
+    async def abandon_interrupted(self) -> None:
+        """End the interrupted jobs nobody asked for as Failed, without looking them up."""
+        for name in self.interrupted():
+            del self._journal.interrupted[name]  # saved with the job.done's post
+            logger.warning("job %s: %s; the operator did not ask for it again", name, INTERRUPTED)
+            await self._report(_interrupted_done(name, now=datetime.now(timezone.utc)))
+
     async def wait(self, job: str) -> protocol.JobDone | None:
         """The job.done of ``job`` once it has finished; None for a job this runner does not know."""
         running = self._jobs.get(job)
@@ -160,6 +179,8 @@ class JobRunner:
         verdict = rules.Verdict(Outcome.FAILED, "the agent stopped while running restic")
         exit_code: int | None = None
         summary: protocol.Summary | None = None
+        recovering = job.name in self._journal.interrupted
+        job.started = recovering  # restic started it in the earlier process: no second job.started
         try:
             self._journal.running[job.name] = command.repository.url
             if self._save is not None:
@@ -167,7 +188,10 @@ class JobRunner:
             if command.repository.url in self._journal.unlock:
                 await self._unlock(job, "a restic of this agent was killed while it used the repository")
                 self._journal.unlock.discard(command.repository.url)
-            verdict, exit_code, summary = await self._perform(job)
+            if recovering:
+                verdict, exit_code, summary = await self._recover(job)
+            else:
+                verdict, exit_code, summary = await self._perform(job)
             if job.stop is not None:
                 await self._unlock(job, f"restic was stopped ({job.stop.value})")
             elif exit_code is not None and exit_code > 128:
@@ -185,6 +209,7 @@ class JobRunner:
             verdict = rules.Verdict(Outcome.FAILED, job.redact(f"agent error while running restic: {error!r}"))
         finally:
             expiry.cancel()
+            self._journal.interrupted.pop(job.name, None)
             done = protocol.JobDone(
                 job=job.name,
                 outcome=verdict.outcome,
@@ -193,6 +218,7 @@ class JobRunner:
                 summary=summary,
                 error=rules.clip(verdict.message, rules.MAX_MESSAGE_CHARS),
                 log_tail=job.tail.lines(),
+                interrupted=recovering and verdict.outcome is Outcome.FAILED,
             )
             del self._jobs[job.name]
             self._journal.running.pop(job.name, None)  # saved with the job.done's post
@@ -222,6 +248,28 @@ class JobRunner:
             unlock_call = rules.unlock_invocation(command, restic=restic, base_env=base_env)
             await self._execute(job, unlock_call, unlock, stop=job.stop_requested)
         return verdict, code, transcript.summary
+
+    async def _recover(self, job: _Job) -> tuple[rules.Verdict, int | None, protocol.Summary | None]:
+        """An interrupted job (the module's docstring): its snapshot, if restic saved one."""
+        command = job.command
+        if command.type is not JobType.BACKUP:
+            return rules.Verdict(Outcome.FAILED, INTERRUPTED), None, None
+        job.tail.add("agent: the agent stopped while restic ran this backup; looking for its snapshot")
+        lookup = rules.Transcript(redactor=job.redact)
+        call = rules.lookup_invocation(command, restic=self._restic, host=self._host, base_env=self._base_env)
+        code = await self._execute(job, call, lookup, stop=job.stop_requested)
+        found = lookup.summary.snapshot_id if code == 0 and lookup.summary is not None else None
+        if found:
+            job.tail.add(f"agent: restic saved snapshot {found[:8]} before it was stopped; the backup is complete "
+                         "(restic's exit code and any files it could not read are not known)")
+            return rules.Verdict(Outcome.SUCCEEDED, f"snapshot {found[:8]} found after the agent restarted"), None, \
+                lookup.summary
+        if code == 0:
+            job.tail.add("agent: restic saved no snapshot for this job")
+        else:
+            job.tail.add(f"agent: cannot tell whether restic saved a snapshot: `restic snapshots` exited with "
+                         f"{code}: {lookup.detail()}")
+        return rules.Verdict(Outcome.FAILED, INTERRUPTED), None, None
 
     async def _initialize(self, job: _Job) -> tuple[rules.Verdict, int]:
         """`restic init` unless the repository exists already (an init job, or spec.initialize)."""
@@ -331,14 +379,18 @@ class JobRunner:
             logger.exception("could not send %s for job %s", payload.TYPE, getattr(payload, "job", "?"))
 
 
-def interrupted(journal: Journal, *, now: datetime) -> list[protocol.JobDone]:
-    """At start-up: the job.done of each job the journal lists as running, which the last
-    agent process left when it died; their repositories are marked for `restic unlock`."""
-    dones = [protocol.JobDone(job=job, outcome=Outcome.FAILED, finished_at=now, error=INTERRUPTED,
-                              log_tail=[f"agent: {INTERRUPTED}"], interrupted=True)
-             for job in sorted(journal.running)]
+def interrupted(journal: Journal) -> list[str]:
+    """At start-up: the jobs the last agent process was running when it died become
+    interrupted, and their repositories are marked for `restic unlock`."""
     journal.unlock.update(journal.running.values())
-    return dones
+    journal.interrupted.update(journal.running)
+    journal.running.clear()
+    return sorted(journal.interrupted)
+
+
+def _interrupted_done(job: str, *, now: datetime) -> protocol.JobDone:
+    return protocol.JobDone(job=job, outcome=Outcome.FAILED, finished_at=now, error=INTERRUPTED,
+                            log_tail=[f"agent: {INTERRUPTED}"], interrupted=True)
 
 
 _PR_SET_PDEATHSIG = 1

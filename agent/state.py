@@ -11,9 +11,11 @@ one in flight when a connection drops, or when the operator fails before acting 
 sent again. A repeated fire is harmless because the operator derives the ResticJob's name
 from it (SPEC §4, exactly-once jobs); a repeated job.done repeats a fact.
 
-The journal names the jobs whose restic has started and not yet reported: after a restart
-they end as Failed (restic died with the agent), and their repositories get `restic unlock`
-before the next job touches them.
+The journal names the jobs whose restic has started and not yet reported. After a restart
+they are interrupted: restic died with the agent, but a backup may have saved its snapshot
+first. Their repositories get `restic unlock` before the next job touches them, and their
+outcome is looked up in the repository once the operator sends the command again (the agent
+keeps no credentials); see agent/runner.py.
 
 Saves are per batch, not per message: the fires due at one wake-up are posted together and
 saved once.
@@ -108,11 +110,13 @@ def _slot(payload: protocol.Payload) -> tuple[str, str] | None:
 
 @dataclass
 class Journal:
-    """The jobs whose restic has started and not yet reported (job → repository URL), and the
-    repositories a restic of this agent may have left locked (it was killed)."""
+    """The jobs whose restic has started and not yet reported (job → repository URL), the jobs
+    an earlier agent process was running when it died (their outcome is still to be learned
+    from the repository), and the repositories a restic of this agent may have left locked."""
 
     running: dict[str, str] = field(default_factory=dict)
     unlock: set[str] = field(default_factory=set)
+    interrupted: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,7 +216,8 @@ def _encode_state(cursors: Iterable[str], outbox: Iterable[protocol.Payload], jo
     """The state file's text from the cursors' members (see `_encode_cursor`), the outbox and the journal."""
     # Whole wire frames in the outbox, so loading validates them exactly as a receiver would.
     outbox_text = _compact([protocol.encode(payload) for payload in outbox])
-    journal_text = _compact({"running": journal.running, "unlock": sorted(journal.unlock)})
+    journal_text = _compact({"running": journal.running, "unlock": sorted(journal.unlock),
+                             "interrupted": journal.interrupted})
     return (f'{{"format":{STATE_FORMAT},"cursors":{{{",".join(cursors)}}},"outbox":{outbox_text},'
             f'"journal":{journal_text}}}')
 
@@ -240,7 +245,8 @@ def _decode_state(text: str) -> AgentState:
             log.error("dropping an unreadable message from the saved outbox: %s", error)
     saved = raw.get("journal", {})  # format 1 had none
     journal = Journal(running={str(job): str(url) for job, url in saved.get("running", {}).items()},
-                      unlock={str(url) for url in saved.get("unlock", [])})
+                      unlock={str(url) for url in saved.get("unlock", [])},
+                      interrupted={str(job): str(url) for job, url in saved.get("interrupted", {}).items()})
     return AgentState(cursors=cursors, outbox=outbox, journal=journal)
 
 
@@ -309,6 +315,7 @@ def state_saver(
 
     async def save() -> None:
         await store.save(AgentState(cursors=dict(cursors()), outbox=outbox.durable(),
-                                    journal=Journal(dict(journal.running), set(journal.unlock))))
+                                    journal=Journal(dict(journal.running), set(journal.unlock),
+                                                    dict(journal.interrupted))))
 
     return save

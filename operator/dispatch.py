@@ -9,6 +9,9 @@ do; :class:`Dispatcher` carries it out:
   cancel-on-delete finalizer unless the job holds it already (fired jobs are created with
   it), send ``command.run``, Running;
 * listed in the agent's hello as finished (its job.done follows and settles it) → wait;
+* listed in the agent's hello as interrupted (an earlier agent process died running it) →
+  ``command.run`` again, Pending or Running: the agent does not rerun it but reports its
+  outcome, a backup's snapshot if restic saved one (agent/runner.py);
 * Running but the agent's hello listed it neither as running nor as finished and this
   connection never got it → the agent lost it: Failed, reason AgentLost; the same when the
   agent stays away past the job's timeoutSeconds (plus :data:`LOST_GRACE`), so no job stays
@@ -75,6 +78,7 @@ class AgentView:
     running: frozenset[str]     # listed in its hello as running
     dispatched: frozenset[str]  # sent to it over this connection
     finished: frozenset[str] = frozenset()  # listed in its hello as ended, job.done to follow
+    interrupted: frozenset[str] = frozenset()  # listed in its hello as interrupted, outcome unknown
 
 
 def give_up_at(job: Job, status: Mapping[str, Any]) -> datetime | None:
@@ -103,6 +107,8 @@ def next_step(job: Job, status: Mapping[str, Any], agent: AgentView | None, *, n
         return Step.LOSE if deadline is not None and now >= deadline else Step.NOTHING
     if job_id in agent.finished:
         return Step.NOTHING
+    if job_id in agent.interrupted and job_id not in agent.dispatched:
+        return Step.DISPATCH
     known = job_id in agent.running or job_id in agent.dispatched
     if phase == "Pending":
         return Step.ADOPT if known else Step.DISPATCH
@@ -267,7 +273,8 @@ class Dispatcher:
             return
         session = self._session_of(job.agent_key)
         view = AgentView(frozenset(session.hello.running_jobs), frozenset(session.dispatched),
-                         frozenset(session.hello.finished_jobs)) if session else None
+                         frozenset(session.hello.finished_jobs),
+                         frozenset(session.hello.interrupted_jobs)) if session else None
         now = self._clock()
         step = next_step(job, status, view, now=now)
         if step is Step.WAIT:

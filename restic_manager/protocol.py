@@ -23,7 +23,9 @@ type               direction   payload
 =================  ==========  =========================================================
 hello              agent → op  agent, agentVersion, resticVersion, protocolVersion,
                                hostname, runningJobs[], finishedJobs[] (ended, job.done
-                               not yet acknowledged: it follows)
+                               not yet acknowledged: it follows), interruptedJobs[] (an
+                               earlier agent process died running them: command.run
+                               again makes the agent report their outcome, not rerun)
 schedule.set       op → agent  version, schedules[] {id, uid, generation, schedule,
                                timeZone, suspend}
 schedule.ack       agent → op  version, appliedAt, applied[] {id, generation},
@@ -71,7 +73,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, 
 
 import msgspec
 
-# 2: receipts (fire.result, job.done.ack) and hello's finishedJobs.
+# 2: receipts (fire.result, job.done.ack) and hello's finishedJobs and interruptedJobs.
 PROTOCOL_VERSION = 2
 # The handshake response header in which the operator names the protocol version it speaks.
 PROTOCOL_HEADER = "Restic-Manager-Protocol"
@@ -200,6 +202,10 @@ class Hello(Payload, frozen=True, kw_only=True):
     # Jobs that ended while their job.done waits for its ack: it follows hello, so the
     # operator does not take them for lost.
     finished_jobs: list[NamespacedName] = []
+    # Jobs an earlier process of the agent was running when it died: the operator sends their
+    # command.run again, and the agent answers with their outcome (their snapshot, if restic
+    # saved one) instead of running them a second time.
+    interrupted_jobs: list[NamespacedName] = []
 
 
 class ScheduleEntry(Model, frozen=True, kw_only=True):

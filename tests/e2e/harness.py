@@ -396,22 +396,30 @@ class World:
             spec: {{agent: {agent}, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
         """)
 
-    def held_restic(self) -> Path:
-        """A restic that holds every backup before starting it, until the test ends.
+    def held_restic(self, *, after_backup: bool = False) -> Path:
+        """A restic that holds every backup until the test ends: before starting it, or, with
+        ``after_backup``, once restic has saved its snapshot and before the agent sees it end.
 
-        It is real restic (exec'd after the hold), so a job stays Running for as long as a
-        test needs it to, and a cancel (SIGINT to its process group) ends it like restic.
+        It is real restic (exec'd after the hold, or run before it), so a job stays Running
+        for as long as a test needs it to, and a cancel (SIGINT to its process group) ends it
+        like restic.
         """
-        hold = self.directory / "hold-backups"
+        hold = self.directory / ("hold-reports" if after_backup else "hold-backups")
         hold.touch()
         self.holds.append(hold)
-        wrapper = self.directory / "held-restic"
+        wrapper = self.directory / hold.name.replace("hold", "held-restic")
         wrapper.write_text(textwrap.dedent(f"""\
             #!{sys.executable}
-            import os, sys, time
-            if "backup" in sys.argv[1:]:
+            import os, subprocess, sys, time
+            def hold():
                 while os.path.exists({str(hold)!r}):
                     time.sleep(0.05)
+            if "backup" in sys.argv[1:] and {after_backup!r}:
+                code = subprocess.call([{str(self.restic)!r}, *sys.argv[1:]])
+                hold()
+                sys.exit(code)
+            if "backup" in sys.argv[1:]:
+                hold()
             os.execv({str(self.restic)!r}, [{str(self.restic)!r}, *sys.argv[1:]])
         """))
         wrapper.chmod(0o755)

@@ -230,8 +230,30 @@ def test_an_agent_killed_mid_job_leaves_the_job_failed_agent_lost(world: World) 
     world.wait("resticjob/long", "jsonpath={.status.phase}=Failed")
     job = world.get("resticjob/long")
     assert job is not None and job["status"]["reason"] == "AgentLost"
-    # the restarted agent said so itself, from its journal
+    # the restarted agent said so itself, from its journal, once it had looked for a snapshot
     assert "the agent stopped while restic ran this job" in job["status"]["message"]
+    assert "agent: restic saved no snapshot for this job" in job["status"]["logTail"]
+
+
+def test_an_agent_killed_after_restic_saved_its_snapshot_ends_the_job_with_that_snapshot(world: World) -> None:
+    repository = world.repository()
+    tree = world.source_tree()
+    slow_to_exit = world.held_restic(after_backup=True)
+    world.start_operator()
+    agent = world.add_agent("web-01", restic=slow_to_exit)
+    world.backup_job("saved", tree)
+    [snapshot] = eventually("restic's snapshot in the repository", lambda: sorted(world.snapshot_ids(repository)))
+    agent.kill()  # restic has saved it; the agent never saw restic end
+    agent.start()
+
+    world.wait("resticjob/saved", "jsonpath={.status.phase}=Succeeded")
+    job = world.get("resticjob/saved")
+    assert job is not None and job["status"]["reason"] == "Completed"
+    assert job["status"]["summary"]["snapshotId"] == snapshot
+    assert job["status"]["summary"]["filesNew"] == 2
+    assert any(line.startswith(f"agent: restic saved snapshot {snapshot[:8]} before it was stopped")
+               for line in job["status"]["logTail"])
+    assert world.snapshot_ids(repository) == {snapshot}  # not backed up a second time
 
 
 @pytest.mark.parametrize("policy", ["Forbid", "Replace", "Allow"])

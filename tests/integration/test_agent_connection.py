@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from support.fake_operator import TIMEOUT, FakeOperator, ManualClock
+from support.fake_operator import TIMEOUT, FakeOperator, FakeRunner, ManualClock
 
 import restic_manager
 from restic_manager import protocol
@@ -36,30 +36,6 @@ def at(text: str) -> datetime:
 
 def entry(schedule_id: str, schedule: str, *, generation: int = 1) -> protocol.ScheduleEntry:
     return protocol.ScheduleEntry(id=schedule_id, uid=f"uid-{schedule_id}", generation=generation, schedule=schedule)
-
-
-class FakeRunner:
-    """Records what the connection asks of the job runner."""
-
-    def __init__(self, running: list[str]) -> None:
-        self.jobs = list(running)
-        self.commands: asyncio.Queue[protocol.CommandRun] = asyncio.Queue()
-        self.cancelled: list[str] = []
-        self.closed = False
-
-    async def start(self, command: protocol.CommandRun) -> None:
-        self.jobs.append(command.job)
-        self.commands.put_nowait(command)
-
-    async def cancel(self, job: str) -> bool:
-        self.cancelled.append(job)
-        return job in self.jobs
-
-    def running(self) -> list[str]:
-        return list(self.jobs)
-
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 class Retries:
@@ -138,7 +114,8 @@ class Agent:
 
     def __init__(
         self, operator: FakeOperator, state_dir: Path, *, clock: Clock, running: list[str] = (),
-        gate: SaveGate | None = None, receipt_timeout: float = 30.0,
+        gate: SaveGate | None = None, receipt_timeout: float = 30.0, interrupted: list[str] = (),
+        recovery_wait: float = 30.0,
     ) -> None:
         token_file = state_dir / "token"
         token_file.write_text(TOKEN + "\n")
@@ -151,13 +128,14 @@ class Agent:
             save = gate.guard(save)
         self.mailbox = Mailbox(self.outbox, save=save)
         self.timer = Timer(self.scheduler, clock=clock, deliver=self.mailbox.post_many, save=save)
-        self.runner = FakeRunner(list(running))
+        self.runner = FakeRunner(list(running), list(interrupted))
         self.retries = Retries()
         self.connection = Connection(
             endpoint=Endpoint(operator.url, token_file=token_file),
             identity=Identity(agent="web-01", restic_version="0.19.1", hostname="web-01.example.com"),
             timer=self.timer, runner=self.runner, mailbox=self.mailbox,
             rng=HighestDelay(), sleep=self.retries.sleep, receipt_timeout=receipt_timeout,
+            recovery_wait=recovery_wait,
         )
 
     @contextlib.asynccontextmanager
@@ -219,6 +197,20 @@ async def test_a_refused_agent_retries_with_growing_backoff(clock: ManualClock, 
 
         assert operator.connections == 0
         assert agent.retries.delays == [1.0, 2.0, 4.0]
+
+
+async def test_jobs_a_dead_agent_left_are_named_in_hello_and_ended_if_nobody_asks_for_them(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock, interrupted=["backups/lost"], recovery_wait=0.2)
+    async with agent.running():
+        hello = await operator.expect(protocol.Hello)
+        assert hello.interrupted_jobs == ["backups/lost"]
+        assert not agent.runner.abandoned.is_set()  # no wait starts before the first ack
+        await operator.apply([], version=1)
+        async with asyncio.timeout(TIMEOUT):
+            await agent.runner.abandoned.wait()
+    assert agent.runner.interrupted() == []
 
 
 async def test_a_set_is_answered_with_applied_and_rejected(

@@ -10,6 +10,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import pytest
+from support.fake_operator import FakeRunner
 
 from restic_manager import protocol
 from restic_manager.agent.connection import Connection, Endpoint, Identity as AgentIdentity
@@ -52,18 +53,6 @@ async def authenticate(token: str) -> Identity:
     return Identity(ObjectKey("ns", "web-01"), Method.TOKEN, "digest")
 
 
-class Runner:
-    async def start(self, command: protocol.CommandRun) -> None: ...
-
-    async def cancel(self, job: str) -> bool:
-        return False
-
-    def running(self) -> list[str]:
-        return []
-
-    async def aclose(self) -> None: ...
-
-
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[str, Operator]]:
     operator = Operator()
@@ -89,7 +78,7 @@ async def test_a_fire_the_rate_limit_dropped_is_sent_again_and_settled(
     connection = Connection(endpoint=Endpoint(url, token_file=tmp_path / "token"),
                             identity=AgentIdentity(agent="web-01", restic_version="0.19.1", hostname="h"),
                             timer=Timer(scheduler, clock=SystemClock(), deliver=mailbox.post_many, save=save),
-                            runner=Runner(), mailbox=mailbox, receipt_timeout=0.5)
+                            runner=FakeRunner([]), mailbox=mailbox, receipt_timeout=0.5)
     task = asyncio.create_task(connection.run())
     try:
         fires = [protocol.ScheduleFire(id=f"ns/s{n}", uid=f"u{n}", generation=1, scheduled_at=AT) for n in range(2)]

@@ -211,7 +211,8 @@ async def test_backup_reports_progress_and_the_summary_of_a_real_snapshot(
     assert recorder.payloads[-1] == done and len(recorder.of(protocol.JobDone, job.job)) == 1
 
     snapshots = await restic_json(restic_bin, repo, "snapshots")
-    assert [(s["id"], s["hostname"], s["tags"]) for s in snapshots] == [(done.summary.snapshot_id, HOST, ["nightly"])]
+    assert [(s["id"], s["hostname"], sorted(s["tags"])) for s in snapshots] == [
+        (done.summary.snapshot_id, HOST, ["nightly", "restic-manager.job=backups/backup"])]
 
 
 async def test_forget_applies_the_policy_to_this_host_only(
@@ -410,7 +411,7 @@ async def test_a_restic_that_ignores_sigint_is_killed_and_its_lock_removed(
     assert (done.outcome, done.exit_code) == (Outcome.CANCELLED, 137)
     assert "agent: restic did not stop within 0.5 s of SIGINT; sent SIGKILL" in done.log_tail
     assert calls.read_text().splitlines() == [
-        f"--json backup --host {HOST} -- /etc",
+        f"--json backup --host {HOST} --tag=restic-manager.job=backups/stubborn -- /etc",
         "--json unlock",
     ]
 
@@ -467,26 +468,74 @@ async def test_a_job_is_journaled_while_it_runs(restic_bin: Path, recorder: Reco
     assert journal.running == {}  # and gone when its job.done was posted
 
 
-async def test_jobs_a_dead_agent_left_end_failed_and_their_repository_is_unlocked_first(
+async def test_a_job_a_dead_agent_left_is_looked_up_not_rerun_and_its_repository_unlocked_first(
     restic_bin: Path, recorder: Recorder, repo: Path, slow_tree: Path
 ) -> None:
     await leave_a_stale_lock(restic_bin, repo, slow_tree)
     journal = Journal(running={"backups/killed": str(repo)})
 
-    [lost] = interrupted(journal, now=datetime.now(timezone.utc))
+    assert interrupted(journal) == ["backups/killed"]
+    assert (journal.running, journal.unlock) == ({}, {str(repo)})
     runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, journal=journal)
     try:
-        done = await run(runner, command("check-after", "check", {}, repo))
+        assert runner.interrupted() == ["backups/killed"]
+        done = await run(runner, command("killed", "backup", {"paths": [str(slow_tree)]}, repo))
     finally:
         await runner.aclose()
 
-    assert (lost.job, lost.outcome, lost.error) == ("backups/killed", Outcome.FAILED, INTERRUPTED)
-    assert done.outcome is Outcome.SUCCEEDED
+    assert (done.outcome, done.error, done.interrupted, done.summary) == (Outcome.FAILED, INTERRUPTED, True, None)
     assert ("agent: a restic of this agent was killed while it used the repository; removing stale locks "
             "with `restic unlock`") in done.log_tail
-    assert not any("repository is already locked" in line for line in done.log_tail)  # unlocked before
-    assert journal.unlock == set()
+    assert "agent: restic saved no snapshot for this job" in done.log_tail
+    assert recorder.of(protocol.JobStarted, "backups/killed") == []  # restic's backup did not run again
+    assert (journal.unlock, journal.interrupted, runner.interrupted()) == (set(), {}, [])
     assert await restic_json(restic_bin, repo, "list", "locks") == []
+    assert await restic_json(restic_bin, repo, "snapshots") == []
+
+
+async def test_a_backup_whose_snapshot_was_saved_before_its_agent_died_ends_succeeded_with_it(
+    restic_bin: Path, recorder: Recorder, repo: Path, tree: Path
+) -> None:
+    # What the dead agent's restic left: the snapshot, tagged with the job, and no report.
+    saved = subprocess.run(
+        [str(restic_bin), "--json", "backup", "--host", HOST, "--tag=restic-manager.job=backups/saved", str(tree)],
+        check=True, capture_output=True, text=True,
+        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")})
+    [snapshot] = [json.loads(line)["snapshot_id"] for line in saved.stdout.splitlines() if '"summary"' in line]
+    journal = Journal(running={"backups/saved": str(repo)})
+    interrupted(journal)
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, journal=journal)
+    try:
+        done = await run(runner, command("saved", "backup", {"paths": [str(tree)]}, repo))
+    finally:
+        await runner.aclose()
+
+    assert (done.outcome, done.interrupted) == (Outcome.SUCCEEDED, False)
+    assert done.summary is not None
+    assert (done.summary.snapshot_id, done.summary.files_new, done.summary.total_bytes_processed) == (
+        snapshot, 52, tree_bytes(tree))
+    assert any(line.startswith(f"agent: restic saved snapshot {snapshot[:8]} before it was stopped")
+               for line in done.log_tail)
+    assert [s["id"] for s in await restic_json(restic_bin, repo, "snapshots")] == [snapshot]  # no second backup
+    assert journal.interrupted == {}
+
+
+async def test_an_interrupted_job_nobody_asks_for_ends_failed_without_restic(
+    restic_bin: Path, recorder: Recorder, repo: Path
+) -> None:
+    journal = Journal(running={"backups/gone": str(repo)})
+    interrupted(journal)
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, journal=journal)
+    try:
+        await runner.abandon_interrupted()
+    finally:
+        await runner.aclose()
+
+    [done] = recorder.payloads
+    assert isinstance(done, protocol.JobDone)
+    assert (done.job, done.outcome, done.error, done.interrupted) == ("backups/gone", Outcome.FAILED, INTERRUPTED, True)
+    assert (journal.interrupted, runner.interrupted()) == ({}, [])
+    assert journal.unlock == {str(repo)}  # still unlocked before the next job touches the repository
 
 
 async def test_a_restic_killed_from_outside_mid_backup_leaves_no_lock(

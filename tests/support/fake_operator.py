@@ -1,5 +1,6 @@
 """Test stand-ins for the agent's peers: a real WebSocket server that speaks the protocol in
-place of the operator, and a clock for the agent's timer that moves only when told.
+place of the operator, a clock for the agent's timer that moves only when told, and a job
+runner that records what the connection asks of it.
 
     async with FakeOperator(token="t0ken") as operator:
         ...  # point an agent Connection at operator.url
@@ -230,3 +231,36 @@ class ManualClock:
         while (deadline := await self.asleep()) <= instant:
             await self.set(deadline)
         await self.set(instant)
+
+
+class FakeRunner:
+    """Records what the connection asks of the job runner."""
+
+    def __init__(self, running: list[str], interrupted: list[str] = ()) -> None:
+        self.jobs = list(running)
+        self.lost = list(interrupted)
+        self.abandoned = asyncio.Event()
+        self.commands: asyncio.Queue[protocol.CommandRun] = asyncio.Queue()
+        self.cancelled: list[str] = []
+        self.closed = False
+
+    async def start(self, command: protocol.CommandRun) -> None:
+        self.jobs.append(command.job)
+        self.commands.put_nowait(command)
+
+    async def cancel(self, job: str) -> bool:
+        self.cancelled.append(job)
+        return job in self.jobs
+
+    def running(self) -> list[str]:
+        return list(self.jobs)
+
+    def interrupted(self) -> list[str]:
+        return list(self.lost)
+
+    async def abandon_interrupted(self) -> None:
+        self.lost.clear()
+        self.abandoned.set()
+
+    async def aclose(self) -> None:
+        self.closed = True

@@ -57,6 +57,8 @@ CONNECTED = AgentView(running=frozenset(), dispatched=frozenset())
 LISTS_IT = AgentView(running=frozenset({"ns/j"}), dispatched=frozenset())
 SENT_IT = AgentView(running=frozenset(), dispatched=frozenset({"ns/j"}))
 ENDED_IT = AgentView(running=frozenset(), dispatched=frozenset(), finished=frozenset({"ns/j"}))
+LOST_IT = AgentView(running=frozenset(), dispatched=frozenset(), interrupted=frozenset({"ns/j"}))
+ASKED_IT = AgentView(running=frozenset(), dispatched=frozenset({"ns/j"}), interrupted=frozenset({"ns/j"}))
 
 STEPS = [
     # (case, job, phase, agent view, step)
@@ -72,6 +74,11 @@ STEPS = [
     # its job.done follows hello: the real outcome, not AgentLost a moment before it
     ("running, agent came back with its job.done", job(), "Running", ENDED_IT, Step.NOTHING),
     ("pending, agent came back with its job.done", job(), "Pending", ENDED_IT, Step.NOTHING),
+    # an earlier agent process died running it: command.run again makes the agent report its outcome
+    ("running, agent came back having died running it", job(), "Running", LOST_IT, Step.DISPATCH),
+    ("pending, agent came back having died running it", job(), "Pending", LOST_IT, Step.DISPATCH),
+    ("running, its outcome asked for on this connection", job(), "Running", ASKED_IT, Step.NOTHING),
+    ("finished, agent came back having died running it", job(), "Failed", LOST_IT, Step.NOTHING),
     ("deleted while running", job(deleting=True, finalizer=True), "Running", LISTS_IT, Step.CANCEL),
     ("deleted while running, agent away", job(deleting=True, finalizer=True), "Running", None, Step.RELEASE),
     ("deleted while pending", job(deleting=True), "Pending", CONNECTED, Step.NOTHING),

@@ -57,7 +57,8 @@ def test_wire_fields_are_camel_case() -> None:
     assert raw["type"] == "schedule.fire"
     assert set(raw["payload"]) == {"id", "uid", "generation", "scheduledAt"}
     assert set(json.loads(p.encode(MESSAGES[0]))["payload"]) == {
-        "agent", "agentVersion", "resticVersion", "protocolVersion", "hostname", "runningJobs", "finishedJobs"}
+        "agent", "agentVersion", "resticVersion", "protocolVersion", "hostname", "runningJobs", "finishedJobs",
+        "interruptedJobs"}
 
 
 def frame(kind: str, payload: object, frame_id: object = "f-9") -> str:

@@ -45,12 +45,12 @@ def invocation(job_type: str, args: dict[str, Any] | None = None, **kwargs: Any)
 @pytest.mark.parametrize(
     ("job_type", "args", "expected"),
     [
-        ("backup", {"paths": ["/etc"]}, ["backup", "--host", "web-01", "--", "/etc"]),
+        ("backup", {"paths": ["/etc"]}, ["backup", "--host", "web-01", "--tag=restic-manager.job=backups/nightly-web-01-29012345", "--", "/etc"]),
         (
             "backup",
             {"paths": ["/etc", "/home", "-odd"], "exclude": ["*.tmp", "/home/*/.cache"], "tags": ["nightly", "web"],
              "oneFileSystem": True},
-            ["backup", "--host", "web-01", "--one-file-system", "--exclude=*.tmp", "--exclude=/home/*/.cache",
+            ["backup", "--host", "web-01", "--tag=restic-manager.job=backups/nightly-web-01-29012345", "--one-file-system", "--exclude=*.tmp", "--exclude=/home/*/.cache",
              "--tag=nightly", "--tag=web", "--", "/etc", "/home", "-odd"],
         ),
         ("forget", {"keepDaily": 7}, ["forget", "--host", "web-01", "--keep-daily=7"]),
@@ -79,6 +79,14 @@ def invocation(job_type: str, args: dict[str, Any] | None = None, **kwargs: Any)
 )
 def test_argv_for_each_job_type(job_type: str, args: dict[str, Any], expected: list[str]) -> None:
     assert invocation(job_type, args).argv == ("/usr/bin/restic", "--json", *expected)
+
+
+def test_the_lookup_of_a_jobs_snapshot_names_its_tag_and_host() -> None:
+    lookup = rules.lookup_invocation(command("backup", {"paths": ["/etc"]}), restic="/opt/restic", host="web-01",
+                                     base_env=BASE_ENV)
+    assert lookup.argv == ("/opt/restic", "--json", "snapshots", "--host", "web-01",
+                           "--tag=restic-manager.job=backups/nightly-web-01-29012345")
+    assert lookup.env["RESTIC_PASSWORD"] == PASSWORD
 
 
 def test_probe_and_unlock_invocations() -> None:
@@ -315,6 +323,36 @@ def test_status_lines_become_progress(raw: str, expected: Progress) -> None:
 )
 def test_summary_lines_become_a_summary(raw: str, summary: Summary, text: str) -> None:
     assert rules.parse_line(raw) == rules.Line(Kind.SUMMARY, (text,), summary=summary)
+
+
+_SNAPSHOT_019 = (
+    '{"time":"2026-12-02T14:00:01.5+00:00","tree":"9f1c","paths":["/etc"],"hostname":"web-01",'
+    '"tags":["restic-manager.job=a/b"],"program_version":"restic 0.19.1","summary":{'
+    '"backup_start":"2026-12-02T14:00:01.5+00:00","backup_end":"2026-12-02T14:00:04+00:00","files_new":3,'
+    '"files_changed":1,"files_unmodified":7,"data_added":4096,"total_files_processed":11,'
+    '"total_bytes_processed":9000},"id":"ID2","short_id":"ID2"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "summary", "text"),
+    [
+        (f"[{_SNAPSHOT_019}]",
+         Summary(snapshot_id="ID2", files_new=3, files_changed=1, files_unmodified=7, data_added=4096,
+                 total_files_processed=11, total_bytes_processed=9000, duration_seconds=2.5),
+         "snapshot ID2 of 2026-12-02T14:00:01.5+00:00"),
+        # several match: the newest; restic before 0.17 stored no figures in the snapshot
+        ('[{"time":"2026-12-02T13:00:00Z","tree":"1","paths":["/"],"id":"older"},'
+         '{"time":"2026-12-02T14:00:00Z","tree":"2","paths":["/"],"id":"newer"}]',
+         Summary(snapshot_id="newer"), "snapshot newer of 2026-12-02T14:00:00Z"),
+    ],
+)
+def test_a_snapshot_listing_becomes_the_summary_of_its_newest(raw: str, summary: Summary, text: str) -> None:
+    assert rules.parse_line(raw) == rules.Line(Kind.SUMMARY, (text,), summary=summary)
+
+
+def test_an_empty_listing_has_no_summary() -> None:
+    assert rules.parse_line("[]").summary is None
 
 
 # Python's json reads NaN, Infinity, 1e999 and integers of any size; restic prints none of them.
