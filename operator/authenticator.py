@@ -19,7 +19,7 @@ from typing import Any
 from restic_manager.operator import identity
 from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import MANAGED_BY, AlreadyExists, Kube, KubeError
-from restic_manager.operator.store import API_VERSION, ObjectKey, Store
+from restic_manager.operator.store import API_VERSION, ObjectKey, Store, token_digest
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,12 @@ class Authenticator:
         return self._host_token(token)
 
     def _host_token(self, token: str) -> Identity:
-        digests = {}
-        for agent in self._store.agents:
-            secret = self._store.token_secret_of(agent)
-            if secret is not None and secret.digest is not None and not agent.node_name:
-                digests[agent.key] = secret.digest
-        owner = identity.find_token_owner(digests, token)
+        owner = identity.find_token_owner(self._store, token)
         if owner is None:
             raise AuthError(HTTPStatus.UNAUTHORIZED, "unknown-token", "the token is not that of any Agent")
-        owner_agent = self._store.agents.get(owner)
-        if owner_agent is None or owner_agent.deleting:
-            raise AuthError(HTTPStatus.FORBIDDEN, "agent-deleting", f"Agent {owner} is being deleted")
-        return Identity(owner, Method.TOKEN, digests[owner].hex())
+        if owner.deleting:
+            raise AuthError(HTTPStatus.FORBIDDEN, "agent-deleting", f"Agent {owner.key} is being deleted")
+        return Identity(owner.key, Method.TOKEN, token_digest(token).hex())
 
     async def _service_account(self, token: str) -> Identity:
         config = self._node_agents

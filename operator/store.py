@@ -387,7 +387,9 @@ class Store:
     agents: Collection[Agent] = field(default_factory=lambda: Collection(Agent.from_body))
     schedules: Collection[Schedule] = field(default_factory=lambda: Collection(Schedule.from_body))
     jobs: Collection[Job] = field(default_factory=lambda: Collection(Job.from_body, group_by=_schedule_uid))
-    token_secrets: Collection[TokenSecret] = field(default_factory=lambda: Collection(TokenSecret.from_body))
+    # By digest: a handshake finds its token's Secret without looking at every Agent's.
+    token_secrets: Collection[TokenSecret] = field(
+        default_factory=lambda: Collection(TokenSecret.from_body, group_by=lambda secret: secret.digest))
     # Fed by one watch alone, whose events arrive in order: no listing to reconcile, so no
     # tombstones to keep.
     repositories: Collection[Repository] = field(

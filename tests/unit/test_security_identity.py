@@ -16,7 +16,7 @@ from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import new_token
 from restic_manager.operator.limits import TokenBucket
 from restic_manager.operator.metrics import Metrics
-from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest
+from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest, token_secret_name
 from restic_manager.operator.validation import schedule_problems
 
 SA = ObjectKey("backup", "restic-manager-agent")
@@ -40,12 +40,28 @@ def test_issued_tokens_carry_256_bits_and_never_look_like_a_jwt() -> None:
         assert not identity.is_service_account_token(token)
 
 
-def test_a_token_belongs_to_the_agent_whose_digest_it_has() -> None:
-    digests = {ObjectKey("a", "web-01"): token_digest("tok-1"), ObjectKey("b", "web-01"): token_digest("tok-2")}
-    assert identity.find_token_owner(digests, "tok-2") == ObjectKey("b", "web-01")
-    assert identity.find_token_owner(digests, " tok-1\n") == ObjectKey("a", "web-01")  # as read from a file
-    assert identity.find_token_owner(digests, "tok-3") is None
-    assert identity.find_token_owner({}, "tok-1") is None
+def test_a_token_belongs_to_the_host_agent_whose_own_secret_holds_it() -> None:
+    store = Store()
+    for namespace, name, uid, token, node in (("a", "web-01", "u1", "tok-1", ""), ("b", "web-01", "u2", "tok-2", ""),
+                                              ("b", "stale", "u3", "tok-4", ""), ("b", "node-1", "u5", "tok-5", "n1")):
+        store.agents.upsert({"metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": "1"},
+                             "spec": {"nodeName": node} if node else {}})
+        owner = "uid-of-an-older-agent" if name == "stale" else uid
+        store.token_secrets.upsert(secret_body(token=token, owner_uid=owner) | {"metadata": {
+            **secret_body(token=token)["metadata"], "name": token_secret_name(name), "namespace": namespace,
+            "uid": f"s-{uid}", "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
+                                                    "name": name, "uid": owner}]}})
+
+    def owner(token: str) -> ObjectKey | None:
+        agent = identity.find_token_owner(store, token)
+        return agent.key if agent is not None else None
+
+    assert owner("tok-2") == ObjectKey("b", "web-01")
+    assert owner(" tok-1\n") == ObjectKey("a", "web-01")  # as read from a file
+    assert owner("tok-3") is None
+    assert owner("tok-4") is None  # its Secret belongs to an Agent of that name that is gone
+    assert owner("tok-5") is None  # a node's agent proves itself with its pod's token, not this one
+    assert identity.find_token_owner(Store(), "tok-1") is None
 
 
 def secret_body(*, token: str | None, owner_uid: str = "uid-web-01", data: Any = None) -> dict[str, Any]:
