@@ -407,7 +407,7 @@ class World:
         hold = self.directory / ("hold-reports" if after_backup else "hold-backups")
         hold.touch()
         self.holds.append(hold)
-        wrapper = self.directory / hold.name.replace("hold", "held-restic")
+        wrapper = self.directory / ("slow-to-exit-restic" if after_backup else "held-restic")
         wrapper.write_text(textwrap.dedent(f"""\
             #!{sys.executable}
             import os, subprocess, sys, time
