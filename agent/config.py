@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from restic_manager.agent import policy
+from restic_manager.agent.policy import HostPolicy
+
 ENV_PREFIX = "RESTIC_MANAGER_"
 DEFAULT_CONFIG_FILE = Path("/etc/restic-manager/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/restic-manager")
@@ -37,7 +40,7 @@ class ConfigError(Exception):
 class Option:
     name: str  # AgentConfig field and argparse dest
     key: str  # config-file key
-    kind: type  # str, Path or bool
+    kind: type  # str, Path, bool, or list (of strings: a repeated flag, commas in the environment)
     help: str
     metavar: str | None = None
 
@@ -66,6 +69,13 @@ OPTIONS = (
     Option("insecure", "insecure", bool, "allow a plain ws:// server: the token and repository credentials "
            "then cross the network unencrypted; for local tests only"),
     Option("log_level", "logLevel", str, f"one of {', '.join(LOG_LEVELS)} (default: INFO)", "LEVEL"),
+    Option("backup_path", "backupPaths", list, "a backup may read only at or under these paths (repeat the "
+           f"flag; default: {', '.join(policy.DEFAULT_BACKUP_PATHS)}); the agent's token, state and config are "
+           "never backed up", "PATH"),
+    Option("restore_target", "restoreTargets", list, "a restore may write only at or under these paths "
+           f"(repeat the flag; default: {policy.DEFAULT_RESTORE_TARGET})", "PATH"),
+    Option("repository", "repositories", list, "repository URLs this host works with, as shell patterns "
+           "(repeat the flag; default: *, any), e.g. 's3:https://s3.example.com/backups/*'", "PATTERN"),
 )
 _BY_KEY = {option.key: option for option in OPTIONS}
 
@@ -80,6 +90,7 @@ class AgentConfig:
     restic: str
     insecure: bool
     log_level: str
+    policy: HostPolicy = HostPolicy()
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for a wss:// server (None for ws://)."""
@@ -99,16 +110,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if option.kind is bool:
             # default None, not False, so an absent flag does not hide the environment or the file
             parser.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=option.help)
+        elif option.kind is list:
+            parser.add_argument(option.flag, dest=option.name, action="append", metavar=option.metavar,
+                                help=option.help)
         else:
             parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=option.help)
     parser.epilog = (
         "every option, three ways (a flag wins over the environment, the environment over the file):\n"
         f"  {'flag':<14} {'environment variable':<30} config-file key\n"
         + "\n".join(f"  {o.flag:<14} {o.env:<30} {o.key}" for o in OPTIONS)
-        + "\n\nexample config file:\n"
+        + "\n\nlists in the environment are comma-separated.\n\nexample config file:\n"
         "  server: wss://restic-manager.example.com/agent\n"
         "  tokenFile: /etc/restic-manager/token\n"
         "  caFile: /etc/restic-manager/ca.crt\n"
+        "  backupPaths: [/etc, /home, /srv]\n"
+        f"  restoreTargets: [{policy.DEFAULT_RESTORE_TARGET}]\n"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -137,7 +153,7 @@ def load(
             continue
         values[option.name] = _convert(option, raw, source)
         sources[option.name] = source
-    return _check(values, sources, hostname=hostname)
+    return _check(values, sources, hostname=hostname, config_file=Path(file_source) if file_source else None)
 
 
 def _read_file(flag: Path | None, environ: Mapping[str, str], default_file: Path) -> tuple[dict[str, Any], str]:
@@ -175,6 +191,11 @@ def _read_file(flag: Path | None, environ: Mapping[str, str], default_file: Path
 
 
 def _convert(option: Option, raw: object, source: str) -> object:
+    if option.kind is list:
+        items = raw.split(",") if isinstance(raw, str) and source == option.env else raw
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+            raise ConfigError(f"{option.key} {raw!r} (from {source}): expected a list of non-empty strings")
+        return tuple(item.strip() for item in items)
     if option.kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -186,7 +207,8 @@ def _convert(option: Option, raw: object, source: str) -> object:
     return Path(raw).expanduser() if option.kind is Path else raw
 
 
-def _check(values: dict[str, Any], sources: dict[str, str], *, hostname: str | None) -> AgentConfig:
+def _check(values: dict[str, Any], sources: dict[str, str], *, hostname: str | None,
+           config_file: Path | None) -> AgentConfig:
     def origin(name: str) -> str:
         return f"(from {sources[name]})"
 
@@ -231,13 +253,27 @@ def _check(values: dict[str, Any], sources: dict[str, str], *, hostname: str | N
         raise ConfigError(f"log level {values['log_level']!r} {origin('log_level')}: expected one of "
                           f"{', '.join(LOG_LEVELS)}")
 
+    for name in ("backup_path", "restore_target"):
+        relative = [path for path in values.get(name, ()) if not path.startswith("/")]
+        if relative:
+            raise ConfigError(f"{name.replace('_', ' ')} {relative[0]!r} {origin(name)}: expected an absolute path")
+    state_dir = values.get("state_dir", DEFAULT_STATE_DIR)
+    own = [token_file, state_dir] + ([config_file] if config_file is not None else [])
+    host_policy = HostPolicy(
+        backup_paths=values.get("backup_path", policy.DEFAULT_BACKUP_PATHS),
+        restore_targets=values.get("restore_target", (policy.DEFAULT_RESTORE_TARGET,)),
+        repositories=values.get("repository", policy.DEFAULT_REPOSITORIES),
+        protected=tuple(dict.fromkeys(os.path.realpath(path) for path in own)),
+    )
+
     return AgentConfig(
         server=server,
         token_file=token_file,
         ca_file=ca_file,
-        state_dir=values.get("state_dir", DEFAULT_STATE_DIR),
+        state_dir=state_dir,
         agent_name=agent_name,
         restic=values.get("restic", "restic"),
         insecure=insecure,
         log_level=log_level,
+        policy=host_policy,
     )

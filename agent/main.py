@@ -60,7 +60,7 @@ async def _main(settings: config.AgentConfig, tls: ssl.SSLContext | None) -> int
     timer = Timer(scheduler, clock=SystemClock(), deliver=mailbox.post_many, save=save)
     runner = JobRunner(restic=settings.restic, host=settings.agent_name, send=mailbox.post,
                        journal=journal, save=save, unsettled=mailbox.finished_jobs,
-                       cache_dir=settings.state_dir / "restic-cache")
+                       cache_dir=settings.state_dir / "restic-cache", host_policy=settings.policy)
     connection = Connection(
         endpoint=Endpoint(settings.server, token_file=settings.token_file, ssl=tls),
         identity=Identity(agent=settings.agent_name, restic_version=version, hostname=socket.gethostname()),

@@ -27,7 +27,7 @@ import os
 import re
 import signal
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -138,11 +138,14 @@ def build_invocation(
     restic: str | os.PathLike[str],
     host: str,
     base_env: Mapping[str, str],
+    protected: Sequence[str] = (),
 ) -> Invocation:
-    """The restic call that carries out ``command`` on the host named ``host``."""
+    """The restic call that carries out ``command`` on the host named ``host``; a backup
+    leaves out the ``protected`` paths (the agent's own, agent/policy.py)."""
     if not host:
         raise InvocationError(f"job {command.job}: the agent's host name is empty; restic needs --host")
-    return _invocation(command, _ARGV[command.type](command, host), restic=restic, base_env=base_env)
+    argv = _backup(command, host, protected) if command.type is JobType.BACKUP else _ARGV[command.type](command, host)
+    return _invocation(command, argv, restic=restic, base_env=base_env)
 
 
 def job_tag(job: str) -> str:
@@ -204,13 +207,14 @@ def _environment(command: CommandRun, base_env: Mapping[str, str]) -> dict[str, 
     return {**base_env, **repository.env, "RESTIC_REPOSITORY": repository.url}
 
 
-def _backup(command: CommandRun, host: str) -> list[str]:
+def _backup(command: CommandRun, host: str, protected: Sequence[str]) -> list[str]:
     args = command.args
     assert isinstance(args, BackupArgs)
     return [
         "backup", "--host", host, f"--tag={job_tag(command.job)}",
         *(["--one-file-system"] if args.one_file_system else []),
         *(f"--exclude={pattern}" for pattern in args.exclude),
+        *(f"--exclude={path}" for path in protected),
         *(f"--tag={tag}" for tag in args.tags),
         "--", *args.paths,  # a path starting with "-" stays a path
     ]
@@ -250,7 +254,6 @@ def _restore(command: CommandRun, host: str) -> list[str]:
 
 
 _ARGV: dict[JobType, Callable[[CommandRun, str], list[str]]] = {
-    JobType.BACKUP: _backup,
     JobType.FORGET: _forget,
     JobType.PRUNE: lambda command, host: ["prune"],
     JobType.CHECK: _check,

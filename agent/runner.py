@@ -5,7 +5,8 @@ the output means. One task per job, owned by :class:`JobRunner`: :meth:`JobRunne
 stops and awaits them all. Every job sends job.started when its first restic process starts
 and exactly one job.done, whatever happens (an agent bug included).
 
-A job's life: its journal entry is saved (agent/state.py) → (``restic unlock`` first when a
+A job's life: the host's agent config must allow it (agent/policy.py; a refused job ends
+Failed before restic runs) → its journal entry is saved (agent/state.py) → (``restic unlock`` first when a
 killed restic of this agent may have left the repository locked) → (init only: ``restic cat
 config``; an existing repository ends the job) → the restic command → on a lock conflict,
 ``restic unlock`` and the command once more → if it was cancelled, timed out or killed,
@@ -43,7 +44,9 @@ from pathlib import Path
 import msgspec
 
 from restic_manager import protocol
+from restic_manager.agent import policy
 from restic_manager.agent import restic as rules
+from restic_manager.agent.policy import HostPolicy
 from restic_manager.agent.state import Journal
 from restic_manager.protocol import JobType, Outcome
 
@@ -100,6 +103,7 @@ class JobRunner:
         save: Callable[[], Awaitable[None]] | None = None,
         unsettled: Callable[[], list[str]] = list,
         cache_dir: Path | None = None,
+        host_policy: HostPolicy = HostPolicy(),
         progress_interval: float = 1.0,
         kill_grace: float = 10.0,
     ) -> None:
@@ -111,6 +115,7 @@ class JobRunner:
         self._unsettled = unsettled  # the jobs whose job.done waits for its receipt
         self._base_env = rules.base_environment(os.environ, cache_dir=cache_dir)
         self._progress_interval = progress_interval
+        self._policy = host_policy
         self._kill_grace = kill_grace
         self._jobs: dict[str, _Job] = {}
         self._finished: OrderedDict[str, protocol.JobDone] = OrderedDict()
@@ -181,7 +186,13 @@ class JobRunner:
         summary: protocol.Summary | None = None
         recovering = job.name in self._journal.interrupted
         job.started = recovering  # restic started it in the earlier process: no second job.started
+        refused = False
         try:
+            if (why := await self._refusal(command)) is not None:
+                refused = True
+                verdict = rules.Verdict(Outcome.FAILED, job.redact(f"refused by this host: {why}"))
+                job.tail.add(f"agent: {verdict.message}")
+                return
             self._journal.running[job.name] = command.repository.url
             if self._save is not None:
                 await self._save()  # before restic starts: a restart then knows it ran
@@ -218,7 +229,8 @@ class JobRunner:
                 summary=summary,
                 error=rules.clip(verdict.message, rules.MAX_MESSAGE_CHARS),
                 log_tail=job.tail.lines(),
-                interrupted=recovering and verdict.outcome is Outcome.FAILED,
+                interrupted=recovering and verdict.outcome is Outcome.FAILED and not refused,
+                refused=refused,
             )
             del self._jobs[job.name]
             self._journal.running.pop(job.name, None)  # saved with the job.done's post
@@ -228,6 +240,12 @@ class JobRunner:
             logger.info("job %s: %s (exit code %s) %s", job.name, done.outcome.value, exit_code, done.error)
             await self._report(done)
 
+    async def _refusal(self, command: protocol.CommandRun) -> str | None:
+        """Why this host's agent config does not allow ``command`` (agent/policy.py), if it does not."""
+        paths = policy.paths_of(command)
+        real = await asyncio.to_thread(lambda: [os.path.realpath(path) for path in paths])
+        return policy.refusal(command, self._policy, dict(zip(paths, real)))
+
     async def _perform(self, job: _Job) -> tuple[rules.Verdict, int | None, protocol.Summary | None]:
         command = job.command
         restic, base_env = self._restic, self._base_env
@@ -235,7 +253,8 @@ class JobRunner:
             verdict, code = await self._initialize(job)
             if command.type is JobType.INIT or verdict.outcome is not Outcome.SUCCEEDED:
                 return verdict, code, None
-        invocation = rules.build_invocation(command, restic=restic, host=self._host, base_env=base_env)
+        invocation = rules.build_invocation(command, restic=restic, host=self._host, base_env=base_env,
+                                            protected=self._policy.excluded(policy.paths_of(command)))
         for retried in (False, True):
             transcript = rules.Transcript(redactor=job.redact, tail=job.tail)
             code = await self._execute(job, invocation, transcript, stop=job.stop_requested)

@@ -258,7 +258,9 @@ def job_done(status: Mapping[str, Any], message: JobDone) -> Status:
     if is_terminal(status) and status.get("reason") != LOST:
         return dict(status)
     outcome = message.outcome
-    if message.interrupted:
+    if message.refused:
+        reason, text = "RefusedByAgent", message.error
+    elif message.interrupted:
         reason, text = LOST, message.error or "the agent stopped while restic ran"
     elif outcome is Outcome.SUCCEEDED:
         reason, text = "Completed", "restic finished successfully"

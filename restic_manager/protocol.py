@@ -38,7 +38,8 @@ job.started        agent → op  job, startedAt
 job.progress       agent → op  job, percentDone, filesDone, totalFiles, bytesDone,
                                totalBytes, secondsElapsed, secondsRemaining
 job.done           agent → op  job, outcome, exitCode, finishedAt, summary, error,
-                               logTail[], interrupted (the agent died while restic ran)
+                               logTail[], interrupted (the agent died while restic ran),
+                               refused (the host's agent config does not allow it)
 fire.result        op → agent  ref (the schedule.fire frame's id), id, scheduledAt,
                                outcome (created | exists | refused | missed | retry),
                                job (created, exists), reason (the others)
@@ -341,6 +342,8 @@ class JobDone(Payload, frozen=True, kw_only=True):
     log_tail: Annotated[list[ShortText], msgspec.Meta(max_length=LOG_TAIL_LINES)] = []
     # The agent stopped (was killed, restarted) while restic ran, and restic was stopped with it.
     interrupted: bool = False
+    # The host's agent config does not allow the job (a path, target or repository); restic never ran.
+    refused: bool = False
 
 
 class FireOutcome(str, Enum):

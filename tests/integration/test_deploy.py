@@ -140,6 +140,9 @@ def test_daemonset_mounts_node_paths_under_the_mount_root(helm: Helm, tmp_path: 
     assert env["RESTIC_MANAGER_SERVER"] == "wss://r-restic-manager.backup.svc:8765"
     assert "RESTIC_MANAGER_INSECURE" not in env
     assert env["RESTIC_MANAGER_CA_FILE"] == "/etc/restic-manager/ca/ca.crt"
+    # What the agent then allows: backups of what is mounted, restores into what is writable.
+    assert env["RESTIC_MANAGER_BACKUP_PATH"] == "/host,/host/home,/host/etc"
+    assert env["RESTIC_MANAGER_RESTORE_TARGET"] == "/host/home"
     (token,) = [v for v in pod["volumes"] if v["name"] == "token"]
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "restic-manager"
     assert pod["automountServiceAccountToken"] is False
@@ -539,6 +542,9 @@ def test_example_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
     assert settings.server.startswith("wss://")
     assert settings.state_dir == agent_config.DEFAULT_STATE_DIR
     assert (settings.agent_name, settings.insecure) == ("web-01", False)
+    assert (settings.policy.backup_paths, settings.policy.restore_targets) == (
+        ("/etc", "/home", "/srv", "/var/lib"), ("/var/lib/restic-manager-restore",))
+    assert str(EXAMPLE_AGENT_CONFIG.resolve()) in settings.policy.protected  # never backed up
     assert f"--config {agent_config.DEFAULT_CONFIG_FILE}" in UNIT.read_text()
 
 

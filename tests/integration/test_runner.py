@@ -23,6 +23,7 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.agent import restic as rules
+from restic_manager.agent.policy import HostPolicy
 from restic_manager.agent.runner import INTERRUPTED, JobRunner, ResticUnavailable, interrupted, restic_version
 from restic_manager.agent.state import Journal
 from restic_manager.protocol import Outcome
@@ -135,6 +136,7 @@ async def runner(restic_bin: Path, recorder: Recorder, tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[JobRunner]:
     monkeypatch.setenv("RESTIC_MANAGER_TOKEN", AGENT_SECRET)
     runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, cache_dir=tmp_path / "cache",
+                       host_policy=HostPolicy(restore_targets=(str(tmp_path / "restored"),)),
                        progress_interval=0.2, kill_grace=10.0)
     try:
         yield runner
@@ -257,6 +259,58 @@ async def test_restore_gives_back_the_same_bytes(runner: JobRunner, repo: Path, 
             assert (restored_root / relative).read_bytes() == (tree / relative).read_bytes(), relative
     # restore counts directories (those above the backed-up path too) among its files
     assert done.summary is not None and done.summary.total_bytes_processed == tree_bytes(tree)
+
+
+@pytest.mark.parametrize(("case", "job_type", "args", "allowed", "refusal"), [
+    ("a backup outside backupPaths", "backup", {"paths": ["{tree}"]}, {"backup_paths": ("{tree}/sub",)},
+     "refused by this host: backup of {tree}: {tree} is not at or under a path this host's agent config allows "
+     "(backupPaths: {tree}/sub)"),
+    ("a restore to /", "restore", {"target": "/"}, {},
+     "refused by this host: restore to /: / is not at or under a path this host's agent config allows "
+     "(restoreTargets: /var/lib/restic-manager-restore)"),
+    ("a repository outside repositories", "check", {}, {"repositories": ("s3:*",)},
+     "refused by this host: this host's agent config does not allow the repository {repo} (repositories: s3:*)"),
+])
+async def test_a_job_the_host_does_not_allow_fails_before_restic_runs(
+    restic_bin: Path, recorder: Recorder, repo: Path, tree: Path, case: str, job_type: str, args: dict[str, Any],
+    allowed: dict[str, tuple[str, ...]], refusal: str,
+) -> None:
+    def fill(text: str) -> str:
+        return text.format(tree=tree, repo=repo)
+
+    host_policy = HostPolicy(**{name: tuple(map(fill, values)) for name, values in allowed.items()})
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, host_policy=host_policy)
+    job = command("refused", job_type, {name: fill(v) if isinstance(v, str) else [fill(p) for p in v]
+                                        for name, v in args.items()}, repo)
+    try:
+        done = await run(runner, job)
+    finally:
+        await runner.aclose()
+
+    assert (done.outcome, done.refused, done.interrupted, done.error) == (Outcome.FAILED, True, False, fill(refusal))
+    assert done.log_tail == [f"agent: {fill(refusal)}"]
+    assert recorder.of(protocol.JobStarted, job.job) == []  # restic never ran
+    assert await restic_json(restic_bin, repo, "snapshots") == []
+
+
+async def test_a_backup_that_covers_the_agents_own_files_leaves_them_out(
+    restic_bin: Path, recorder: Recorder, repo: Path, tree: Path
+) -> None:
+    own = tree / "sub" / "deeper"  # stands for the agent's state directory
+    runner = JobRunner(restic=restic_bin, host=HOST, send=recorder.send, host_policy=HostPolicy(protected=(str(own),)))
+    try:
+        done = await run(runner, command("covers", "backup", {"paths": [str(tree)]}, repo))
+    finally:
+        await runner.aclose()
+
+    assert done.outcome is Outcome.SUCCEEDED and done.summary is not None
+    listing = subprocess.run(
+        [str(restic_bin), "--json", "--no-lock", "ls", done.summary.snapshot_id or "latest"],
+        check=True, capture_output=True, text=True,
+        env={"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(repo.parent / "cli-cache")})
+    paths = {entry["path"] for entry in map(json.loads, listing.stdout.splitlines()) if "path" in entry}
+    assert str(tree / "sub" / "file-3.txt") in paths
+    assert not any(path == str(own) or path.startswith(f"{own}/") for path in paths)
 
 
 async def test_cancel_interrupts_restic_and_leaves_no_lock(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from restic_manager.agent import config
+from restic_manager.agent.policy import HostPolicy
 from restic_manager.agent.main import add_arguments
 
 
@@ -59,11 +60,17 @@ def test_every_setting_from_the_environment(tmp_path: Path, token: Path) -> None
         "RESTIC_MANAGER_RESTIC": "/opt/restic/bin/restic",
         "RESTIC_MANAGER_INSECURE": "yes",
         "RESTIC_MANAGER_LOG_LEVEL": "debug",
+        "RESTIC_MANAGER_BACKUP_PATH": "/etc, /home",
+        "RESTIC_MANAGER_RESTORE_TARGET": "/srv/restore",
+        "RESTIC_MANAGER_REPOSITORY": "s3:https://s3.example.com/*",
     })
 
     assert settings == config.AgentConfig(
         server="ws://127.0.0.1:8443/agent", token_file=token, ca_file=None, state_dir=tmp_path / "state",
         agent_name="db-02", restic="/opt/restic/bin/restic", insecure=True, log_level="DEBUG",
+        policy=HostPolicy(backup_paths=("/etc", "/home"), restore_targets=("/srv/restore",),
+                          repositories=("s3:https://s3.example.com/*",),
+                          protected=(str(token), str(tmp_path / "state"))),
     )
 
 
@@ -78,12 +85,47 @@ agentName: db-02
 restic: /usr/local/bin/restic
 insecure: false
 logLevel: WARNING
+backupPaths: [/etc, /home]
+restoreTargets: [/srv/restore, /home]
+repositories: ["rest:https://backup.example.com/*"]
 """)
 
     assert load(["--config", str(config_file)]) == config.AgentConfig(
         server="wss://operator.example.com/agent", token_file=token, ca_file=ca, state_dir=tmp_path / "state",
         agent_name="db-02", restic="/usr/local/bin/restic", insecure=False, log_level="WARNING",
+        policy=HostPolicy(backup_paths=("/etc", "/home"), restore_targets=("/srv/restore", "/home"),
+                          repositories=("rest:https://backup.example.com/*",),
+                          protected=(str(token), str(tmp_path / "state"), str(config_file))),
     )
+
+
+def test_what_the_host_allows_defaults_to_backups_of_anything_and_restores_into_one_directory(token: Path) -> None:
+    settings = load(["--server", "wss://op/agent", "--token-file", str(token), "--state-dir", "/var/lib/rm"])
+
+    assert settings.policy == HostPolicy(backup_paths=("/",), restore_targets=("/var/lib/restic-manager-restore",),
+                                         repositories=("*",), protected=(str(token), "/var/lib/rm"))
+
+
+def test_repeated_flags_make_a_list(token: Path) -> None:
+    settings = load(["--server", "wss://op/agent", "--token-file", str(token),
+                     "--backup-path", "/etc", "--backup-path", "/srv", "--restore-target", "/srv/restore"])
+
+    assert (settings.policy.backup_paths, settings.policy.restore_targets) == (("/etc", "/srv"), ("/srv/restore",))
+
+
+@pytest.mark.parametrize(("argv", "environ", "message"), [
+    (["--backup-path", "etc"], {}, "backup path 'etc' (from --backup-path): expected an absolute path"),
+    ([], {"RESTIC_MANAGER_RESTORE_TARGET": "/srv,restore"},
+     "restore target 'restore' (from RESTIC_MANAGER_RESTORE_TARGET): expected an absolute path"),
+    ([], {"RESTIC_MANAGER_REPOSITORY": "s3:*,,"}, "repositories 's3:*,,' (from RESTIC_MANAGER_REPOSITORY): "
+     "expected a list of non-empty strings"),
+])
+def test_bad_lists_are_refused_naming_the_setting(
+    token: Path, argv: list[str], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(config.ConfigError) as refused:
+        load(["--server", "wss://op/agent", "--token-file", str(token), *argv], environ=environ)
+    assert str(refused.value) == message
 
 
 def test_defaults_and_the_agent_name_from_the_host_name(token: Path) -> None:
