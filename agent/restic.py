@@ -438,16 +438,8 @@ _RESTORE_SUMMARY_KEYS = {"total_files", "files_restored", "bytes_restored", "fil
 
 def _parse_summary(message: dict[str, Any], line: str) -> Line:
     if "files_new" in message:  # backup
-        summary = Summary(
-            snapshot_id=str(message["snapshot_id"]) if message.get("snapshot_id") else None,
-            files_new=_optional_int(message, "files_new"),
-            files_changed=_optional_int(message, "files_changed"),
-            files_unmodified=_optional_int(message, "files_unmodified"),
-            data_added=_optional_int(message, "data_added"),
-            total_files_processed=_optional_int(message, "total_files_processed"),
-            total_bytes_processed=_optional_int(message, "total_bytes_processed"),
-            duration_seconds=_number(message, "total_duration"),
-        )
+        summary = _backup_summary(message, snapshot_id=str(message["snapshot_id"]) if message.get("snapshot_id")
+                                  else None, duration=_number(message, "total_duration"))
         saved = f"snapshot {summary.snapshot_id[:8]} saved" if summary.snapshot_id else "backup finished"
         return Line(Kind.SUMMARY, (
             f"{saved}: {summary.files_new or 0} new, {summary.files_changed or 0} changed, "
@@ -480,6 +472,20 @@ def _parse_summary(message: dict[str, Any], line: str) -> Line:
     ), summary=summary)
 
 
+def _backup_summary(figures: Mapping[str, Any], *, snapshot_id: str | None, duration: float | None) -> Summary:
+    """A backup's figures as restic names them, in its summary line and in a snapshot alike."""
+    return Summary(
+        snapshot_id=snapshot_id,
+        files_new=_optional_int(figures, "files_new"),
+        files_changed=_optional_int(figures, "files_changed"),
+        files_unmodified=_optional_int(figures, "files_unmodified"),
+        data_added=_optional_int(figures, "data_added"),
+        total_files_processed=_optional_int(figures, "total_files_processed"),
+        total_bytes_processed=_optional_int(figures, "total_bytes_processed"),
+        duration_seconds=duration,
+    )
+
+
 def _is_snapshot(item: object) -> bool:
     return isinstance(item, dict) and isinstance(item.get("id"), str) and "tree" in item
 
@@ -496,16 +502,7 @@ def _parse_snapshots(snapshots: list[dict[str, Any]]) -> Line:
                     - datetime.fromisoformat(figures["backup_start"])).total_seconds()
     except (KeyError, TypeError, ValueError):
         pass
-    summary = Summary(
-        snapshot_id=newest["id"],
-        files_new=_optional_int(figures, "files_new"),
-        files_changed=_optional_int(figures, "files_changed"),
-        files_unmodified=_optional_int(figures, "files_unmodified"),
-        data_added=_optional_int(figures, "data_added"),
-        total_files_processed=_optional_int(figures, "total_files_processed"),
-        total_bytes_processed=_optional_int(figures, "total_bytes_processed"),
-        duration_seconds=duration,
-    )
+    summary = _backup_summary(figures, snapshot_id=newest["id"], duration=duration)
     return Line(Kind.SUMMARY, (f"snapshot {newest['id'][:8]} of {newest.get('time', 'an unknown time')}",),
                 summary=summary)
 
