@@ -312,6 +312,15 @@ class World:
             agent.start()
         return agent
 
+    def outbox(self, agent: str) -> list[dict[str, Any]]:
+        """The frames agent ``agent`` keeps in its state file to send, as it last saved them."""
+        path = self.directory / f"{agent}-state" / "state.json"
+        try:
+            outbox = json.loads(path.read_text())["outbox"]
+        except FileNotFoundError:
+            return []
+        return [json.loads(frame) if isinstance(frame, str) else frame for frame in outbox]
+
     def token(self, agent: str) -> str:
         self.wait(f"agent/{agent}", "jsonpath={.status.tokenSecretName}")
         secret = self.get(f"secret/{agent}-agent-token")
