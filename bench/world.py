@@ -47,7 +47,8 @@ async def prepare_namespace(api: Api, namespace: str) -> None:
     """The namespace, and a Repository (with its password Secret) that jobs can be sent with."""
     await api.ensure("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     await api.ensure(core(namespace, "secrets"), {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{REPOSITORY}-password"},
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": f"{REPOSITORY}-password", "labels": {"resticmanager.io/repository-secret": "true"}},
         "stringData": {"password": "bench"}})
     await api.ensure(crd(namespace, "repositories"), {
         "apiVersion": API_VERSION, "kind": "Repository", "metadata": {"name": REPOSITORY},

@@ -99,7 +99,7 @@ class Authenticator:
             raise AuthError(HTTPStatus.FORBIDDEN, "not-a-node-agent",
                             f"Agent {key} exists but is not the Agent of node {node} "
                             f"(spec.nodeName {agent.node_name!r})")
-        return Identity(key, Method.SERVICE_ACCOUNT, pod)
+        return Identity(key, Method.SERVICE_ACCOUNT, pod, expires_at=identity.claimed_expiry(token))
 
     async def _create_node_agent(self, key: ObjectKey) -> None:
         try:

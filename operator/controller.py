@@ -35,8 +35,8 @@ from restic_manager.operator.pushes import Pusher, compile_schedule
 from restic_manager.operator.repositories import RepositoryReporter
 from restic_manager.operator.server import AgentServer, ServingCertificate, Session
 from restic_manager.operator.store import (
-    API_VERSION, TOKEN_KEY, Agent, Change, Job, ObjectKey, Schedule, Store, TokenSecret, format_time, parse_time,
-    token_secret_name,
+    API_VERSION, TOKEN_KEY, Agent, AgentPod, Change, Job, ObjectKey, Schedule, Store, TokenSecret, format_time,
+    parse_time, token_secret_name,
 )
 from restic_manager.operator.targets import Index, Moved, selector_problem
 from restic_manager.operator.watch import Watch
@@ -61,6 +61,9 @@ FIRE_TIMEOUT = 10.0
 # What fires change on a Schedule's status (lastFireTime, lastScheduleTime, active) waits this
 # long, so a burst of fires and the jobs they create cost one status write, not three each.
 FIRE_STATUS_DELAY = 1.0
+# The uids of agent pods last seen deleted. A connection whose TokenReview was answered just
+# before its pod went, and that registers after the deletion was seen, is still ended.
+GONE_PODS_KEPT = 1024
 
 
 def utcnow() -> datetime:
@@ -127,6 +130,13 @@ class Controller:
         self._primed_at: datetime | None = None
         self._jobs_watch = Watch(kube, "resticjobs", namespaces, collection=self.store.jobs,
                                  changed=lambda change: self._changed("resticjobs", change))
+        # An in-cluster agent's credential is its pod's: when the pod goes, so does its session.
+        self._node_agents = node_agents
+        self._pods_watch = None if node_agents is None else Watch(
+            kube, "pods", [node_agents.service_account.namespace], collection=self.store.agent_pods,
+            changed=self._agent_pod_changed,
+            field_selector=f"spec.serviceAccountName={node_agents.service_account.name}")
+        self._gone_pods: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class Controller:
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
                                     ("history", self._history.run()), ("repositories", self.repositories.run())):
                 tasks.create_task(coroutine, name=name)
+            if self._pods_watch is not None:
+                tasks.create_task(self._pods_watch.run(), name="agent pod watch")
 
     async def _prime(self) -> str:
         """List every kind once, so the view is complete before any agent is served; the
@@ -297,7 +309,7 @@ class Controller:
 
     async def _reconcile_agent(self, key: ObjectKey) -> None:
         """A host Agent has its token Secret; a connection whose credential no longer holds
-        (rotated token, Agent changed) is ended; a deleted Agent has no connection; one that
+        (rotated token, Agent changed, its pod deleted, its ServiceAccount token expired) is ended; a deleted Agent has no connection; one that
         has not come back since the operator started is not shown as connected."""
         agent = self.store.agents.get(key)
         session = self.server.session(key)
@@ -309,10 +321,15 @@ class Controller:
         if not agent.node_name:  # an in-cluster agent authenticates as its node, not by token
             secret = self.store.token_secret_of(agent) or await self._create_token(agent)
         if session is not None:
-            why = identity.revoked(session.identity, node_name=agent.node_name,
-                                   digest=secret.digest if secret is not None else None)
+            now = self._clock().timestamp()
+            credential = session.identity
+            why = identity.revoked(credential, node_name=agent.node_name,
+                                   digest=secret.digest if secret is not None else None, now=now,
+                                   pod_gone=credential.credential in self._gone_pods)
             if why is not None:
                 await self.server.revoke(key, why)
+            elif credential.expires_at is not None:
+                self._agents.mark(key, delay=credential.expires_at - now)  # to end it when its token expires
         status = self.agent_status(agent)
         if session is None and status.get("connected") and self._reconnect_grace_over():
             self._set_agent_status(agent, statuses.agent_disconnected(
@@ -344,7 +361,18 @@ class Controller:
 
     # --- agents: the session handler --------------------------------------------------------
 
+    def _agent_pod_changed(self, change: Change[AgentPod]) -> None:
+        if change.new is not None or change.old is None or self._node_agents is None:
+            return
+        self._gone_pods[change.old.uid] = None
+        while len(self._gone_pods) > GONE_PODS_KEPT:
+            self._gone_pods.popitem(last=False)
+        if change.old.node_name:
+            self._agents.mark(ObjectKey(self._node_agents.namespace, change.old.node_name))
+
     async def on_connect(self, session: Session) -> None:
+        if session.identity.method is identity.Method.SERVICE_ACCOUNT:
+            self._agents.mark(session.agent)  # its pod may be gone already; its token expires
         agent = self.store.agents.get(session.agent)
         if agent is not None:
             self._set_agent_status(agent, statuses.agent_connected(

@@ -49,7 +49,7 @@ from restic_manager import protocol
 from restic_manager.operator import status as statuses
 from restic_manager.operator import validation
 from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import FinalizersSeen, Kube, KubeError, NotFound
+from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, Kube, KubeError, NotFound, SecretRead
 from restic_manager.operator.server import Session
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
 from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 PLURAL = "resticjobs"
 RETRY_DELAY = 10.0  # a job waiting for its Repository or Secret looks again this often
+# The label by which a Secret agrees to be handed to agents as a Repository's credentials.
+SECRET_OPT_IN = "resticmanager.io/repository-secret"
 LOST_GRACE = 300.0  # beyond its timeout, how long a job waits for its agent to come back
 
 
@@ -149,24 +151,46 @@ def command_args(job: Job) -> dict[str, Any]:
     return dict(job.spec.get(job.type) or {})
 
 
-def repository_env(spec: Mapping[str, Any], secrets: Mapping[str, Mapping[str, str]], *,
+def repository_env(spec: Mapping[str, Any], secrets: Mapping[str, SecretRead], *,
                    where: str) -> dict[str, str]:
     """restic's environment for a Repository's ``spec``: RESTIC_PASSWORD plus every envFrom Secret's keys.
 
-    ``secrets`` maps Secret names to their data; ``where`` names the Repository in messages.
+    ``secrets`` maps Secret names to what was read of them; ``where`` names the Repository in
+    messages. Every one of them must have opted in (:func:`secret_refusal`).
     """
+    for name, secret in secrets.items():
+        if (refusal := secret_refusal(name, secret)) is not None:
+            raise RepositoryUnavailable("SecretNotOptedIn", f"{where}: {refusal}")
     ref = spec.get("passwordSecretRef") or {}
     env: dict[str, str] = {}
     for source in spec.get("envFrom") or []:
         name = source["secretRef"]["name"]
-        env.update(secrets[name])
-    password = secrets[ref["name"]]
+        env.update(secrets[name].data)
+    password = secrets[ref["name"]].data
     if ref["key"] not in password:
         raise RepositoryUnavailable(
             "SecretKeyNotFound",
             f"{where}: spec.passwordSecretRef: Secret {ref['name']} has no key {ref['key']!r}")
     env["RESTIC_PASSWORD"] = password[ref["key"]]
     return env
+
+
+def secret_refusal(name: str, secret: SecretRead) -> str | None:
+    """Why Secret ``name``, which a Repository names, may not be handed to an agent, or None.
+
+    The operator can read every Secret of the namespaces it manages; whoever may create a
+    Repository may be kept from reading any. So a Secret's data goes to agents only when the Secret carries
+    :data:`SECRET_OPT_IN`: labelling it takes the right to change the Secret, which a tenant
+    kept from it does not have, and a Repository naming any other Secret gets nothing from it.
+    The operator's own agent token Secrets never go, labelled or not.
+    """
+    if all(secret.labels.get(key) == value for key, value in MANAGED_BY.items()):
+        return f"Secret {name} is an agent token Secret of the operator's, which is never handed to agents"
+    if secret.labels.get(SECRET_OPT_IN) != "true":
+        return (f"Secret {name} is not labelled {SECRET_OPT_IN}=true, and only Secrets so labelled are "
+                f"handed to agents (kubectl label secret {name} {SECRET_OPT_IN}=true, by someone who may "
+                "change the Secret)")
+    return None
 
 
 class Dispatcher:
@@ -350,7 +374,7 @@ class Dispatcher:
         spec = repository.spec
         names = [spec.get("passwordSecretRef", {}).get("name", "")]
         names += [source["secretRef"]["name"] for source in spec.get("envFrom") or []]
-        secrets: dict[str, dict[str, str]] = {}
+        secrets: dict[str, SecretRead] = {}
         for name in dict.fromkeys(names):
             try:
                 secrets[name] = await self._kube.read_secret(ObjectKey(namespace, name))

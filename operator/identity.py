@@ -62,6 +62,8 @@ class Identity:
     agent: ObjectKey
     method: Method
     credential: str
+    # When a ServiceAccount token stops being valid (its ``exp``, seconds since the epoch).
+    expires_at: float | None = None
 
 
 def is_service_account_token(token: str) -> bool:
@@ -83,17 +85,28 @@ def find_token_owner(store: Store, token: str) -> Agent | None:
     return None
 
 
-def claimed_audiences(token: str) -> list[str]:
-    """The ``aud`` claim of a JWT, unverified: only to skip a TokenReview that cannot succeed."""
+def _claims(token: str) -> dict[str, Any]:
+    """A JWT's claims, unverified: whether they hold is the TokenReview's to say."""
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     except (IndexError, ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
-        return []
-    audience = claims.get("aud") if isinstance(claims, dict) else None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def claimed_audiences(token: str) -> list[str]:
+    """The ``aud`` claim of a JWT, unverified: only to skip a TokenReview that cannot succeed."""
+    audience = _claims(token).get("aud")
     if isinstance(audience, str):
         return [audience]
     return [a for a in audience if isinstance(a, str)] if isinstance(audience, list) else []
+
+
+def claimed_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT the TokenReview accepted (so the apiserver signed it), if any."""
+    expiry = _claims(token).get("exp")
+    return float(expiry) if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) else None
 
 
 def check_audience(token: str, audience: str) -> None:
@@ -128,10 +141,13 @@ def node_of_review(status: Mapping[str, Any], *, audience: str, service_account:
     return node, str(pods[0])
 
 
-def revoked(identity: Identity, *, node_name: str, digest: bytes | None) -> str | None:
+def revoked(identity: Identity, *, node_name: str, digest: bytes | None, now: float,
+            pod_gone: bool = False) -> str | None:
     """Why a connected agent's credential no longer holds for its Agent, or None.
 
-    ``node_name`` is the Agent's spec.nodeName; ``digest`` its token Secret's digest now.
+    ``node_name`` is the Agent's spec.nodeName; ``digest`` its token Secret's digest now;
+    ``now`` seconds since the epoch; ``pod_gone`` whether the pod a ServiceAccount token is
+    bound to is deleted or being deleted.
     """
     if identity.method is Method.TOKEN:
         if node_name:
@@ -141,4 +157,8 @@ def revoked(identity: Identity, *, node_name: str, digest: bytes | None) -> str 
         return None
     if node_name != identity.agent.name:
         return f"Agent {identity.agent} is no longer the Agent of node {identity.agent.name}"
+    if pod_gone:
+        return f"the pod (uid {identity.credential}) its ServiceAccount token is bound to was deleted"
+    if identity.expires_at is not None and now >= identity.expires_at:
+        return "its ServiceAccount token expired"
     return None

@@ -228,6 +228,13 @@ def retry_after(status: int, header: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
 
 
+class SecretRead(NamedTuple):
+    """A Secret as a dispatch reads it: its data, decoded, and its labels (the opt-in)."""
+
+    data: Mapping[str, str]
+    labels: Mapping[str, str]
+
+
 class FinalizersSeen(NamedTuple):
     """An object as its owner last saw it, as far as its finalizers go."""
 
@@ -261,6 +268,17 @@ def new_token() -> str:
 # The API groups the operator calls: its own resources, and the core group's.
 OWN_API = f"/apis/{GROUP}/{VERSION}"
 CORE_API = "/api/v1"
+CORE_PLURALS = frozenset({"secrets", "pods"})  # listed and watched from CORE_API
+
+
+def _collection_path(plural: str, namespace: str | None) -> str:
+    return _path(plural, namespace, api=CORE_API if plural in CORE_PLURALS else OWN_API)
+
+
+def _selection(plural: str, field_selector: str) -> dict[str, str]:
+    """The selectors of a list or watch of ``plural``: Secrets are only ever the token Secrets."""
+    query = {"labelSelector": TOKEN_SECRETS} if plural == "secrets" else {}
+    return {**query, "fieldSelector": field_selector} if field_selector else query
 
 
 def _path(plural: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None,
@@ -385,7 +403,7 @@ class Kube:
                           proxy=self._options.get("proxy"), limit=POOL_SIZE, keepalive=KEEPALIVE)
         self._watch_session: aiohttp.ClientSession | None = None
         self._lanes = Lanes()
-        self._secret_reads: dict[ObjectKey, asyncio.Task[dict[str, str]]] = {}
+        self._secret_reads: dict[ObjectKey, asyncio.Task[SecretRead]] = {}
 
     async def close(self) -> None:
         await self._pool.close()
@@ -444,16 +462,17 @@ class Kube:
         cause waits for this, so a fire storm's creates have the machine to themselves."""
         await self._lanes.clear()
 
-    async def watch(self, plural: str, namespace: str | None,
-                    version: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """The changes to ``plural`` (in ``namespace``, or everywhere) after collection version
-        ``version``, as (ADDED|MODIFIED|DELETED|BOOKMARK, object), until the apiserver ends
+    async def watch(self, plural: str, namespace: str | None, version: str, *,
+                    field_selector: str = "") -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The changes to ``plural`` (in ``namespace``, or everywhere; only those
+        ``field_selector`` selects) after collection version ``version``, as
+        (ADDED|MODIFIED|DELETED|BOOKMARK, object), until the apiserver ends
         the watch (after :data:`WATCH_TIMEOUT`). A bookmark's object carries only the version
         reached. A version the apiserver no longer keeps raises :class:`Gone`.
         """
         what = f"watch {plural}" + (f" in {namespace}" if namespace is not None else "")
         query = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(WATCH_TIMEOUT)}
+                 "timeoutSeconds": str(WATCH_TIMEOUT), **_selection(plural, field_selector)}
         if self._watch_session is None:
             # Unlimited: one connection per watched namespace, each open for minutes.
             self._watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl or True))
@@ -461,8 +480,8 @@ class Kube:
         headers = request_headers(authorization)
         timeout = aiohttp.ClientTimeout(total=None, connect=REQUEST_TIMEOUT, sock_read=WATCH_TIMEOUT + WATCH_SILENCE)
         try:
-            async with self._watch_session.get(self._host + _path(plural, namespace), params=query, headers=headers,
-                                               timeout=timeout, **self._options) as response:
+            async with self._watch_session.get(self._host + _collection_path(plural, namespace), params=query,
+                                               headers=headers, timeout=timeout, **self._options) as response:
                 if response.status == 401 and self._authorization.renewable:
                     await self._authorization.renew(generation)  # for the next attempt
                 if response.status >= 400:
@@ -505,25 +524,23 @@ class Kube:
 
     # --- custom resources ---------------------------------------------------------------
 
-    async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[dict[str, Any]], str]:
-        """Every object of ``plural`` (in ``namespaces``, or everywhere), and the listing's version.
+    async def list_objects(self, plural: str, namespaces: list[str] | None, *,
+                           field_selector: str = "") -> tuple[list[dict[str, Any]], str]:
+        """Every object of ``plural`` (in ``namespaces``, or everywhere; only those
+        ``field_selector`` selects), and the listing's version.
 
         ``secrets`` lists only the operator's token Secrets (selected by label).
         """
-        token_secrets = plural == "secrets"
-        query = {"labelSelector": TOKEN_SECRETS} if token_secrets else {}
-        what = "token Secrets" if token_secrets else plural
-
-        def path(namespace: str | None) -> str:
-            return _path("secrets", namespace, api=CORE_API) if token_secrets else _path(plural, namespace)
-
+        query = _selection(plural, field_selector)
+        what = "token Secrets" if plural == "secrets" else plural
         if namespaces is None:
-            result = await self._request(f"list {what}", "GET", path(None), query=query)
+            result = await self._request(f"list {what}", "GET", _collection_path(plural, None), query=query)
             return result["items"], result["metadata"]["resourceVersion"]
         items: list[dict[str, Any]] = []
         versions = []
         for namespace in namespaces:
-            result = await self._request(f"list {what} in {namespace}", "GET", path(namespace), query=query)
+            result = await self._request(f"list {what} in {namespace}", "GET", _collection_path(plural, namespace),
+                                         query=query)
             items += result["items"]
             versions.append(result["metadata"]["resourceVersion"])
         return items, min(versions, key=lambda v: int(v) if v.isdigit() else 0, default="0")
@@ -590,8 +607,8 @@ class Kube:
 
     # --- Secrets and Events -------------------------------------------------------------
 
-    async def read_secret(self, key: ObjectKey) -> dict[str, str]:
-        """The Secret's data, decoded.
+    async def read_secret(self, key: ObjectKey) -> SecretRead:
+        """The Secret's data, decoded, and its labels.
 
         Reads of one Secret while a GET of it is on its way share that GET: a storm of jobs
         on one Repository reads its password once, and no answer is older than the call it
@@ -603,18 +620,21 @@ class Kube:
             self._secret_reads[key] = read
             read.add_done_callback(lambda done: self._secret_read_done(key, done))
         # Shielded: one caller's cancellation must not cancel the others' read.
-        return dict(await asyncio.shield(read))
+        return await asyncio.shield(read)
 
-    def _secret_read_done(self, key: ObjectKey, read: asyncio.Task[dict[str, str]]) -> None:
+    def _secret_read_done(self, key: ObjectKey, read: asyncio.Task[SecretRead]) -> None:
         if self._secret_reads.get(key) is read:
             del self._secret_reads[key]
         if not read.cancelled():
             read.exception()  # retrieved here, so a read every caller left is not reported as lost
 
-    async def _read_secret(self, key: ObjectKey) -> dict[str, str]:
+    async def _read_secret(self, key: ObjectKey) -> SecretRead:
         secret = await self._request(f"get Secret {key}", "GET",
                                      _path("secrets", key.namespace, key.name, api=CORE_API))
-        return {name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()}
+        return SecretRead(
+            data={name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()},
+            labels=dict((secret.get("metadata") or {}).get("labels") or {}),
+        )
 
     async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *,
                             owner: Mapping[str, Any]) -> dict[str, Any]:

@@ -255,6 +255,17 @@ class Repository(Stored):
         return cls(**_identity(body), spec=copy.deepcopy(dict(body.get("spec") or {})))
 
 
+@dataclass(frozen=True)
+class AgentPod(Stored):
+    """A pod of the in-cluster agents' ServiceAccount: its projected token holds while the pod exists."""
+
+    node_name: str
+
+    @classmethod
+    def from_body(cls, body: Body) -> AgentPod:
+        return cls(**_identity(body), node_name=str((body.get("spec") or {}).get("nodeName") or ""))
+
+
 T = TypeVar("T", bound=Stored)
 
 
@@ -394,6 +405,7 @@ class Store:
     # tombstones to keep.
     repositories: Collection[Repository] = field(
         default_factory=lambda: Collection(Repository.from_body, primed=True))
+    agent_pods: Collection[AgentPod] = field(default_factory=lambda: Collection(AgentPod.from_body))
 
     def token_secret_of(self, agent: Agent) -> TokenSecret | None:
         """The Agent's token Secret, if there is one that this very Agent (uid) owns."""

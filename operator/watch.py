@@ -1,4 +1,5 @@
-"""The operator's own list-and-watch of ResticJobs, in place of kopf's.
+"""The operator's own list-and-watch of ResticJobs, in place of kopf's, and of the in-cluster
+agents' pods (in the agent ServiceAccount's namespace, which kopf may not watch at all).
 
 A fire storm creates one ResticJob per firing agent within a second or two, and each job is
 written twice more (its status, its finalizer). kopf's processing of one watch event (a
@@ -37,17 +38,19 @@ class Watch(Generic[T]):
     every namespace), calling ``changed`` for every change, until cancelled."""
 
     def __init__(self, kube: Kube, plural: str, namespaces: Sequence[str] | None, *,
-                 collection: Collection[T], changed: Callable[[Change[T]], None],
+                 collection: Collection[T], changed: Callable[[Change[T]], None], field_selector: str = "",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._kube = kube
         self._plural = plural
         self._scopes: list[str | None] = list(namespaces) if namespaces is not None else [None]
         self._collection = collection
         self._changed = changed
+        self._field_selector = field_selector
         self._clock = clock
 
-    async def run(self, version: str) -> None:
-        """Watch from collection version ``version``, which the collection was listed at."""
+    async def run(self, version: str | None = None) -> None:
+        """Watch from collection version ``version``, which the collection was listed at
+        (None: list first)."""
         async with asyncio.TaskGroup() as tasks:
             for scope in self._scopes:
                 tasks.create_task(self._follow(scope, version), name=f"watch {self._plural} in {scope or 'all'}")
@@ -59,7 +62,8 @@ class Watch(Generic[T]):
             try:
                 if version is None:
                     version = await self._list(scope)
-                async for kind, obj in self._kube.watch(self._plural, scope, version):
+                async for kind, obj in self._kube.watch(self._plural, scope, version,
+                                                        field_selector=self._field_selector):
                     version = obj["metadata"].get("resourceVersion") or version
                     delivered = True
                     self._apply(kind, obj)
@@ -76,7 +80,8 @@ class Watch(Generic[T]):
             delay = min(delay * 2, BACKOFF[1])
 
     async def _list(self, scope: str | None) -> str:
-        bodies, version = await self._kube.list_objects(self._plural, None if scope is None else [scope])
+        bodies, version = await self._kube.list_objects(self._plural, None if scope is None else [scope],
+                                                        field_selector=self._field_selector)
         for change in self._collection.reconcile_listing(bodies, version,
                                                          namespaces=None if scope is None else {scope}):
             self._changed(change)

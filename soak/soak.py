@@ -230,7 +230,7 @@ class Soak:
         self.apply(f"""
             apiVersion: v1
             kind: Secret
-            metadata: {{name: soak-password, namespace: {NAMESPACE}}}
+            metadata: {{name: soak-password, namespace: {NAMESPACE}, labels: {{resticmanager.io/repository-secret: "true"}}}}
             stringData: {{password: {PASSWORD}}}
             ---
             apiVersion: resticmanager.io/v1alpha1

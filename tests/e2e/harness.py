@@ -367,7 +367,7 @@ class World:
         self.apply(f"""
             apiVersion: v1
             kind: Secret
-            metadata: {{name: {name}-password}}
+            metadata: {{name: {name}-password, labels: {{resticmanager.io/repository-secret: "true"}}}}
             stringData: {{password: {PASSWORD}}}
             ---
             apiVersion: resticmanager.io/v1alpha1

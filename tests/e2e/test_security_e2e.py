@@ -44,6 +44,7 @@ class Outcome:
     status: int | None = None  # the HTTP status of a refused handshake
     error: str | None = None   # the error frame answering hello
     accepted: bool = False     # the operator sent the agent its schedule set
+    closed: tuple[int | None, str | None] | None = None  # the close code and reason, if it closed at once
 
 
 def dial(world: World, token: str | None) -> ClientConnection:
@@ -73,7 +74,10 @@ def attempt(world: World, token: str | None, agent: str) -> Outcome:
     except InvalidStatus as refused:
         return Outcome(status=refused.response.status_code)
     with websocket:
-        return say_hello(websocket, agent)
+        try:
+            return say_hello(websocket, agent)
+        except ConnectionClosed:
+            return Outcome(closed=(websocket.close_code, websocket.close_reason))
 
 
 @contextlib.contextmanager
@@ -153,6 +157,25 @@ def test_only_the_right_credentials_open_a_session(world: World, certs: Certific
         "no-node-binding": 1}
     log = world.operator.output() if world.operator else ""
     assert "refused (wrong-service-account, HTTP 403)" in log and f"Agent {world.namespace}/{node} registered" in log
+
+
+def test_a_deleted_pods_session_is_closed_and_its_token_refused(world: World) -> None:
+    operator = world.start_operator(extra=["--agent-service-account", f"{world.namespace}/agent"])
+    eventually("the operator to serve agents", lambda: "serving agents on" in operator.output())
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    with in_cluster_pods(world, node) as token:
+        bound = token("agent", audience=AUDIENCE, pod="agent-pod")
+        with session(world, bound, node) as connected:
+            # No kubelet runs the pod: --force removes it at once, as a kubelet's end would.
+            world.kubectl("delete", "pod", "agent-pod", "--grace-period=0", "--force")
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    connected.recv(timeout=TIMEOUT)  # whatever else comes, until it is closed
+            assert (connected.close_code, connected.close_reason) == (4001, "credentials revoked")
+        # The apiserver may take a moment to refuse it; meanwhile the operator ends its session.
+        again = attempt(world, bound, node)
+        assert again.status == 401 or again.closed == (4001, "credentials revoked"), again
+    assert "its ServiceAccount token is bound to was deleted" in operator.output()
 
 
 @contextlib.contextmanager

@@ -101,3 +101,42 @@ def test_a_tenant_cannot_make_the_agent_read_its_own_files_or_write_outside_its_
     world.wait("resticjob/allowed", "jsonpath={.status.phase}=Succeeded")
     restored = restores / "web-01" / str(tree / "notes.txt").lstrip("/")
     assert restored.read_text() == (tree / "notes.txt").read_text()
+
+
+def test_a_tenant_cannot_have_the_operator_hand_an_agent_a_secret_it_cannot_read(world: World) -> None:
+    repository = world.repository()  # its password Secret is labelled: the cluster admin's choice
+    tree = world.source_tree()
+    world.apply("""
+        apiVersion: v1
+        kind: Secret
+        metadata: {name: database}
+        stringData: {DATABASE_PASSWORD: not-for-tenants}
+    """)
+    world.start_operator()
+    world.add_agent("web-01")
+    tenant_role(world)
+    denied = world.kubectl("get", "secret/database", f"--as=system:serviceaccount:{world.namespace}:{TENANT}",
+                           check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+    as_tenant(world, f"""
+        apiVersion: resticmanager.io/v1alpha1
+        kind: Repository
+        metadata: {{name: borrowed}}
+        spec:
+          url: {repository}
+          passwordSecretRef: {{name: local-password, key: password}}
+          envFrom: [{{secretRef: {{name: database}}}}]
+    """)
+    as_tenant(world, job("borrow", {"repository": "borrowed", "type": "backup",
+                                    "backup": {"paths": [str(tree)]}}))
+    world.wait("resticjob/borrow", "jsonpath={.status.reason}=SecretNotOptedIn")
+    status = (world.get("resticjob/borrow") or {})["status"]
+    assert status["phase"] == "Pending" and "Secret database is not labelled resticmanager.io/repository-secret=true" \
+        in status["message"], status
+    agent_files = [world.directory / "agent-web-01.log", *(world.directory / "web-01-state").iterdir()]
+    assert not [path for path in agent_files if "not-for-tenants" in path.read_text(errors="replace")]
+
+    # Allowed: once someone who may change the Secret labels it, the job runs with it.
+    world.kubectl("label", "secret/database", "resticmanager.io/repository-secret=true")
+    world.wait("resticjob/borrow", "jsonpath={.status.phase}=Succeeded")

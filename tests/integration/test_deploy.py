@@ -229,8 +229,7 @@ def test_helm_install_every_object_is_accepted_by_the_apiserver(kube, helm: Helm
                 for doc in documents(manifest)}
     assert {kind for kind, _, _ in rendered} == {
         "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "DaemonSet",
-        "Secret", "ValidatingWebhookConfiguration",
-        "RoleBinding" if release.watched else "ClusterRoleBinding",
+        "Secret", "ValidatingWebhookConfiguration", "Role", "RoleBinding",
     }
     stored = json.loads(kube.kubectl("get", "-f", "-", "-o", "json", input=manifest).stdout)
     assert {(item["kind"], item["metadata"].get("namespace", ""), item["metadata"]["name"])
@@ -355,6 +354,10 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
         assert can_i(kube, kubeconfig, "watch", "namespaces") == bool(release.watched)
         # Listing Secrets everywhere only when it manages every namespace.
         assert can_i(kube, kubeconfig, "list", "secrets") == (not release.watched)
+        # The DaemonSet agents' pods are followed where they run, and nowhere else.
+        assert all(can_i(kube, kubeconfig, verb, "pods", namespace=release.namespace) for verb in ("list", "watch"))
+        assert not can_i(kube, kubeconfig, "list", "pods", namespace=managed)
+        assert not can_i(kube, kubeconfig, "get", "pods", namespace=release.namespace)
         # DaemonSet agents' tokens are checked by TokenReview (a cluster-scoped call).
         assert can_i(kube, kubeconfig, "create", "tokenreviews.authentication.k8s.io")
         # Connections are kept warm with GETs of /version (Kube.keep_warm): every identity may.
@@ -424,7 +427,7 @@ def kubectl_waits(kube, *logs: Path) -> Callable[..., str]:
 SMOKE = """
 apiVersion: v1
 kind: Secret
-metadata: {{name: smoke-password}}
+metadata: {{name: smoke-password, labels: {{resticmanager.io/repository-secret: "true"}}}}
 stringData: {{password: {password}}}
 ---
 apiVersion: resticmanager.io/v1alpha1

@@ -14,7 +14,7 @@ import kubernetes.client
 import pytest
 
 from restic_manager.operator.kube import (
-    AlreadyExists, Conflict, FinalizersSeen, Gone, Kube, KubeError, NotFound, load_configuration,
+    AlreadyExists, Conflict, FinalizersSeen, Gone, Kube, KubeError, NotFound, SecretRead, load_configuration,
 )
 from restic_manager.operator.store import API_VERSION, FINALIZER, Change, Job, ObjectKey, Store
 from restic_manager.operator.watch import Watch
@@ -147,10 +147,13 @@ async def test_secrets_are_created_read_and_listed_only_when_the_operators(
     job = await api.create("resticjobs", restic_job(namespace, "owner"))  # an owner that exists: not collected
     owner = {"apiVersion": API_VERSION, "kind": "ResticJob", "name": "owner", "uid": job["metadata"]["uid"]}
     kube.kubectl("-n", namespace, "create", "secret", "generic", "someone-elses", "--from-literal=k=v")
+    kube.kubectl("-n", namespace, "label", "secret", "someone-elses", "resticmanager.io/repository-secret=true")
     created = await api.create_secret(ObjectKey(namespace, "web-01-agent-token"), {"token": "s3cr3t"}, owner=owner)
     assert created["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "restic-manager"}
-    assert await api.read_secret(ObjectKey(namespace, "web-01-agent-token")) == {"token": "s3cr3t"}
-    assert await api.read_secret(ObjectKey(namespace, "someone-elses")) == {"k": "v"}
+    assert await api.read_secret(ObjectKey(namespace, "web-01-agent-token")) == SecretRead(
+        data={"token": "s3cr3t"}, labels={"app.kubernetes.io/managed-by": "restic-manager"})
+    assert await api.read_secret(ObjectKey(namespace, "someone-elses")) == SecretRead(
+        data={"k": "v"}, labels={"resticmanager.io/repository-secret": "true"})
     listed, _ = await api.list_objects("secrets", [namespace])
     assert [item["metadata"]["name"] for item in listed] == ["web-01-agent-token"]
     with pytest.raises(NotFound):

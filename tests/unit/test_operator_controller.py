@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import Any
 
@@ -15,11 +16,12 @@ import msgspec
 import pytest
 
 from restic_manager import protocol
+from restic_manager.operator.authenticator import NodeAgents
 from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, Controller
 from restic_manager.operator.fires import job_name
-from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound
-from restic_manager.operator.identity import AuthError
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound, SecretRead
+from restic_manager.operator.identity import AuthError, Identity, Method
+from restic_manager.operator.store import AgentPod, Change, ObjectKey
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
 from support.operator_fakes import FakeSession, connect as connect_session
 
@@ -28,7 +30,7 @@ NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 
 class FakeKube:
     def __init__(self) -> None:
-        self.secrets: dict[ObjectKey, dict[str, str]] = {}
+        self.secrets: dict[ObjectKey, SecretRead] = {}
         self.created: list[dict[str, Any]] = []
         self.created_first: list[str] = []  # the creates that went ahead of other calls, decided in their place
         self.in_lane = 0
@@ -57,7 +59,7 @@ class FakeKube:
             raise KubeError(f"list {plural}: ConnectionRefusedError: [Errno 111] Connect call failed")
         return [], "1"
 
-    async def read_secret(self, key: ObjectKey) -> dict[str, str]:
+    async def read_secret(self, key: ObjectKey) -> SecretRead:
         if key not in self.secrets:
             raise NotFound(f"get Secret {key}: 404")
         return self.secrets[key]
@@ -491,3 +493,40 @@ async def test_an_edit_costs_one_status_write_when_its_agents_ack_it(controller:
     requests.clear()
     controller.observe("schedules", "MODIFIED", schedule_body(generation=3))
     assert requests.marks == [("schedules", "nightly", 0.0)]  # no agent to ack it: NotAcked, at once
+
+
+async def test_an_in_cluster_session_ends_when_its_token_expires_or_its_pod_is_deleted() -> None:
+    now = [NOW]
+    controller = Controller(kube=FakeKube(), namespaces=None, clock=lambda: now[0],  # type: ignore[arg-type]
+                            node_agents=NodeAgents(service_account=ObjectKey("backup", "agent"), namespace="backup"))
+    await controller._prime()
+    key = ObjectKey("backup", "node-a")
+    controller.observe("agents", "ADDED", {**agent_body("node-a", "backup"), "spec": {"nodeName": "node-a"}})
+    revoked: list[tuple[ObjectKey, str]] = []
+
+    async def revoke(agent: ObjectKey, reason: str) -> None:
+        revoked.append((agent, reason))
+
+    controller.server.revoke = revoke  # type: ignore[method-assign]
+    session = FakeSession(key)
+    session.identity = Identity(key, Method.SERVICE_ACCOUNT, "pod-uid",  # type: ignore[attr-defined]
+                                expires_at=NOW.timestamp() + 60)
+    controller.server.sessions[key] = session  # type: ignore[assignment]
+
+    agents = controller._agents._coalescer
+    assert agents.pop_due(time.monotonic() + 1) == [key]  # as the agent loop takes the key...
+    await controller._reconcile_agent(key)  # ...and works on it
+    agents.done(key)
+    assert revoked == []
+    due = agents.next_deadline()
+    assert due is not None and 59 < due - time.monotonic() <= 60  # looked at again when the token expires
+    now[0] = NOW + timedelta(seconds=60)
+    await controller._reconcile_agent(key)
+    assert revoked == [(key, "its ServiceAccount token expired")]
+
+    revoked.clear()
+    now[0] = NOW
+    pod = AgentPod(key=ObjectKey("backup", "agent-x"), uid="pod-uid", resource_version="5", node_name="node-a")
+    controller._agent_pod_changed(Change(old=pod, new=None))
+    await controller._reconcile_agent(key)
+    assert revoked == [(key, "the pod (uid pod-uid) its ServiceAccount token is bound to was deleted")]

@@ -20,8 +20,9 @@ from restic_manager.operator.dispatch import (
     history_to_delete,
     next_step,
     repository_env,
+    secret_refusal,
 )
-from restic_manager.operator.kube import FinalizersSeen, KubeError, NotFound
+from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, KubeError, NotFound, SecretRead
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
 from restic_manager.operator.writer import Rendered, StatusWriter, Target
 
@@ -121,8 +122,16 @@ REPOSITORY = {"metadata": {"name": "offsite", "namespace": "ns", "uid": "uid-off
                        "envFrom": [{"secretRef": {"name": "s3"}}], "initialize": True}}
 
 
+OPTED_IN = {"resticmanager.io/repository-secret": "true"}
+
+
+def opted_in(data: dict[str, str]) -> SecretRead:
+    return SecretRead(data=data, labels=OPTED_IN)
+
+
 def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
-    env = repository_env(REPOSITORY["spec"], {"pw": {"password": "hunter2"}, "s3": {"AWS_ACCESS_KEY_ID": "AK"}},
+    env = repository_env(REPOSITORY["spec"], {"pw": opted_in({"password": "hunter2"}),
+                                              "s3": opted_in({"AWS_ACCESS_KEY_ID": "AK"})},
                          where="Repository ns/offsite")
     assert env == {"RESTIC_PASSWORD": "hunter2", "AWS_ACCESS_KEY_ID": "AK"}
 
@@ -130,7 +139,31 @@ def test_repository_env_has_the_password_and_every_envfrom_key() -> None:
 def test_repository_env_names_a_missing_password_key() -> None:
     complaint = "Repository ns/offsite: spec.passwordSecretRef: Secret pw has no key 'password'"
     with pytest.raises(RepositoryUnavailable, match=complaint):
-        repository_env(REPOSITORY["spec"], {"pw": {"pass": "x"}, "s3": {}}, where="Repository ns/offsite")
+        repository_env(REPOSITORY["spec"], {"pw": opted_in({"pass": "x"}), "s3": opted_in({})},
+                       where="Repository ns/offsite")
+
+
+@pytest.mark.parametrize(("labels", "refusal"), [
+    ({}, "Secret s3 is not labelled resticmanager.io/repository-secret=true, and only Secrets so labelled are "
+         "handed to agents (kubectl label secret s3 resticmanager.io/repository-secret=true, by someone who may "
+         "change the Secret)"),
+    ({"resticmanager.io/repository-secret": "True"}, "Secret s3 is not labelled"),
+    ({"resticmanager.io/repository-secret": "yes", "app": "x"}, "Secret s3 is not labelled"),
+    ({**MANAGED_BY, **OPTED_IN}, "Secret s3 is an agent token Secret of the operator's, which is never handed"),
+    ({**MANAGED_BY}, "Secret s3 is an agent token Secret"),
+    (OPTED_IN, None),
+    ({**OPTED_IN, "app": "x"}, None),
+])
+def test_only_secrets_that_opt_in_are_handed_to_agents(labels: dict[str, str], refusal: str | None) -> None:
+    said = secret_refusal("s3", SecretRead(data={"AWS_ACCESS_KEY_ID": "AK"}, labels=labels))
+    assert said == refusal if refusal is None else (said or "").startswith(refusal)
+
+
+def test_one_secret_that_did_not_opt_in_hands_over_none() -> None:
+    secrets = {"pw": opted_in({"password": "hunter2"}), "s3": SecretRead(data={"AWS_ACCESS_KEY_ID": "AK"}, labels={})}
+    with pytest.raises(RepositoryUnavailable, match="Repository ns/offsite: Secret s3 is not labelled") as raised:
+        repository_env(REPOSITORY["spec"], secrets, where="Repository ns/offsite")
+    assert raised.value.reason == "SecretNotOptedIn"
 
 
 # --- the dispatcher with a fake API and a fake connection ---------------------------------------
@@ -139,8 +172,9 @@ def test_repository_env_names_a_missing_password_key() -> None:
 class FakeKube:
     def __init__(self) -> None:
         self.repositories: dict[ObjectKey, dict[str, Any]] = {ObjectKey("ns", "offsite"): REPOSITORY}
-        self.secrets: dict[ObjectKey, dict[str, str]] = {
-            ObjectKey("ns", "pw"): {"password": "hunter2"}, ObjectKey("ns", "s3"): {"AWS_ACCESS_KEY_ID": "AK"}}
+        self.secrets: dict[ObjectKey, SecretRead] = {
+            ObjectKey("ns", "pw"): opted_in({"password": "hunter2"}),
+            ObjectKey("ns", "s3"): opted_in({"AWS_ACCESS_KEY_ID": "AK"})}
         self.finalizers: list[tuple[ObjectKey, bool, FinalizersSeen | None]] = []
         self.gets: list[ObjectKey] = []
         self.creates_clear = asyncio.Event()  # cleared: ResticJob creates are under way
@@ -162,7 +196,7 @@ class FakeKube:
             raise NotFound(f"get {plural} {key}: 404")
         return self.repositories[key]
 
-    async def read_secret(self, key: ObjectKey) -> dict[str, str]:
+    async def read_secret(self, key: ObjectKey) -> SecretRead:
         if key not in self.secrets:
             raise NotFound(f"get Secret {key}: 404")
         return self.secrets[key]
@@ -332,6 +366,21 @@ async def test_a_job_waits_for_a_missing_secret_and_says_which() -> None:
     assert (status["phase"], status["reason"]) == ("Pending", "SecretNotFound")
     assert "Secret s3 of Repository ns/offsite does not exist" in status["message"]
     assert harness.session.sent == []  # type: ignore[union-attr]
+
+
+async def test_a_job_whose_secret_did_not_opt_in_waits_and_its_agent_is_sent_nothing() -> None:
+    harness = Harness(FakeSession())
+    harness.kube.secrets[ObjectKey("ns", "s3")] = SecretRead(data={"AWS_ACCESS_KEY_ID": "AK"}, labels={})
+    harness.add()
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
+    assert (status["phase"], status["reason"]) == ("Pending", "SecretNotOptedIn")
+    assert "Secret s3 is not labelled resticmanager.io/repository-secret=true" in status["message"]
+    assert harness.session.sent == []  # type: ignore[union-attr]
+    harness.kube.secrets[ObjectKey("ns", "s3")] = opted_in({"AWS_ACCESS_KEY_ID": "AK"})  # its owner labels it
+    await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+    [command] = harness.session.sent  # type: ignore[union-attr]
+    assert isinstance(command, protocol.CommandRun) and command.repository.env["AWS_ACCESS_KEY_ID"] == "AK"
 
 
 @pytest.mark.parametrize("names", [{"repository": ".."}, {"repository": "."}, {"repository": "%2e%2e"},

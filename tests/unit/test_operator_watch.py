@@ -133,12 +133,13 @@ class ScriptedKube:
         self.watches: list[tuple[str | None, str]] = []
         self.lists: list[list[str] | None] = []
 
-    async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
+    async def list_objects(self, plural: str, namespaces: list[str] | None, *,
+                           field_selector: str = "") -> tuple[list[Any], str]:
         self.lists.append(namespaces)
         return self.listing, self.listed_at
 
-    async def watch(self, plural: str, namespace: str | None,
-                    version: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def watch(self, plural: str, namespace: str | None, version: str, *,
+                    field_selector: str = "") -> AsyncIterator[tuple[str, dict[str, Any]]]:
         self.watches.append((namespace, version))
         if not self.scripts:
             await asyncio.Event().wait()

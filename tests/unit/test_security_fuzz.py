@@ -29,7 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from restic_manager import protocol
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.kube import AlreadyExists, NotFound
+from restic_manager.operator.kube import AlreadyExists, NotFound, SecretRead
 from restic_manager.operator.limits import Limits
 from restic_manager.operator.store import ObjectKey
 
@@ -59,12 +59,14 @@ class FakeKube:
     def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()
 
-    async def watch(self, plural: str, namespace: str | None, version: str) -> AsyncIterator[tuple[str, Any]]:
+    async def watch(self, plural: str, namespace: str | None, version: str, *,
+                    field_selector: str = "") -> AsyncIterator[tuple[str, Any]]:
         await asyncio.Event().wait()  # nothing changes after the listing
         for event in ():
             yield event
 
-    async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
+    async def list_objects(self, plural: str, namespaces: list[str] | None, *,
+                           field_selector: str = "") -> tuple[list[Any], str]:
         listings: dict[str, list[Any]] = {
             "agents": [{"metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "resourceVersion": "1"}}
                        for name in TOKENS],
@@ -107,7 +109,7 @@ class FakeKube:
                             seen: object = None) -> None:
         pass
 
-    async def read_secret(self, key: ObjectKey) -> dict[str, str]:
+    async def read_secret(self, key: ObjectKey) -> SecretRead:
         raise NotFound(f"get Secret {key}: 404")
 
     async def post_event(self, involved: Any, **event: Any) -> None:

@@ -5,6 +5,7 @@ per-connection rate, and what makes a Schedule invalid."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from http import HTTPStatus
 from typing import Any
@@ -168,22 +169,43 @@ def test_a_tokenreview_answer_names_the_node_or_says_no(case: str, status: dict[
 
 
 TOKEN_IDENTITY = Identity(ObjectKey("ns", "web-01"), Method.TOKEN, token_digest("tok").hex())
-NODE_IDENTITY = Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-uid")
+NODE_IDENTITY = Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-uid", expires_at=1000.0)
 
 
-@pytest.mark.parametrize(("case", "who", "node_name", "digest", "revoked"), [
-    ("token unchanged", TOKEN_IDENTITY, "", token_digest("tok"), None),
-    ("token rotated", TOKEN_IDENTITY, "", token_digest("new"), "was rotated"),
-    ("token Secret deleted", TOKEN_IDENTITY, "", None, "was rotated"),
-    ("Agent became a node's", TOKEN_IDENTITY, "web-01", token_digest("tok"), "tokens no longer apply"),
-    ("node agent unchanged", NODE_IDENTITY, "node-a", None, None),
-    ("Agent no longer the node's", NODE_IDENTITY, "", None, "no longer the Agent of node node-a"),
+@pytest.mark.parametrize(("case", "who", "node_name", "digest", "now", "pod_gone", "revoked"), [
+    ("token unchanged", TOKEN_IDENTITY, "", token_digest("tok"), 999.0, False, None),
+    ("token rotated", TOKEN_IDENTITY, "", token_digest("new"), 999.0, False, "was rotated"),
+    ("token Secret deleted", TOKEN_IDENTITY, "", None, 999.0, False, "was rotated"),
+    ("Agent became a node's", TOKEN_IDENTITY, "web-01", token_digest("tok"), 999.0, False, "tokens no longer apply"),
+    ("host tokens do not expire", TOKEN_IDENTITY, "", token_digest("tok"), 10.0**10, False, None),
+    ("node agent unchanged", NODE_IDENTITY, "node-a", None, 999.0, False, None),
+    ("Agent no longer the node's", NODE_IDENTITY, "", None, 999.0, False, "no longer the Agent of node node-a"),
+    ("its pod deleted", NODE_IDENTITY, "node-a", None, 999.0, True,
+     "the pod (uid pod-uid) its ServiceAccount token is bound to was deleted"),
+    ("its token expired", NODE_IDENTITY, "node-a", None, 1000.0, False, "its ServiceAccount token expired"),
+    ("a token without exp", dataclasses.replace(NODE_IDENTITY, expires_at=None), "node-a", None, 10.0**10, False,
+     None),
 ])
 def test_a_connection_whose_credential_no_longer_holds_is_revoked(
-        case: str, who: Identity, node_name: str, digest: bytes | None, revoked: str | None) -> None:
-    why = identity.revoked(who, node_name=node_name, digest=digest)
+        case: str, who: Identity, node_name: str, digest: bytes | None, now: float, pod_gone: bool,
+        revoked: str | None) -> None:
+    why = identity.revoked(who, node_name=node_name, digest=digest, now=now, pod_gone=pod_gone)
     assert (why is None) == (revoked is None), case
     assert revoked is None or (why is not None and revoked in why), (case, why)
+
+
+@pytest.mark.parametrize(("claims", "expiry"), [
+    ({"aud": ["restic-manager"], "exp": 1790000000}, 1790000000.0),
+    ({"exp": 1790000000.5}, 1790000000.5),
+    ({"exp": "1790000000"}, None),
+    ({"exp": True}, None),
+    ({}, None),
+    (["not", "an", "object"], None),
+])
+def test_the_expiry_of_a_service_account_token_is_its_exp_claim(claims: object, expiry: float | None) -> None:
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    assert identity.claimed_expiry(f"eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln") == expiry
+    assert identity.claimed_expiry("not-a-jwt") is None
 
 
 def test_agents_parse_their_node_name_from_the_spec() -> None:
