@@ -309,8 +309,9 @@ class Controller:
 
     async def _reconcile_agent(self, key: ObjectKey) -> None:
         """A host Agent has its token Secret; a connection whose credential no longer holds
-        (rotated token, Agent changed, its pod deleted, its ServiceAccount token expired) is ended; a deleted Agent has no connection; one that
-        has not come back since the operator started is not shown as connected."""
+        (rotated token, Agent changed, its pod deleted, its ServiceAccount token expired) is
+        ended; a deleted Agent has no connection; one that has not come back since the
+        operator started is not shown as connected."""
         agent = self.store.agents.get(key)
         session = self.server.session(key)
         if agent is None or agent.deleting:
