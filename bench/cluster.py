@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,21 +242,42 @@ class ControlPlane:
 # --- the operator --------------------------------------------------------------------------
 
 
+# openssl's -newkey for each kind of serving certificate a benchmark may give the operator.
+CERTIFICATE_KEYS = {"ECDSA P-256": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                    "RSA 2048": ["-newkey", "rsa:2048"]}
+
+
+def serving_certificate(directory: Path, kind: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, of ``kind`` (:data:`CERTIFICATE_KEYS`):
+    what a TLS handshake costs the operator depends on it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "operator.crt", directory / "operator.key"
+    subprocess.run(["openssl", "req", "-x509", *CERTIFICATE_KEYS[kind], "-nodes", "-days", "2", "-subj", "/CN=bench",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class Operator:
     """``restic-manager operator`` as a subprocess with the open-file limit raised, serving
-    agents on 127.0.0.1:``port`` and watching ``namespace``."""
+    agents on 127.0.0.1:``port`` (plain ws, or wss with ``tls``: certificate and key) and
+    watching ``namespace``; ``extra``: more of its options."""
 
-    def __init__(self, *, kubeconfig: Path, namespace: str, log: Path, wrapper: list[str] | None = None) -> None:
+    def __init__(self, *, kubeconfig: Path, namespace: str, log: Path, wrapper: list[str] | None = None,
+                 tls: tuple[Path, Path] | None = None, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.log = log
+        self.tls = tls
         command = SOURCE.command() if wrapper is None else wrapper
+        listen = (["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])] if tls
+                  else SOURCE.operator_options())
         self.argv = [*command, "operator", "--kubeconfig", str(kubeconfig), "--listen", f"127.0.0.1:{self.port}",
-                     *SOURCE.operator_options(), "--namespace", namespace]
+                     *listen, "--namespace", namespace, *extra]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/agent"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/agent"
 
     @property
     def pid(self) -> int:

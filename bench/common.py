@@ -9,7 +9,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,16 +57,17 @@ def machine() -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def stack(ctx: Context, name: str, *, wrapper: list[str] | None = None
-                ) -> AsyncIterator[tuple[ControlPlane, Operator, Api]]:
-    """A fresh control plane, the operator watching :data:`NAMESPACE`, and an API client."""
+async def stack(ctx: Context, name: str, *, wrapper: list[str] | None = None, tls: tuple[Path, Path] | None = None,
+                extra: Sequence[str] = ()) -> AsyncIterator[tuple[ControlPlane, Operator, Api]]:
+    """A fresh control plane, the operator watching :data:`NAMESPACE` (``tls``, ``extra``:
+    as :class:`~cluster.Operator` takes them), and an API client."""
     directory = ctx.work / name
     async with ControlPlane(directory) as plane:
         async with Api(credentials(plane.kubeconfig), connections=64) as api:
             await api.ensure("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                     "metadata": {"name": NAMESPACE}})
             async with Operator(kubeconfig=plane.kubeconfig, namespace=NAMESPACE, log=directory / "operator.log",
-                                wrapper=wrapper) as operator:
+                                wrapper=wrapper, tls=tls, extra=extra) as operator:
                 yield plane, operator, api
 
 

@@ -1,6 +1,6 @@
 """Run restic-manager's benchmarks against the real local control plane.
 
-    .venv/bin/python bench/run.py [--quick] [--profile auto|always|never] [apply fire storm fleet agent reconnect]
+    .venv/bin/python bench/run.py [--quick] [--profile auto|always|never] [apply fire storm fleet agent reconnect handshake poison]
 
 Each benchmark starts its own control plane (etcd, kube-apiserver, kube-controller-manager
 from testbin/) and operator, drives them with simulated agents over the real wire
@@ -27,17 +27,17 @@ from cluster import raise_nofile
 from common import Context, write_result
 from plots import save
 
-BENCHMARKS = ("apply", "fire", "storm", "fleet", "agent", "reconnect")  # module bench/b_<name>.py each
+BENCHMARKS = ("apply", "fire", "storm", "fleet", "agent", "reconnect", "handshake", "poison")  # module bench/b_<name>.py each
 HERE = Path(__file__).resolve().parent
 # Each benchmark stops by itself well before this; the bound is for a wedged control plane.
-HARD_LIMIT = {"apply": 3600, "fire": 2400, "storm": 2400, "fleet": 4800, "agent": 1800, "reconnect": 2400}
+HARD_LIMIT = {"apply": 3600, "fire": 2400, "storm": 2400, "fleet": 4800, "agent": 1800, "reconnect": 2400, "handshake": 900, "poison": 900}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], metavar="BENCHMARK",
                         help=f"which to run (default: all): {', '.join(BENCHMARKS)}")
-    parser.add_argument("--quick", action="store_true", help="small sizes: all six in a few minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes: all of them in a few minutes")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="py-spy the operator where a target is missed (auto), always, or never")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where JSON and PNG files go")

@@ -3,7 +3,11 @@ presents at the handshake becomes an :class:`~restic_manager.operator.identity.I
 
 A host agent's token is checked against the token Secrets the operator watches, in memory:
 an unauthenticated handshake never costs an API call. An in-cluster agent's ServiceAccount
-token is checked by TokenReview (a few at a time); the Agent named after its node is created
+token is verified against the cluster's issuer keys first, in memory, so a flood of forged
+tokens costs a signature check each and never a TokenReview; one that verifies is then
+checked by TokenReview (a few at a time). The keys are read at the first such handshake and
+again when a token names a key they lack, at most every :data:`KEYS_REFRESH_INTERVAL`; while
+they cannot be read, TokenReview alone decides. The Agent named after its node is created
 the first time that node's agent connects.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -24,6 +29,7 @@ from restic_manager.operator.store import API_VERSION, ObjectKey, Store, token_d
 log = logging.getLogger(__name__)
 
 CONCURRENT_REVIEWS = 4  # TokenReviews in flight at once; more handshakes wait their turn
+KEYS_REFRESH_INTERVAL = 30.0  # seconds between reads of the issuer's keys, whatever tokens arrive
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Authenticator:
         primed: asyncio.Event,
         node_agents: NodeAgents | None,
         register: Callable[[Mapping[str, Any]], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._kube = kube
@@ -58,6 +65,10 @@ class Authenticator:
         self._node_agents = node_agents
         self._register = register  # takes an Agent the authenticator created into the view
         self._reviews = asyncio.Semaphore(CONCURRENT_REVIEWS)
+        self._clock = clock
+        self._keys: identity.IssuerKeys | None = None
+        self._keys_lock = asyncio.Lock()
+        self._keys_next_read = float("-inf")
 
     async def authenticate(self, token: str) -> Identity:
         """Who presents ``token``; raises AuthError saying why nobody does."""
@@ -81,6 +92,7 @@ class Authenticator:
                             "a ServiceAccount token, but no agent ServiceAccount is configured "
                             "(--agent-service-account)")
         identity.check_audience(token, config.audience)
+        await self._verify(token, config)
         async with self._reviews:
             try:
                 review = await self._kube.token_review(token, audiences=[config.audience])
@@ -100,6 +112,35 @@ class Authenticator:
                             f"Agent {key} exists but is not the Agent of node {node} "
                             f"(spec.nodeName {agent.node_name!r})")
         return Identity(key, Method.SERVICE_ACCOUNT, pod, expires_at=identity.claimed_expiry(token))
+
+    async def _verify(self, token: str, config: NodeAgents) -> None:
+        """Refuse a token the cluster did not sign for the agent ServiceAccount; pass it
+        unverified when the issuer's keys cannot be read (the TokenReview still decides)."""
+        keys = await self._issuer_keys(refresh=False)
+        if keys is None:
+            return
+        try:
+            identity.verified_claims(token, keys, audience=config.audience, service_account=config.service_account)
+        except identity.UnknownSigningKey:
+            keys = await self._issuer_keys(refresh=True)  # the issuer may have a new key since
+            if keys is not None:
+                identity.verified_claims(token, keys, audience=config.audience,
+                                         service_account=config.service_account)
+
+    async def _issuer_keys(self, *, refresh: bool) -> identity.IssuerKeys | None:
+        """The issuer's keys, read again when ``refresh`` (or never read yet) and the last read
+        is :data:`KEYS_REFRESH_INTERVAL` old: tokens naming made-up keys cost one read a period."""
+        async with self._keys_lock:
+            if (self._keys is None or refresh) and self._clock() >= self._keys_next_read:
+                self._keys_next_read = self._clock() + KEYS_REFRESH_INTERVAL
+                try:
+                    self._keys = identity.IssuerKeys(await self._kube.issuer_keys())
+                    log.info("read %d ServiceAccount issuer key(s)", len(self._keys))
+                except (KubeError, ValueError) as error:
+                    log.warning("cannot read the ServiceAccount issuer's keys (%s); %s", error,
+                                "keeping the ones read before" if self._keys else
+                                "TokenReview alone decides until they can be read")
+            return self._keys
 
     async def _create_node_agent(self, key: ObjectKey) -> None:
         try:

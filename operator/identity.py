@@ -6,10 +6,12 @@ Two kinds of credential, told apart by their shape:
   token Secret. The operator keeps only SHA-256 digests and finds the presented token's
   digest among them by lookup (:func:`find_token_owner`).
 * an in-cluster agent's **projected ServiceAccount token**: a JWT (three dot-separated
-  parts). Its audience is looked at before anything is asked of the API (a token for
-  another audience never costs a TokenReview); then the apiserver's TokenReview answer
-  decides (:func:`node_of_review`): authenticated for our audience, by the one agent
-  ServiceAccount, bound to a pod on a node. The node name comes from that binding, not
+  parts). Before anything is asked of the API it must carry our audience, verify against
+  the cluster's ServiceAccount issuer keys (:func:`verified_claims`: signed by the cluster,
+  not expired, of the agent ServiceAccount), so a forged or foreign token never costs a
+  TokenReview; then the apiserver's TokenReview answer decides (:func:`node_of_review`):
+  still valid (its pod exists), for our audience, by the one agent ServiceAccount, bound to
+  a pod on a node. The node name comes from that binding, not
   from what the agent says in ``hello``: the apiserver attests where the pod runs, so one
   node's agent cannot pose as another's.
 
@@ -30,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+
+import jwt
 
 from restic_manager.operator.store import Agent, ObjectKey, Store, is_object_name, token_digest
 
@@ -113,6 +117,63 @@ def check_audience(token: str, audience: str) -> None:
     if audience not in claimed_audiences(token):
         raise AuthError(HTTPStatus.UNAUTHORIZED, "wrong-audience",
                         f"a ServiceAccount token whose audience is not {audience!r}")
+
+
+class UnknownSigningKey(AuthError):
+    """The token names a signing key the issuer's keys do not hold (they may have rotated)."""
+
+    def __init__(self, kid: object) -> None:
+        super().__init__(HTTPStatus.UNAUTHORIZED, "unverified-token",
+                         f"a ServiceAccount token signed with key {kid!r}, which the cluster's issuer does not hold")
+
+
+class IssuerKeys:
+    """The public keys the cluster's ServiceAccount issuer signs tokens with: its JWKS
+    (``/openid/v1/jwks``). Raises ValueError for a document that holds no usable key."""
+
+    def __init__(self, jwks: Mapping[str, Any]) -> None:
+        try:
+            keys = jwt.PyJWKSet.from_dict(dict(jwks)).keys
+        except (jwt.PyJWTError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"the issuer's JWKS holds no usable key: {error}") from None
+        self._by_id = {key.key_id: key for key in keys}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, kid: object) -> jwt.PyJWK | None:
+        return self._by_id.get(kid) if isinstance(kid, str) else None
+
+
+def verified_claims(token: str, keys: IssuerKeys, *, audience: str, service_account: ObjectKey) -> dict[str, Any]:
+    """The claims of a ServiceAccount token the cluster signed, for ``audience``, not
+    expired, of ``service_account``; an AuthError (:class:`UnknownSigningKey` for a key
+    ``keys`` lacks) otherwise. Only a signature check: whether the token still holds (its
+    pod exists) is the TokenReview's to say."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError as error:
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "unverified-token", f"a malformed ServiceAccount token: {error}") from None
+    key = keys.get(kid)
+    if key is None:
+        raise UnknownSigningKey(kid)
+    try:
+        claims = jwt.decode(token, key, algorithms=[key.algorithm_name], audience=audience,
+                            options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError:
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "token-expired", "the ServiceAccount token has expired") from None
+    except jwt.InvalidAudienceError:
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "wrong-audience",
+                        f"a ServiceAccount token whose audience is not {audience!r}") from None
+    except jwt.PyJWTError as error:
+        raise AuthError(HTTPStatus.UNAUTHORIZED, "unverified-token",
+                        f"a ServiceAccount token that does not verify against the cluster's issuer keys: {error}"
+                        ) from None
+    expected = f"system:serviceaccount:{service_account.namespace}:{service_account.name}"
+    if claims["sub"] != expected:
+        raise AuthError(HTTPStatus.FORBIDDEN, "wrong-service-account",
+                        f"the token of {claims['sub']!r}, not of the agent ServiceAccount {service_account}")
+    return claims
 
 
 def node_of_review(status: Mapping[str, Any], *, audience: str, service_account: ObjectKey) -> tuple[str, str]:

@@ -186,9 +186,10 @@ def status_error(what: str, status: int, reported: Mapping[str, Any]) -> KubeErr
     return kind(text, status=status)
 
 
-def request_headers(authorization: str | None, *, content_type: str | None = None) -> dict[str, str]:
-    """A call's headers: JSON back, the body's type if it has one, the login if there is one."""
-    headers = {"Accept": JSON}
+def request_headers(authorization: str | None, *, content_type: str | None = None, accept: str = JSON
+                    ) -> dict[str, str]:
+    """A call's headers: JSON back (or ``accept``), the body's type if it has one, the login if there is one."""
+    headers = {"Accept": accept}
     if content_type is not None:
         headers["Content-Type"] = content_type
     if authorization:
@@ -413,21 +414,23 @@ class Kube:
 
     async def _request(
         self, what: str, method: str, path: str, *, body: Any = None, content_type: str = JSON,
-        query: Mapping[str, str] | None = None, first: bool = False,
+        query: Mapping[str, str] | None = None, first: bool = False, accept: str = JSON,
     ) -> Any:
         """One API call; the response's JSON. ``what`` names the call in errors; ``first``
-        puts it ahead of the others (:class:`Lanes`)."""
+        puts it ahead of the others (:class:`Lanes`); ``accept``: a JSON type other than the
+        usual one, where a path serves only that."""
         async with self._lanes.enter(first=first):
-            return await self._call(what, method, path, body=body, content_type=content_type, query=query)
+            return await self._call(what, method, path, body=body, content_type=content_type, query=query,
+                                    accept=accept)
 
     async def _call(self, what: str, method: str, path: str, *, body: Any, content_type: str,
-                    query: Mapping[str, str] | None) -> Any:
+                    query: Mapping[str, str] | None, accept: str) -> Any:
         data = None if body is None else msgspec.json.encode(body)
         renewed, waits = False, 0
         while True:
             generation, authorization = await self._authorization.header()
             status, delay, payload = await self._send(what, method, path, data=data, content_type=content_type,
-                                                      query=query, authorization=authorization)
+                                                      query=query, authorization=authorization, accept=accept)
             if status == 401 and self._authorization.renewable and not renewed:
                 # The token may have rotated since it was read: read it again, and try once more.
                 await self._authorization.renew(generation)
@@ -441,9 +444,10 @@ class Kube:
                 return msgspec.json.decode(payload) if payload else None
 
     async def _send(self, what: str, method: str, path: str, *, data: bytes | None, content_type: str,
-                    query: Mapping[str, str] | None, authorization: str | None) -> tuple[int, float | None, bytes]:
+                    query: Mapping[str, str] | None, authorization: str | None,
+                    accept: str) -> tuple[int, float | None, bytes]:
         """The response's status, how long it asks to wait before a retry (if it does), its body."""
-        headers = request_headers(authorization, content_type=None if data is None else content_type)
+        headers = request_headers(authorization, content_type=None if data is None else content_type, accept=accept)
         target = f"{path}?{urlencode(query)}" if query else path
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -656,6 +660,11 @@ class Kube:
         result = await self._request("create TokenReview", "POST", "/apis/authentication.k8s.io/v1/tokenreviews",
                                      body=body)
         return dict(result.get("status") or {})
+
+    async def issuer_keys(self) -> dict[str, Any]:
+        """The public keys ServiceAccount tokens are signed with (the issuer's JWKS)."""
+        return dict(await self._request("read the ServiceAccount issuer's keys", "GET", "/openid/v1/jwks",
+                                        accept="application/jwk-set+json"))
 
     async def post_event(
         self, involved: Mapping[str, Any], *, type: str, reason: str, message: str,

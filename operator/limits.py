@@ -1,7 +1,8 @@
 """What one agent connection may cost the operator: timeouts, frame size and message rate.
 
 :class:`Limits` holds the numbers; :class:`TokenBucket` is the per-connection rate decision
-(pure: the caller passes the time).
+and :class:`LogBudget` the one for how often a refusal is logged (both pure: the caller
+passes the time).
 """
 
 from __future__ import annotations
@@ -45,3 +46,27 @@ class TokenBucket:
             return False
         self._tokens -= 1.0
         return True
+
+
+class LogBudget:
+    """At most ``lines`` log lines per ``window`` seconds; the ones held back are counted,
+    and the count is told with the next line let through. The metrics count every refusal;
+    this keeps a flood of refused peers from becoming a flood of log (and of blocking writes)."""
+
+    def __init__(self, *, lines: int, window: float) -> None:
+        self._lines = lines
+        self._window = window
+        self._opened = float("-inf")
+        self._used = 0
+        self._held = 0
+
+    def take(self, now: float) -> int | None:
+        """None: do not log this one. Otherwise log it, with the number held back since the last."""
+        if now - self._opened >= self._window:
+            self._opened, self._used = now, 0
+        if self._used >= self._lines:
+            self._held += 1
+            return None
+        self._used += 1
+        held, self._held = self._held, 0
+        return held

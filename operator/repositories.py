@@ -16,7 +16,7 @@ from typing import Any
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.kube import Kube, KubeError, NotFound
 from restic_manager.operator.status import set_condition
-from restic_manager.operator.store import Job, ObjectKey, format_time
+from restic_manager.operator.store import Job, ObjectKey, format_time, is_object_name
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class RepositoryReporter:
         self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write, transient=(KubeError,))
 
     def job_ended(self, job: Job, status: Mapping[str, Any]) -> None:
+        if not is_object_name(job.repository):
+            return  # no Repository can have that name (the job failed Invalid): nothing to report on, ever
         key = ObjectKey(job.key.namespace, job.repository)
         self._ended[key] = (job, status)
         self._loop.mark(key)

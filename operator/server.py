@@ -44,7 +44,7 @@ from websockets.http11 import Request, Response
 from restic_manager import protocol
 from restic_manager.session import OperatorSession, SessionError
 from restic_manager.operator.identity import AuthError, Identity
-from restic_manager.operator.limits import Limits, TokenBucket
+from restic_manager.operator.limits import Limits, LogBudget, TokenBucket
 from restic_manager.operator.metrics import Metrics
 from restic_manager.operator.store import ObjectKey
 
@@ -58,6 +58,7 @@ CLOSE_REPLACED = 4000  # a newer connection of the same agent took over
 CLOSE_REVOKED = 4001   # the credential the connection was opened with no longer holds
 REPLACED_CLOSE_TIMEOUT = 1.0
 LOGGED_REFUSALS = 10   # per connection; further refused frames are counted, not logged
+LOGGED_HANDSHAKE_REFUSALS = 20  # a minute, of all peers; the rest are counted, and the count logged later
 
 
 class TLSError(Exception):
@@ -197,6 +198,7 @@ class AgentServer:
         self._limits = limits
         self.metrics = metrics or Metrics()
         self._clock = clock
+        self._refusal_log = LogBudget(lines=LOGGED_HANDSHAKE_REFUSALS, window=60.0)
         self.sessions: dict[ObjectKey, Session] = {}
         # From the credential check to the connection's handler (one handshake each).
         self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
@@ -241,8 +243,12 @@ class AgentServer:
             return None
         except AuthError as refusal:
             self.metrics.handshakes_refused[refusal.reason] += 1
-            log.warning("agent connection from %s refused (%s, HTTP %d): %s",
-                        _peer(connection), refusal.reason, refusal.status, refusal)
+            held = self._refusal_log.take(self._clock())
+            if held is not None:
+                log.warning("agent connection from %s refused (%s, HTTP %d): %s%s",
+                            _peer(connection), refusal.reason, refusal.status, refusal,
+                            f" ({held} more refused since the last one logged; the metrics count each)"
+                            if held else "")
             response = connection.respond(refusal.status, f"{refusal.status.phrase}\n")
             if refusal.status is HTTPStatus.UNAUTHORIZED:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager"'

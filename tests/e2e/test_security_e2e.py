@@ -116,7 +116,7 @@ def refused_handshakes(port: int) -> dict[str, float]:
 
 def test_only_the_right_credentials_open_a_session(world: World, certs: Certificates) -> None:
     """No token, a wrong one, another agent's, a rotated one, ServiceAccount tokens of the wrong
-    audience, of another ServiceAccount or bound to no node: refused. The Agent's own token, and
+    audience, of another ServiceAccount, bound to no node or with a forged signature: refused. The Agent's own token, and
     a DaemonSet pod's projected token: accepted, the latter registering the node's Agent."""
     metrics_port = free_port()
     world.start_operator(tls=certs, extra=["--agent-service-account", f"{world.namespace}/agent",
@@ -136,7 +136,11 @@ def test_only_the_right_credentials_open_a_session(world: World, certs: Certific
         assert attempt(world, token("agent", audience=None, pod="agent-pod"), node).status == 401  # the apiserver's
         assert attempt(world, token("other", audience=AUDIENCE, pod="other-pod"), node).status == 403
         assert attempt(world, token("agent", audience=AUDIENCE, pod=None), node).status == 403  # bound to no node
-        assert attempt(world, token("agent", audience=AUDIENCE, pod="agent-pod"), node).accepted
+        bound = token("agent", audience=AUDIENCE, pod="agent-pod")
+        # Its claims under another token's signature: refused by the issuer's keys, no TokenReview.
+        forged = bound.rpartition(".")[0] + "." + token("other", audience=AUDIENCE, pod="other-pod").rpartition(".")[2]
+        assert attempt(world, forged, node).status == 401
+        assert attempt(world, bound, node).accepted
         registered = world.get(f"agent/{node}")
         assert registered is not None and registered["spec"] == {"nodeName": node}
         assert "tokenSecretName" not in (registered.get("status") or {})  # it has no token to rotate
@@ -154,9 +158,10 @@ def test_only_the_right_credentials_open_a_session(world: World, certs: Certific
 
     assert refused_handshakes(metrics_port) == {
         "no-token": 1, "unknown-token": 2, "invalid-hello": 1, "wrong-audience": 2, "wrong-service-account": 1,
-        "no-node-binding": 1}
+        "no-node-binding": 1, "unverified-token": 1}
     log = world.operator.output() if world.operator else ""
     assert "refused (wrong-service-account, HTTP 403)" in log and f"Agent {world.namespace}/{node} registered" in log
+    assert "read 1 ServiceAccount issuer key(s)" in log
 
 
 def test_a_deleted_pods_session_is_closed_and_its_token_refused(world: World) -> None:

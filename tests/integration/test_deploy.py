@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from restic_manager.agent import config as agent_config
 
@@ -124,6 +127,23 @@ def test_values_schema_rejects_a_wrong_value_naming_it(helm: Helm, setting: str,
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert message in result.stderr, result.stderr
+
+
+def test_the_generated_certificate_is_ecdsa_p256_for_the_service_and_signed_by_its_ca(
+        helm: Helm, tmp_path: Path) -> None:
+    rendered = documents(helm("template", "r", CHART, "--namespace", "backup").stdout)
+    (secret,) = [doc for doc in rendered if doc["kind"] == "Secret" and doc["type"] == "kubernetes.io/tls"]
+    files = {key: base64.b64decode(secret["data"][key]) for key in ("tls.crt", "tls.key", "ca.crt")}
+    cert, ca = x509.load_pem_x509_certificate(files["tls.crt"]), x509.load_pem_x509_certificate(files["ca.crt"])
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "r-restic-manager.backup.svc" in names
+    for key, data in files.items():
+        (tmp_path / key).write_bytes(data)
+    # The pair loads as the operator loads it (ServingCertificate): the key is the certificate's.
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
 
 
 def test_daemonset_mounts_node_paths_under_the_mount_root(helm: Helm, tmp_path: Path) -> None:
@@ -360,6 +380,8 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
         assert not can_i(kube, kubeconfig, "get", "pods", namespace=release.namespace)
         # DaemonSet agents' tokens are checked by TokenReview (a cluster-scoped call).
         assert can_i(kube, kubeconfig, "create", "tokenreviews.authentication.k8s.io")
+        # ...after their signature verifies against the issuer's keys, read by the operator.
+        assert can_i(kube, kubeconfig, "get", "/openid/v1/jwks")
         # Connections are kept warm with GETs of /version (Kube.keep_warm): every identity may.
         assert can_i(kube, kubeconfig, "get", "/version")
     finally:

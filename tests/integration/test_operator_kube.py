@@ -16,6 +16,7 @@ import pytest
 from restic_manager.operator.kube import (
     AlreadyExists, Conflict, FinalizersSeen, Gone, Kube, KubeError, NotFound, SecretRead, load_configuration,
 )
+from restic_manager.operator.identity import AuthError, IssuerKeys, verified_claims
 from restic_manager.operator.store import API_VERSION, FINALIZER, Change, Job, ObjectKey, Store
 from restic_manager.operator.watch import Watch
 
@@ -245,6 +246,19 @@ async def test_token_review_says_whose_token_it_is(api: Kube, kube: Any, namespa
     assert review["authenticated"] is True
     assert review["user"]["username"] == f"system:serviceaccount:{namespace}:robot"
     assert (await api.token_review(token, audiences=["someone-else"])).get("authenticated") is not True
+
+
+async def test_the_issuer_keys_verify_the_clusters_tokens_and_no_forgery(api: Kube, kube: Any, namespace: str) -> None:
+    keys = IssuerKeys(await api.issuer_keys())
+    account = ObjectKey(namespace, "robot")
+    token = service_account_token(kube, namespace, audience="restic-manager")
+    claims = verified_claims(token, keys, audience="restic-manager", service_account=account)
+    assert claims["sub"] == f"system:serviceaccount:{namespace}:robot"
+    other = service_account_token(kube, namespace, audience="someone-else")
+    forged = token.rpartition(".")[0] + "." + other.rpartition(".")[2]
+    with pytest.raises(AuthError) as refused:
+        verified_claims(forged, keys, audience="restic-manager", service_account=account)
+    assert refused.value.reason == "unverified-token"
 
 
 def bearer_configuration(kube: Any, token_file: Path) -> tuple[kubernetes.client.Configuration, list[str]]:

@@ -87,9 +87,9 @@ class FakeKube:
 REPOSITORY = ObjectKey("ns", "offsite")
 
 
-def ended_job(name: str) -> Job:
+def ended_job(name: str, repository: str = "offsite") -> Job:
     return Job.from_body({"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}"},
-                          "spec": {"agent": "web-01", "repository": "offsite", "type": "backup"}})
+                          "spec": {"agent": "web-01", "repository": repository, "type": "backup"}})
 
 
 def reporter_with(kube: FakeKube) -> RepositoryReporter:
@@ -121,3 +121,14 @@ async def test_a_write_that_fails_is_made_by_the_retry() -> None:
     kube.fail = False
     await reporter._write(REPOSITORY)
     assert kube.patches == ["backup first: Succeeded"]
+
+
+@pytest.mark.parametrize("repository", ["..", ".", "%2e%2e", "Offsite"])
+async def test_a_job_naming_what_no_repository_can_be_named_is_never_reported(repository: str) -> None:
+    """The API refuses to read such a name (400): a retried read would fail every time."""
+    kube = FakeKube()
+    kube.fail = True  # any read would fail
+    reporter = reporter_with(kube)
+    reporter.job_ended(ended_job("poison", repository), {"phase": "Failed", "reason": "Invalid"})
+    await reporter._write(ObjectKey("ns", repository))
+    assert reporter._ended == {} and kube.patches == []

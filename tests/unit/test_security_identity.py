@@ -15,10 +15,12 @@ import pytest
 from restic_manager.operator import identity
 from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import new_token
-from restic_manager.operator.limits import TokenBucket
+from restic_manager.operator.limits import LogBudget, TokenBucket
 from restic_manager.operator.metrics import Metrics
 from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest, token_secret_name
 from restic_manager.operator.validation import schedule_problems
+
+from support.issuer import Issuer
 
 SA = ObjectKey("backup", "restic-manager-agent")
 AUDIENCE = "restic-manager"
@@ -131,6 +133,54 @@ def test_a_token_for_another_audience_is_refused_before_any_tokenreview() -> Non
     identity.check_audience(jwt({"aud": [AUDIENCE]}), AUDIENCE)
 
 
+ISSUER = Issuer()
+AGENT_SA = f"system:serviceaccount:{SA.namespace}:{SA.name}"
+
+
+def tampered(token: str, **claims: Any) -> str:
+    """``token`` with its claims changed after it was signed."""
+    header, payload, signature = token.split(".")
+    changed = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))) | claims
+    return ".".join((header, base64.urlsafe_b64encode(json.dumps(changed).encode()).decode().rstrip("="), signature))
+
+
+@pytest.mark.parametrize(("token", "status", "reason"), [
+    (ISSUER.token(sub=AGENT_SA), None, None),
+    (Issuer().token(sub=AGENT_SA), HTTPStatus.UNAUTHORIZED, "unverified-token"),  # another key, the same kid
+    (ISSUER.token(sub=AGENT_SA, kid="made-up"), HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (tampered(ISSUER.token(sub="system:serviceaccount:backup:other"), sub=AGENT_SA),
+     HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (jwt({"sub": AGENT_SA, "aud": [AUDIENCE], "exp": 4102444800}), HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    ("eyJhbGciOiJub25lIiwia2lkIjoiaXNzdWVyLWtleS0xIn0.e30.", HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    ("not.a.jwt", HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (ISSUER.token(sub=AGENT_SA, expires_in=-120), HTTPStatus.UNAUTHORIZED, "token-expired"),
+    (ISSUER.token(sub=AGENT_SA, aud="someone-else"), HTTPStatus.UNAUTHORIZED, "wrong-audience"),
+    (ISSUER.token(sub="system:serviceaccount:backup:other"), HTTPStatus.FORBIDDEN, "wrong-service-account"),
+])
+def test_only_a_token_the_cluster_signed_for_the_agent_serviceaccount_verifies(
+        token: str, status: HTTPStatus | None, reason: str | None) -> None:
+    keys = identity.IssuerKeys(ISSUER.jwks())
+    if status is None:
+        assert identity.verified_claims(token, keys, audience=AUDIENCE, service_account=SA)["sub"] == AGENT_SA
+        return
+    with pytest.raises(AuthError) as refused:
+        identity.verified_claims(token, keys, audience=AUDIENCE, service_account=SA)
+    assert (refused.value.status, refused.value.reason) == (status, reason)
+
+
+def test_a_token_naming_a_key_the_issuer_lacks_says_so() -> None:
+    """So the authenticator knows to read the keys again (they may have rotated)."""
+    with pytest.raises(identity.UnknownSigningKey):
+        identity.verified_claims(ISSUER.token(sub=AGENT_SA, kid="made-up"), identity.IssuerKeys(ISSUER.jwks()),
+                                 audience=AUDIENCE, service_account=SA)
+
+
+@pytest.mark.parametrize("jwks", [{}, {"keys": []}, {"keys": [{"kty": "nope"}]}, {"keys": "x"}, []])
+def test_issuer_keys_that_hold_no_usable_key_are_refused(jwks: Any) -> None:
+    with pytest.raises(ValueError, match="holds no usable key"):
+        identity.IssuerKeys(jwks)
+
+
 def review(*, authenticated: bool = True, audiences: tuple[str, ...] = (AUDIENCE,),
            username: str = f"system:serviceaccount:{SA.namespace}:{SA.name}",
            node: list[str] | None = None, pod: str = "pod-uid") -> dict[str, Any]:
@@ -224,6 +274,13 @@ def test_the_rate_limit_allows_a_burst_then_the_sustained_rate() -> None:
     assert bucket.take(0.05) is False   # half a token back
     assert bucket.take(0.1) is True     # one token back
     assert [bucket.take(10.0) for _ in range(4)] == [True, True, True, False]  # never above the burst
+
+
+def test_the_log_budget_lets_a_few_lines_through_a_window_and_tells_how_many_it_held_back() -> None:
+    budget = LogBudget(lines=2, window=60.0)
+    assert [budget.take(t) for t in (0.0, 1.0, 2.0, 59.0)] == [0, 0, None, None]
+    assert [budget.take(t) for t in (60.0, 61.0, 62.0)] == [2, 0, None]  # a new window: two were held back
+    assert budget.take(500.0) == 1
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -22,16 +22,18 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from restic_manager import protocol
 from restic_manager.operator import main as operator_main
-from restic_manager.operator.authenticator import Authenticator, NodeAgents
+from restic_manager.operator import identity
+from restic_manager.operator.authenticator import KEYS_REFRESH_INTERVAL, Authenticator, NodeAgents
 from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import AlreadyExists, KubeError
 from restic_manager.operator.limits import Limits
 from restic_manager.operator.server import (
-    CLOSE_REVOKED, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
+    CLOSE_REVOKED, LOGGED_HANDSHAKE_REFUSALS, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
 )
 from restic_manager.operator.store import ObjectKey, Store
 
 from e2e.harness import make_certificates
+from support.issuer import Issuer
 
 TOKEN = "good-token"
 AGENT = ObjectKey("ns", "web-01")
@@ -135,6 +137,26 @@ async def test_a_refused_handshake_says_only_its_status(served: Served) -> None:
     assert served.server.metrics.handshakes_refused == {"no-token": 2, "unknown-token": 1}
 
 
+async def test_refused_handshakes_are_counted_every_time_but_logged_a_bounded_number_of_times_a_minute(
+        served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="restic_manager.operator.server")
+
+    async def refused_once() -> None:
+        with pytest.raises(InvalidStatus):
+            async with connect(served.url, additional_headers={"Authorization": "Bearer guess"}):
+                pass
+
+    for _ in range(3 * LOGGED_HANDSHAKE_REFUSALS):
+        await refused_once()
+    logged = [r.getMessage() for r in caplog.records if "refused (unknown-token" in r.getMessage()]
+    assert len(logged) == LOGGED_HANDSHAKE_REFUSALS and not any("more refused" in line for line in logged)
+    served.clock.now += 60.0
+    await refused_once()
+    assert caplog.records[-1].getMessage().endswith(
+        f"({2 * LOGGED_HANDSHAKE_REFUSALS} more refused since the last one logged; the metrics count each)")
+    assert served.server.metrics.handshakes_refused == {"unknown-token": 3 * LOGGED_HANDSHAKE_REFUSALS + 1}
+
+
 async def test_a_handshake_with_two_authorization_headers_is_a_bad_request(served: Served) -> None:
     with pytest.raises(InvalidStatus) as refused:
         async with connect(served.url, additional_headers=[("Authorization", f"Bearer {TOKEN}"),
@@ -217,18 +239,29 @@ async def test_revoking_an_agent_disconnects_it_at_once(served: Served) -> None:
 # --- the authenticator for in-cluster agents ---------------------------------------------
 
 
-def jwt(audience: str) -> str:
-    claims = base64.urlsafe_b64encode(json.dumps({"aud": [audience]}).encode()).decode().rstrip("=")
-    return f"eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln"
+ISSUER = Issuer()
+AGENT_SA = "system:serviceaccount:backup:agent"
+
+
+def jwt(audience: str, **claims: Any) -> str:
+    return ISSUER.token(sub=AGENT_SA, aud=audience, **claims)
 
 
 class ReviewingKube:
-    """TokenReview answers by token, and Agent creation."""
+    """The issuer's keys, TokenReview answers by token, and Agent creation."""
 
     def __init__(self, reviews: dict[str, dict[str, Any]]) -> None:
         self.reviews = reviews
         self.asked: list[str] = []
         self.created: list[dict[str, Any]] = []
+        self.keys_read = 0
+        self.keys: dict[str, Any] | None = ISSUER.jwks()  # None: reading them fails
+
+    async def issuer_keys(self) -> dict[str, Any]:
+        self.keys_read += 1
+        if self.keys is None:
+            raise KubeError("read the ServiceAccount issuer's keys: 403 Forbidden")
+        return self.keys
 
     async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
         self.asked.append(token)
@@ -250,16 +283,23 @@ NODES = NodeAgents(service_account=ObjectKey("backup", "agent"), namespace="back
 
 def reviewed(node: str) -> dict[str, Any]:
     return {"authenticated": True, "audiences": ["restic-manager"],
-            "user": {"username": "system:serviceaccount:backup:agent",
+            "user": {"username": AGENT_SA,
                      "extra": {"authentication.kubernetes.io/node-name": [node],
                                "authentication.kubernetes.io/pod-uid": [f"pod-on-{node}"]}}}
 
 
-async def authenticator(kube: ReviewingKube, store: Store, *, nodes: NodeAgents | None = NODES) -> Authenticator:
+async def authenticator(kube: ReviewingKube, store: Store, *, nodes: NodeAgents | None = NODES,
+                        clock: Clock | None = None) -> Authenticator:
     primed = asyncio.Event()
     primed.set()
     return Authenticator(store=store, kube=kube, primed=primed, node_agents=nodes,  # type: ignore[arg-type]
-                         register=lambda body: store.agents.upsert(body))
+                         register=lambda body: store.agents.upsert(body), clock=clock or Clock())
+
+
+async def refusal(auth: Authenticator, token: str) -> tuple[HTTPStatus, str]:
+    with pytest.raises(AuthError) as refused:
+        await auth.authenticate(token)
+    return refused.value.status, refused.value.reason
 
 
 async def test_a_node_agent_is_registered_on_its_first_connection_and_known_after() -> None:
@@ -267,31 +307,68 @@ async def test_a_node_agent_is_registered_on_its_first_connection_and_known_afte
     kube, store = ReviewingKube({token: reviewed("node-a")}), Store()
     auth = await authenticator(kube, store)
     first = await auth.authenticate(token)
-    assert first == Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-on-node-a")
+    assert first == Identity(ObjectKey("backup", "node-a"), Method.SERVICE_ACCOUNT, "pod-on-node-a",
+                             expires_at=identity.claimed_expiry(token))
     [body] = kube.created
     assert body["spec"] == {"nodeName": "node-a"} and body["metadata"]["namespace"] == "backup"
     assert await auth.authenticate(token) == first and len(kube.created) == 1
+    assert kube.keys_read == 1
 
 
 async def test_serviceaccount_tokens_that_cannot_be_let_in_are_refused() -> None:
     wrong_audience, broken_api = jwt("https://kubernetes.default.svc"), jwt("restic-manager")
-    hijack = jwt("restic-manager") + "x"
+    hijack = jwt("restic-manager", jti="another")
     store = Store()
     # A host Agent that happens to carry a node's name must not become that node's.
     store.agents.upsert({"metadata": {"name": "node-b", "namespace": "backup", "uid": "u", "resourceVersion": "1"}})
     kube = ReviewingKube({hijack: reviewed("node-b")})
     auth = await authenticator(kube, store)
-    for token, status, reason in ((wrong_audience, HTTPStatus.UNAUTHORIZED, "wrong-audience"),
-                                  (broken_api, HTTPStatus.SERVICE_UNAVAILABLE, "tokenreview-failed"),
-                                  (hijack, HTTPStatus.FORBIDDEN, "not-a-node-agent")):
-        with pytest.raises(AuthError) as refused:
-            await auth.authenticate(token)
-        assert (refused.value.status, refused.value.reason) == (status, reason)
+    assert await refusal(auth, wrong_audience) == (HTTPStatus.UNAUTHORIZED, "wrong-audience")
+    assert await refusal(auth, broken_api) == (HTTPStatus.SERVICE_UNAVAILABLE, "tokenreview-failed")
+    assert await refusal(auth, hijack) == (HTTPStatus.FORBIDDEN, "not-a-node-agent")
     assert kube.asked == [broken_api, hijack]  # the wrong audience cost no API call
     without = await authenticator(kube, store, nodes=None)
-    with pytest.raises(AuthError) as refused:
-        await without.authenticate(jwt("restic-manager"))
-    assert refused.value.reason == "service-account-token"
+    assert await refusal(without, jwt("restic-manager")) == (HTTPStatus.UNAUTHORIZED, "service-account-token")
+
+
+async def test_forged_serviceaccount_tokens_cost_no_tokenreview_and_made_up_keys_one_read_a_period() -> None:
+    """A flood of tokens the cluster did not sign, each naming a key of its own, costs one
+    read of the issuer's keys per KEYS_REFRESH_INTERVAL and no TokenReview at all; a key
+    the issuer has since added is found at the next read."""
+    clock = Clock()
+    kube, store = ReviewingKube({}), Store()
+    auth = await authenticator(kube, store, clock=clock)
+    forged = [Issuer().token(sub=AGENT_SA), jwt("restic-manager", expires_in=-300),
+              *(jwt("restic-manager", kid=f"made-up-{n}") for n in range(50))]
+    for token in forged:
+        assert (await refusal(auth, token))[0] == HTTPStatus.UNAUTHORIZED
+    assert kube.asked == [] and kube.keys_read == 1
+
+    rotated = Issuer(kid="issuer-key-2")
+    kube.keys = {"keys": ISSUER.jwks()["keys"] + rotated.jwks()["keys"]}
+    fresh = rotated.token(sub=AGENT_SA)
+    kube.reviews[fresh] = reviewed("node-c")
+    assert await refusal(auth, fresh) == (HTTPStatus.UNAUTHORIZED, "unverified-token")  # not read again yet
+    clock.now += KEYS_REFRESH_INTERVAL
+    assert (await auth.authenticate(fresh)).agent == ObjectKey("backup", "node-c")
+    assert kube.keys_read == 2 and kube.asked == [fresh]
+
+
+async def test_while_the_issuer_keys_cannot_be_read_the_tokenreview_alone_decides() -> None:
+    clock = Clock()
+    kube, store = ReviewingKube({}), Store()
+    kube.keys = None
+    token = jwt("restic-manager")
+    kube.reviews[token] = reviewed("node-d")
+    auth = await authenticator(kube, store, clock=clock)
+    assert (await auth.authenticate(token)).agent == ObjectKey("backup", "node-d")
+    forged = Issuer().token(sub=AGENT_SA)
+    assert await refusal(auth, forged) == (HTTPStatus.SERVICE_UNAVAILABLE, "tokenreview-failed")
+    assert kube.asked == [token, forged] and kube.keys_read == 1  # not read again within the period
+    kube.keys = ISSUER.jwks()
+    clock.now += KEYS_REFRESH_INTERVAL
+    assert await refusal(auth, forged) == (HTTPStatus.UNAUTHORIZED, "unverified-token")
+    assert kube.keys_read == 2 and kube.asked == [token, forged]
 
 
 # --- the operator's TLS options ----------------------------------------------------------
