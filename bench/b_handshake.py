@@ -159,7 +159,7 @@ def plot(result: dict[str, Any], axes: Any) -> None:
     axes.bar([p + 0.2 for p in positions], p99s, 0.4, label="p99")
     axes.set_xticks(positions, labels, fontsize=6, rotation=90)
     axes.set_yscale("log")
-    axes.set_ylabel("a legitimate agent's connect, ms (to its first schedule.set)")
+    axes.set_ylabel("connect → first schedule.set, ms")
     axes.grid(True, axis="y", alpha=0.3)
     axes.set_title(f"a legitimate agent's connect, idle and during {result['parameters']['concurrency']} "
                    "concurrent bogus handshakes")
