@@ -86,16 +86,18 @@ def test_a_certificate_of_ones_own_is_used_as_given(helm: Helm) -> None:
 
 
 def rules(objects: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(API group, resource, verb) of every ClusterRole rule; a non-resource URL's group is ""."""
     return sorted((group, resource, verb)
                   for (kind, _), doc in objects.items() if kind == "ClusterRole"
-                  for rule in doc["rules"] for group in rule["apiGroups"]
-                  for resource in rule["resources"] for verb in rule["verbs"])
+                  for rule in doc["rules"] for group in rule.get("apiGroups", [""])
+                  for resource in rule.get("resources", rule.get("nonResourceURLs")) for verb in rule["verbs"])
 
 
 def test_rights_for_in_cluster_agents_only_with_the_daemonset(helm: Helm) -> None:
     without, with_daemonset = rules(render(helm)), rules(render(helm, "agentDaemonSet.enabled=true"))
     extra = [rule for rule in with_daemonset if rule not in without]
-    assert extra == [("authentication.k8s.io", "tokenreviews", "create"), ("resticmanager.io", "agents", "create"),
+    assert extra == [("", "/openid/v1/jwks", "get"), ("authentication.k8s.io", "tokenreviews", "create"),
+                     ("resticmanager.io", "agents", "create"),
                      ("resticmanager.io", "agents", "get")]
     assert "--agent-service-account" not in " ".join(operator_args(render(helm)))
 

@@ -290,10 +290,12 @@ def test_the_counters_are_served_as_prometheus_text() -> None:
     metrics = Metrics()
     metrics.handshakes_refused["unknown-token"] += 2
     metrics.fires_refused['we"ird'] += 1
-    text = metrics.exposition()
-    assert 'restic_manager_agent_handshakes_refused_total{reason="unknown-token"} 2\n' in text
-    assert 'restic_manager_fires_refused_total{reason="we\\"ird"} 1\n' in text
+    text = metrics.exposition().decode()
+    assert 'restic_manager_agent_handshakes_refused_total{reason="unknown-token"} 2.0\n' in text
+    assert 'restic_manager_fires_refused_total{reason="we\\"ird"} 1.0\n' in text
     assert "# TYPE restic_manager_agent_frames_refused_total counter\n" in text
+    # The library's own: the process and its garbage collector.
+    assert "# TYPE process_resident_memory_bytes gauge\n" in text and "python_gc_collections_total" in text
 
 
 # --- Schedule validation -------------------------------------------------------------------
