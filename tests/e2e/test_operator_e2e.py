@@ -40,11 +40,6 @@ def phases(world: World, schedule_name: str | None = None) -> dict[str, str]:
     return {j["metadata"]["name"]: j.get("status", {}).get("phase", "") for j in world.jobs(schedule_name)}
 
 
-def scheduled_between(world: World, name: str, start: datetime, end: datetime) -> list[str]:
-    return [j["metadata"]["name"] for j in world.jobs(name)
-            if start < parse_time(j["spec"]["scheduledAt"]) < end]
-
-
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -177,44 +172,68 @@ def test_the_same_fire_delivered_twice_and_after_a_reconnect_makes_one_job(world
 KEEP_ALL = "successfulJobsHistoryLimit: 100"  # these tests count jobs: keep them all
 
 
+def outage_fires(lead: float) -> tuple[str, list[datetime]]:
+    """A cron expression for three fire times two seconds apart, the first ``lead`` seconds or
+    more ahead and all in one minute, and then none for a day: an outage across them ends
+    with no later fire that could take the outage's place in the agent's outbox (newest only)
+    before the reconnected agent's first ack."""
+    first = (now() + timedelta(seconds=lead)).replace(microsecond=0)
+    if first.second > 55:
+        first = first.replace(second=0) + timedelta(minutes=1)
+    times = [first + timedelta(seconds=2 * k) for k in range(3)]
+    seconds = ",".join(str(t.second) for t in times)
+    return f"{seconds} {first.minute} {first.hour} * * *", times
+
+
+def fail_if_past(moment: datetime, what: str) -> None:
+    if now() >= moment:
+        pytest.fail(f"{what} took past the first fire time {moment}", pytrace=False)
+
+
 def test_an_agent_cut_off_across_fires_delivers_one_after_reconnecting(world: World) -> None:
     world.repository()
     tree = world.source_tree()
     world.start_operator()
     relay = world.proxy()
     world.add_agent("web-01", via=relay)
-    world.apply(schedule("fast", expression="*/2 * * * * *", paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
-    world.wait("schedule/fast", "condition=Applied")
-    eventually("a first job", lambda: world.jobs("fast"))
+    expression, times = outage_fires(lead=10)
+    world.apply(schedule("burst", expression=expression, paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
+    world.wait("schedule/burst", "condition=Applied")
 
-    cut_at = now()
     relay.cut()
     world.wait("agent/web-01", "condition=Connected=False")
-    time.sleep(5)  # two or three fire times pass while the agent cannot reach the operator
+    fail_if_past(times[0], "applying the Schedule and cutting the agent off")
+    # All three times pass while the agent cannot reach the operator: it keeps the newest.
+    def fires_kept() -> list[datetime]:
+        return [parse_time(frame["payload"]["scheduledAt"]) for frame in world.outbox("web-01")
+                if frame["type"] == "schedule.fire"]
+
+    eventually("the agent to keep the newest fire", lambda: times[-1] in fires_kept(), timeout=30)
+    assert fires_kept() == [times[-1]]
     relay.restore()
-    back_at = eventually("the agent to reconnect", lambda: relay.relayed_after(cut_at), timeout=90)
-    missed = eventually("the fire kept while cut off", lambda: scheduled_between(world, "fast", cut_at, back_at))
-    eventually("a fire after the reconnect", lambda: scheduled_between(world, "fast", back_at, now()))
-    assert scheduled_between(world, "fast", cut_at, back_at) == missed and len(missed) == 1, missed
+    [job] = eventually("the job of the fire kept while cut off", lambda: world.jobs("burst"), timeout=90)
+    assert parse_time(job["spec"]["scheduledAt"]) == times[-1], job["spec"]
+    world.wait(f"resticjob/{job['metadata']['name']}", "jsonpath={.status.phase}=Succeeded")
+    assert len(world.jobs("burst")) == 1
 
 
 def test_an_agent_killed_across_fires_catches_up_once_after_restart(world: World) -> None:
     world.repository()
     tree = world.source_tree()
     world.start_operator()
-    relay = world.proxy()
-    agent = world.add_agent("web-01", via=relay)
-    world.apply(schedule("fast", expression="*/2 * * * * *", paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
-    eventually("a first job", lambda: world.jobs("fast"))
+    agent = world.add_agent("web-01")
+    expression, times = outage_fires(lead=10)
+    world.apply(schedule("burst", expression=expression, paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
+    world.wait("schedule/burst", "condition=Applied")
 
     agent.kill()
-    killed_at = now()
-    time.sleep(5)  # two or three fire times pass while the agent is dead
+    fail_if_past(times[0], "applying the Schedule and killing the agent")
+    time.sleep(max(0.0, (times[-1] - now()).total_seconds() + 1))  # all three times pass while it is dead
     agent.start()
-    back_at = eventually("the agent to reconnect", lambda: relay.relayed_after(killed_at))
-    caught_up = eventually("the catch-up fire", lambda: scheduled_between(world, "fast", killed_at, back_at))
-    eventually("a fire after the restart", lambda: scheduled_between(world, "fast", back_at, now()))
-    assert scheduled_between(world, "fast", killed_at, back_at) == caught_up and len(caught_up) == 1, caught_up
+    [job] = eventually("the catch-up fire", lambda: world.jobs("burst"), timeout=60)
+    assert parse_time(job["spec"]["scheduledAt"]) == times[-1], job["spec"]
+    world.wait(f"resticjob/{job['metadata']['name']}", "jsonpath={.status.phase}=Succeeded")
+    assert len(world.jobs("burst")) == 1
 
 
 def test_an_agent_killed_mid_job_leaves_the_job_failed_agent_lost(world: World) -> None:
