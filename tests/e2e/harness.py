@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,24 @@ def free_port() -> int:
 
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def fires_ahead(lead: float, count: int = 1) -> tuple[str, list[datetime]]:
+    """A cron expression for ``count`` fire times two seconds apart, the first ``lead``
+    seconds or more ahead and all in one minute, and then none for a day: no later fire of
+    the Schedule can take their place in an agent's outbox (newest only) while a test's
+    outage or restart settles."""
+    first = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=lead)
+    if first.second + 2 * (count - 1) > 59:
+        first = first.replace(second=0) + timedelta(minutes=1)
+    times = [first + timedelta(seconds=2 * k) for k in range(count)]
+    return f"{','.join(str(t.second) for t in times)} {first.minute} {first.hour} * * *", times
+
+
+def fail_if_past(moment: datetime, what: str) -> None:
+    """End a test whose setup took past the fire time it was to come before."""
+    if datetime.now(timezone.utc) >= moment:
+        pytest.fail(f"{what} took past the fire time {moment}", pytrace=False)
 
 
 def eventually(what: str, probe: Callable[[], T | None], *, timeout: float = WAIT, interval: float = 0.25) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from restic_manager import protocol
 
-from e2e.harness import World, eventually, parse_time
+from e2e.harness import World, eventually, fail_if_past, fires_ahead, parse_time
 
 pytestmark = [pytest.mark.cluster, pytest.mark.restic]
 
@@ -172,31 +172,13 @@ def test_the_same_fire_delivered_twice_and_after_a_reconnect_makes_one_job(world
 KEEP_ALL = "successfulJobsHistoryLimit: 100"  # these tests count jobs: keep them all
 
 
-def outage_fires(lead: float) -> tuple[str, list[datetime]]:
-    """A cron expression for three fire times two seconds apart, the first ``lead`` seconds or
-    more ahead and all in one minute, and then none for a day: an outage across them ends
-    with no later fire that could take the outage's place in the agent's outbox (newest only)
-    before the reconnected agent's first ack."""
-    first = (now() + timedelta(seconds=lead)).replace(microsecond=0)
-    if first.second > 55:
-        first = first.replace(second=0) + timedelta(minutes=1)
-    times = [first + timedelta(seconds=2 * k) for k in range(3)]
-    seconds = ",".join(str(t.second) for t in times)
-    return f"{seconds} {first.minute} {first.hour} * * *", times
-
-
-def fail_if_past(moment: datetime, what: str) -> None:
-    if now() >= moment:
-        pytest.fail(f"{what} took past the first fire time {moment}", pytrace=False)
-
-
 def test_an_agent_cut_off_across_fires_delivers_one_after_reconnecting(world: World) -> None:
     world.repository()
     tree = world.source_tree()
     world.start_operator()
     relay = world.proxy()
     world.add_agent("web-01", via=relay)
-    expression, times = outage_fires(lead=10)
+    expression, times = fires_ahead(10, count=3)
     world.apply(schedule("burst", expression=expression, paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
     world.wait("schedule/burst", "condition=Applied")
 
@@ -222,7 +204,7 @@ def test_an_agent_killed_across_fires_catches_up_once_after_restart(world: World
     tree = world.source_tree()
     world.start_operator()
     agent = world.add_agent("web-01")
-    expression, times = outage_fires(lead=10)
+    expression, times = fires_ahead(10, count=3)
     world.apply(schedule("burst", expression=expression, paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
     world.wait("schedule/burst", "condition=Applied")
 
@@ -309,16 +291,13 @@ def test_an_operator_restart_loses_nothing(world: World) -> None:
     # One fire time, a little ahead, and then none for a day: the fire made while the operator
     # is down is the only one, so no later fire can take its place in the agent's outbox
     # (newest only) while the restarted operator is still pushing the set.
-    fire_at = (now() + timedelta(seconds=20)).replace(microsecond=0)
-    expression = f"{fire_at.second} {fire_at.minute} {fire_at.hour} * * *"
+    expression, [fire_at] = fires_ahead(20)
     world.apply(schedule("daily", expression=expression, paths=[str(tree)], policy="Allow", extra=KEEP_ALL))
     world.wait("schedule/daily", "condition=Applied")
     version = world.get("agent/web-01")["status"]["appliedVersion"]  # type: ignore[index]
 
     operator.stop()
-    if now() >= fire_at:
-        pytest.fail(f"applying the Schedule and stopping the operator took past its fire time {fire_at}",
-                    pytrace=False)
+    fail_if_past(fire_at, "applying the Schedule and stopping the operator")
     world.apply(f"""
         apiVersion: resticmanager.io/v1alpha1
         kind: ResticJob

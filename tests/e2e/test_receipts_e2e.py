@@ -15,7 +15,7 @@ import pytest
 
 from restic_manager.cron import Cron
 
-from e2e.harness import World, eventually, parse_time
+from e2e.harness import World, eventually, fail_if_past, fires_ahead, parse_time
 
 pytestmark = [pytest.mark.cluster, pytest.mark.restic]
 
@@ -167,14 +167,12 @@ def test_a_fire_the_operator_dropped_over_its_rate_limit_is_sent_again_and_made(
     world.add_agent("web-01")
     # One fire time a little ahead, then none for a day: a resend that is dropped again and
     # waits for the next (longer) resend cannot be replaced by a newer fire of its Schedule.
-    fire = (datetime.now(timezone.utc) + timedelta(seconds=15)).replace(microsecond=0)
-    once = f"{fire.second} {fire.minute} {fire.hour} * * *"
+    once, [fire] = fires_ahead(15)
     for name in ("one", "two", "three"):
         world.apply(fast_schedule([str(tree)], every=once).replace("name: fast", f"name: {name}"))
     for name in ("one", "two", "three"):
         world.wait(f"schedule/{name}", "condition=Applied")
-    if datetime.now(timezone.utc) >= fire:
-        pytest.fail(f"applying the Schedules took past their fire time {fire}", pytrace=False)
+    fail_if_past(fire, "applying the Schedules")
     wait_past_next_fire(datetime.now(timezone.utc), every=once)
 
     def made() -> list[str] | None:
