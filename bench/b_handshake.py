@@ -8,7 +8,8 @@ bound to a pod on a node); each connect is timed from dialling to the operator's
 ``schedule.set`` after ``hello``. First idle, then during each of two floods from another
 process (bench/flood.py: ``concurrency`` clients for ``flood_seconds``, each opening one
 handshake after another): random host tokens nobody holds, and forged ServiceAccount tokens
-(a real token's claims under a random signature). The flood runs at nice 19: on this
+(a real token's claims under a random signature), from one address; and the forged tokens
+again from 250 addresses. The flood runs at nice 19: on this
 two-core machine it would otherwise take CPU from the legitimate agent and the apiserver,
 which an attacker elsewhere does not. Also per phase: the operator's and the apiserver's
 CPU, the TokenReviews the apiserver served, and the refusals the operator logged.
@@ -42,7 +43,13 @@ NODE = "bench-node"
 CHART_CERTIFICATE = "ECDSA P-256"
 WITHIN_IDLE_P99 = 5.0
 RAMP = 3.0  # seconds of each flood before the legitimate connects are timed
-FLOODS = (("idle", None), ("unknown host tokens", "unknown-token"), ("forged ServiceAccount tokens", "forged-token"))
+# (phase, bogus credential, loopback addresses the flood comes from): one host flooding, whose
+# handshakes beyond the operator's per-address bound are reset at accept, and 250 hosts with
+# two clients each, under that bound.
+SPREAD = 250
+FLOODS = (("idle", None, 0), ("unknown host tokens", "unknown-token", 1),
+          ("forged ServiceAccount tokens", "forged-token", 1),
+          (f"forged ServiceAccount tokens from {SPREAD} addresses", "forged-token", SPREAD))
 
 
 async def connect_once(url: str, token: str, agent: str, context: ssl.SSLContext) -> float:
@@ -93,14 +100,14 @@ async def one_certificate(ctx: Context, certificate: str, *, concurrency: int, s
         await connect_once(operator.url, *legit["serviceaccount token"], context)  # registers the node's Agent
         await settle(apiserver, below_percent=15, timeout=120)
 
-        for name, flood_kind in FLOODS:
+        for name, flood_kind, sources in FLOODS:
             times: dict[str, list[float]] = {kind: [] for kind in legit}
             failures: list[str] = []
             flood, log_offset = None, operator.log.stat().st_size
             if flood_kind is not None:
                 flood = await asyncio.create_subprocess_exec(
                     "nice", "-n", "19", sys.executable, str(HERE / "flood.py"), operator.url, "--kind", flood_kind,
-                    "--concurrency", str(concurrency), "--seconds", str(seconds),
+                    "--concurrency", str(concurrency), "--seconds", str(seconds), "--sources", str(sources),
                     env={**os.environ, "FLOOD_TOKEN": sa_token}, stdout=asyncio.subprocess.PIPE)
                 await asyncio.sleep(RAMP)
             before = (await request_counts(api), cpu_seconds(operator.pid), cpu_seconds(apiserver))

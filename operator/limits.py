@@ -1,8 +1,9 @@
 """What one agent connection may cost the operator: timeouts, frame size and message rate.
 
-:class:`Limits` holds the numbers; :class:`TokenBucket` is the per-connection rate decision
-and :class:`LogBudget` the one for how often a refusal is logged (both pure: the caller
-passes the time).
+:class:`Limits` holds the numbers; :class:`TokenBucket` is the per-connection rate decision,
+:class:`LogBudget` the one for how often a refusal is logged (both pure: the caller passes
+the time), and :class:`HandshakeGate` the one for how many handshakes one address may have
+in progress at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Limits:
     # frames a minute and, per running job, a progress report a second.
     frames_per_second: float = 50.0
     burst: int = 500
+    # Handshakes (TLS, upgrade, credential check) one address may have in progress at once.
+    # Reconnecting agents behind one NAT address open them one by one with backoff; a flood
+    # from one address is cut at accept, before it costs a TLS handshake.
+    handshakes_per_address: int = 64
 
 
 class TokenBucket:
@@ -70,3 +75,35 @@ class LogBudget:
         self._used += 1
         held, self._held = self._held, 0
         return held
+
+
+Peer = tuple[str, int]  # (address, port): one TCP connection
+
+
+class HandshakeGate:
+    """Admits a connection while its address has fewer than ``per_address`` handshakes in
+    progress. A connection is in progress from its accept until it is settled: when its
+    credential has been decided or when it closes, whichever comes first (settling twice is
+    harmless), so an authenticated session never counts against its address."""
+
+    def __init__(self, *, per_address: int) -> None:
+        self._per_address = per_address
+        self._pending: dict[str, set[Peer]] = {}
+
+    def admit(self, peer: Peer) -> bool:
+        pending = self._pending.setdefault(peer[0], set())
+        if len(pending) >= self._per_address:
+            return False
+        pending.add(peer)
+        return True
+
+    def settle(self, peer: Peer) -> None:
+        pending = self._pending.get(peer[0])
+        if pending is None:
+            return
+        pending.discard(peer)
+        if not pending:
+            del self._pending[peer[0]]
+
+    def in_progress(self, address: str) -> int:
+        return len(self._pending.get(address, ()))

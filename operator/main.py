@@ -110,6 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it is dropped and answered rate-limited, and an agent sends a dropped fire again")
     parser.add_argument("--agent-frame-burst", type=_whole, default=Limits.burst, metavar="N",
                         help="frames one agent may send at once above the rate (default: %(default)s)")
+    parser.add_argument("--handshakes-per-address", type=_whole, default=Limits.handshakes_per_address,
+                        metavar="N", help="agent handshakes one address may have in progress at once; more are "
+                        "reset at accept, before TLS (default: %(default)s; raise it for many agents behind one "
+                        "NAT address)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="default: INFO")
 
@@ -183,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, kube: Kube, *,
                 tls: ServingCertificate | None, webhook: kopf.WebhookServer | None, nodes: NodeAgents | None) -> int:
     controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes,
-                            limits=Limits(frames_per_second=args.agent_frame_rate, burst=args.agent_frame_burst))
+                            limits=Limits(frames_per_second=args.agent_frame_rate, burst=args.agent_frame_burst,
+                                          handshakes_per_address=args.handshakes_per_address))
     host, port = args.listen
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 

@@ -14,6 +14,12 @@ with an ``error`` frame) and never ends the connection; a frame over the size li
 (1009), before it is buffered. What the frames mean is the handler's business. Every
 handshake response names the protocol version spoken here (:data:`protocol.PROTOCOL_HEADER`).
 
+Before any of that, at accept: an address that already has
+:attr:`Limits.handshakes_per_address` handshakes in progress has its new connection reset
+before a TLS byte is read (:class:`_GatedListener`), so a flood from one host costs an
+accept, not a TLS handshake, and cannot crowd the event loop that legitimate agents'
+handshakes share.
+
 TLS: ``serve(tls=...)`` serves ``wss`` with a :class:`ServingCertificate`, which reloads its
 files when they change (a renewed Secret) so new connections get the new certificate; plain
 ``ws`` only when the caller passes none (``--insecure-listen``). Compression is off: frames
@@ -26,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import ssl
+import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -44,7 +52,7 @@ from websockets.http11 import Request, Response
 from restic_manager import protocol
 from restic_manager.session import OperatorSession, SessionError
 from restic_manager.operator.identity import AuthError, Identity
-from restic_manager.operator.limits import Limits, LogBudget, TokenBucket
+from restic_manager.operator.limits import HandshakeGate, Limits, LogBudget, Peer, TokenBucket
 from restic_manager.operator.metrics import Metrics
 from restic_manager.operator.store import ObjectKey
 
@@ -59,6 +67,10 @@ CLOSE_REVOKED = 4001   # the credential the connection was opened with no longer
 REPLACED_CLOSE_TIMEOUT = 1.0
 LOGGED_REFUSALS = 10   # per connection; further refused frames are counted, not logged
 LOGGED_HANDSHAKE_REFUSALS = 20  # a minute, of all peers; the rest are counted, and the count logged later
+ACCEPT_BACKLOG = 100  # asyncio's default
+# Connections reset by one accept call at most; then the event loop's other work runs.
+RESETS_PER_ACCEPT = 100
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with RST, leaving no TIME_WAIT here
 
 
 class TLSError(Exception):
@@ -199,6 +211,7 @@ class AgentServer:
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._refusal_log = LogBudget(lines=LOGGED_HANDSHAKE_REFUSALS, window=60.0)
+        self._gate = HandshakeGate(per_address=limits.handshakes_per_address)
         self.sessions: dict[ObjectKey, Session] = {}
         # From the credential check to the connection's handler (one handshake each).
         self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
@@ -209,7 +222,13 @@ class AgentServer:
     async def serve(self, host: str, port: int, *, tls: ServingCertificate | None = None,
                     started: Callable[[int], None] | None = None) -> None:
         limits = self._limits
-        async with serve(self._serve, host, port, ssl=tls.context if tls else None,
+        addresses = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = addresses[0]
+        listener = _listen(family, kind, proto, address, self._gate, self._refused_at_accept)
+        # A stalled TLS handshake ends after open_timeout too, as the rest of the opening does.
+        async with serve(self._serve, sock=listener, ssl=tls.context if tls else None,
+                         ssl_handshake_timeout=limits.open_timeout if tls else None,
                          process_request=self._check_credentials, process_response=_name_protocol,
                          max_size=limits.max_frame_bytes, compression=None, open_timeout=limits.open_timeout,
                          ping_interval=limits.ping_interval, ping_timeout=limits.ping_timeout,
@@ -233,6 +252,17 @@ class AgentServer:
             log.warning("agent %s: disconnected: %s", agent, reason)
             await _close_quickly(session.connection, CLOSE_REVOKED, "credentials revoked")
 
+    def _refused_at_accept(self, peer: Peer) -> None:
+        self._count_refusal(f"{peer[0]}:{peer[1]}", "too-many-handshakes", "reset at accept",
+                            f"{self._limits.handshakes_per_address} handshakes from this address are in progress")
+
+    def _count_refusal(self, peer: str, reason: str, how: str, why: object) -> None:
+        self.metrics.handshakes_refused[reason] += 1
+        held = self._refusal_log.take(self._clock())
+        if held is not None:
+            log.warning("agent connection from %s refused (%s, %s): %s%s", peer, reason, how, why,
+                        f" ({held} more refused since the last one logged; the metrics count each)" if held else "")
+
     async def _check_credentials(self, connection: ServerConnection, request: Request) -> Response | None:
         """The handshake's credential check: None lets the upgrade go on, a Response refuses it."""
         try:
@@ -242,17 +272,14 @@ class AgentServer:
             self._identities[connection] = await self._authenticate(token)
             return None
         except AuthError as refusal:
-            self.metrics.handshakes_refused[refusal.reason] += 1
-            held = self._refusal_log.take(self._clock())
-            if held is not None:
-                log.warning("agent connection from %s refused (%s, HTTP %d): %s%s",
-                            _peer(connection), refusal.reason, refusal.status, refusal,
-                            f" ({held} more refused since the last one logged; the metrics count each)"
-                            if held else "")
+            self._count_refusal(_peer(connection), refusal.reason, f"HTTP {refusal.status:d}", refusal)
             response = connection.respond(refusal.status, f"{refusal.status.phrase}\n")
             if refusal.status is HTTPStatus.UNAUTHORIZED:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager"'
             return response
+        finally:
+            if connection.remote_address:
+                self._gate.settle(connection.remote_address[:2])
 
     async def _serve(self, connection: ServerConnection) -> None:
         identity = self._identities.pop(connection)
@@ -363,6 +390,54 @@ class AgentServer:
                                                    outcome=protocol.FireOutcome.REFUSED, reason=message))
         else:
             await session.send(protocol.Error(code="invalid-frame", ref=frame.id, message=message))
+
+
+class _GatedListener(socket.socket):
+    """The agents' listening socket: asyncio's event loop accepts through :meth:`accept`, which
+    resets a connection the gate does not admit before anything is read from it."""
+
+    gate: HandshakeGate
+    refused: Callable[[Peer], None]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        for _ in range(RESETS_PER_ACCEPT):
+            fd, address = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
+            peer: Peer = (address[0], address[1])
+            if self.gate.admit(peer):
+                connection = _GatedConnection(self.family, self.type, self.proto, fileno=fd)
+                connection.gate, connection.peer = self.gate, peer
+                return connection, address
+            with socket.socket(self.family, self.type, self.proto, fileno=fd) as refused:
+                refused.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self.refused(peer)
+        raise BlockingIOError  # more may be waiting: the event loop calls again after its other work
+
+
+class _GatedConnection(socket.socket):
+    """An accepted connection; closing it ends its handshake for the gate, however it went."""
+
+    gate: HandshakeGate
+    peer: Peer
+
+    def close(self) -> None:
+        self.gate.settle(self.peer)
+        super().close()
+
+
+def _listen(family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...],
+            gate: HandshakeGate, refused: Callable[[Peer], None]) -> _GatedListener:
+    """A listening socket on the (first) address the host resolved to, as asyncio would open it."""
+    listener = _GatedListener(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(ACCEPT_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    listener.gate, listener.refused = gate, refused
+    return listener
 
 
 def _name_protocol(connection: ServerConnection, request: Request, response: Response) -> None:

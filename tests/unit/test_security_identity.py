@@ -15,7 +15,7 @@ import pytest
 from restic_manager.operator import identity
 from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import new_token
-from restic_manager.operator.limits import LogBudget, TokenBucket
+from restic_manager.operator.limits import HandshakeGate, LogBudget, TokenBucket
 from restic_manager.operator.metrics import Metrics
 from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest, token_secret_name
 from restic_manager.operator.validation import schedule_problems
@@ -281,6 +281,20 @@ def test_the_log_budget_lets_a_few_lines_through_a_window_and_tells_how_many_it_
     assert [budget.take(t) for t in (0.0, 1.0, 2.0, 59.0)] == [0, 0, None, None]
     assert [budget.take(t) for t in (60.0, 61.0, 62.0)] == [2, 0, None]  # a new window: two were held back
     assert budget.take(500.0) == 1
+
+
+def test_the_handshake_gate_admits_a_few_handshakes_per_address_until_they_settle() -> None:
+    gate = HandshakeGate(per_address=2)
+    a1, a2, a3, b1 = ("10.0.0.1", 1001), ("10.0.0.1", 1002), ("10.0.0.1", 1003), ("10.0.0.2", 1001)
+    assert [gate.admit(p) for p in (a1, a2, a3, b1)] == [True, True, False, True]  # per address
+    gate.settle(a1)  # its credential decided
+    gate.settle(a1)  # then it closed: settled once only
+    assert (gate.admit(a3), gate.in_progress("10.0.0.1"), gate.admit(("10.0.0.1", 1004))) == (True, 2, False)
+    for peer in (a2, a3, b1):
+        gate.settle(peer)
+    gate.settle(("10.0.0.3", 1))  # never admitted
+    assert [gate.in_progress(a) for a in ("10.0.0.1", "10.0.0.2", "10.0.0.3")] == [0, 0, 0]
+    assert gate._pending == {}  # no address is kept once its handshakes are settled
 
 
 # --- metrics -------------------------------------------------------------------------------

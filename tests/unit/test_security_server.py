@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from restic_manager import protocol
 from restic_manager.operator import main as operator_main
@@ -166,6 +167,50 @@ async def test_a_handshake_with_two_authorization_headers_is_a_bad_request(serve
     assert served.server.metrics.handshakes_refused == {"duplicate-authorization": 1}
     async with open_agent(served.url) as websocket:  # and the server goes on serving
         await say_hello(websocket, served.handler)
+
+
+FLOODER = "127.0.0.2"  # loopback, another address than the agents' 127.0.0.1
+
+
+async def stalled(url: str) -> asyncio.StreamWriter:
+    """A connection from FLOODER that never sends its upgrade request: a handshake in progress."""
+    _, writer = await asyncio.open_connection("127.0.0.1", urlsplit(url).port, local_addr=(FLOODER, 0))
+    return writer
+
+
+async def admitted(url: str) -> bool:
+    """Whether a handshake from FLOODER reaches the credential check (a wrong token: 401)."""
+    try:
+        async with connect(url, additional_headers={"Authorization": "Bearer guess"}, local_addr=(FLOODER, 0)):
+            raise AssertionError("a wrong token was let in")
+    except InvalidStatus as refused:
+        assert refused.response.status_code == 401
+        return True
+    except (OSError, InvalidMessage):  # reset at accept
+        return False
+
+
+@pytest.mark.parametrize("served", [Limits(handshakes_per_address=2)], indirect=True)
+async def test_an_address_with_too_many_handshakes_in_progress_is_reset_at_accept_and_others_are_served(
+        served: Served) -> None:
+    first, second = await stalled(served.url), await stalled(served.url)
+    assert not await admitted(served.url)
+    assert served.server.metrics.handshakes_refused == {"too-many-handshakes": 1}
+    async with open_agent(served.url) as websocket:  # another address: served at once
+        await say_hello(websocket, served.handler)
+    first.close()  # its handshake ends with its connection: the address may open another
+    async with asyncio.timeout(TIMEOUT):
+        while not await admitted(served.url):
+            pass
+    second.close()
+
+
+@pytest.mark.parametrize("served", [Limits(handshakes_per_address=1)], indirect=True)
+async def test_an_authenticated_session_no_longer_counts_against_its_address(served: Served) -> None:
+    async with open_agent(served.url, local_addr=(FLOODER, 0)) as websocket:
+        await say_hello(websocket, served.handler)
+        assert await admitted(served.url)
+    assert "too-many-handshakes" not in served.server.metrics.handshakes_refused
 
 
 async def test_a_frame_over_the_size_limit_closes_only_that_connection(served: Served) -> None:
