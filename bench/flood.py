@@ -29,7 +29,7 @@ import ssl
 import time
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
 
 def bogus(kind: str, real: str) -> str:
@@ -57,7 +57,7 @@ async def flood(url: str, *, kind: str, real: str, concurrency: int, seconds: fl
                     answered["101"] += 1  # let in: must never happen
             except InvalidStatus as refused:
                 answered[str(refused.response.status_code)] += 1
-            except (OSError, TimeoutError) as error:
+            except (OSError, TimeoutError, InvalidMessage) as error:  # reset, or closed before an answer
                 failed[type(error).__name__] += 1
 
     started = time.monotonic()
