@@ -180,6 +180,9 @@ class Controller:
         self._primed_at = self._clock()
         for agent in self.store.agents:
             self._agents.mark(agent.key, delay=RECONNECT_GRACE)
+        # The fleet's addresses keep their places at accept while new ones flood (server.py).
+        self.server.remember_addresses(agent.status["address"] for agent in self.store.agents
+                                       if isinstance(agent.status.get("address"), str))
         log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
                  len(self.store.schedules.objects), len(self.store.jobs.objects))
         return listed_at["resticjobs"]

@@ -8,6 +8,7 @@ in progress at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from restic_manager import protocol
@@ -33,6 +34,9 @@ class Limits:
     # Reconnecting agents behind one NAT address open them one by one with backoff; a flood
     # from one address is cut at accept, before it costs a TLS handshake.
     handshakes_per_address: int = 64
+    # Handshakes in progress at once, in all, from addresses no agent has authenticated from:
+    # a flood from many addresses takes these places, not those of the fleet's known ones.
+    handshakes_from_new_addresses: int = 64
 
 
 class TokenBucket:
@@ -82,28 +86,55 @@ Peer = tuple[str, int]  # (address, port): one TCP connection
 
 class HandshakeGate:
     """Admits a connection while its address has fewer than ``per_address`` handshakes in
-    progress. A connection is in progress from its accept until it is settled: when its
-    credential has been decided or when it closes, whichever comes first (settling twice is
-    harmless), so an authenticated session never counts against its address."""
+    progress, and, from an address no agent has authenticated from, while fewer than
+    ``from_new`` handshakes from such addresses are in progress in all. A connection is in
+    progress from its accept until it is settled: when its credential has been decided or
+    when it closes, whichever comes first (settling twice is harmless), so an authenticated
+    session never counts. An address becomes known when a credential is accepted from it
+    (the ``known_addresses`` most recent are kept), or by :meth:`remember`."""
 
-    def __init__(self, *, per_address: int) -> None:
+    def __init__(self, *, per_address: int, from_new: int, known_addresses: int = 65536) -> None:
         self._per_address = per_address
-        self._pending: dict[str, set[Peer]] = {}
+        self._from_new = from_new
+        self._pending: dict[str, dict[Peer, bool]] = {}  # address -> peer -> counted as new
+        self._new_in_progress = 0
+        self._known: dict[str, None] = {}  # insertion-ordered: the oldest is forgotten first
+        self._known_limit = known_addresses
 
-    def admit(self, peer: Peer) -> bool:
-        pending = self._pending.setdefault(peer[0], set())
+    def admit(self, peer: Peer) -> str | None:
+        """None: ``peer`` is admitted (and in progress). Otherwise why it is not."""
+        pending = self._pending.get(peer[0], {})
         if len(pending) >= self._per_address:
-            return False
-        pending.add(peer)
-        return True
+            return f"{self._per_address} handshakes from this address are in progress"
+        new = peer[0] not in self._known
+        if new and self._new_in_progress >= self._from_new:
+            return (f"{self._from_new} handshakes from addresses no agent has connected from "
+                    "are in progress")
+        self._pending[peer[0]] = pending
+        pending[peer] = new
+        self._new_in_progress += new
+        return None
 
-    def settle(self, peer: Peer) -> None:
+    def settle(self, peer: Peer, *, authenticated: bool = False) -> None:
+        if authenticated:
+            self.remember([peer[0]])
         pending = self._pending.get(peer[0])
-        if pending is None:
+        if pending is None or peer not in pending:
             return
-        pending.discard(peer)
+        self._new_in_progress -= pending.pop(peer)
         if not pending:
             del self._pending[peer[0]]
 
+    def remember(self, addresses: Iterable[str]) -> None:
+        for address in addresses:
+            self._known.pop(address, None)
+            self._known[address] = None
+        while len(self._known) > self._known_limit:
+            del self._known[next(iter(self._known))]
+
     def in_progress(self, address: str) -> int:
         return len(self._pending.get(address, ()))
+
+    @property
+    def new_in_progress(self) -> int:
+        return self._new_in_progress

@@ -15,10 +15,11 @@ with an ``error`` frame) and never ends the connection; a frame over the size li
 handshake response names the protocol version spoken here (:data:`protocol.PROTOCOL_HEADER`).
 
 Before any of that, at accept: an address that already has
-:attr:`Limits.handshakes_per_address` handshakes in progress has its new connection reset
-before a TLS byte is read (:class:`_GatedListener`), so a flood from one host costs an
-accept, not a TLS handshake, and cannot crowd the event loop that legitimate agents'
-handshakes share.
+:attr:`Limits.handshakes_per_address` handshakes in progress, or a new address (none of the
+fleet's agents connected from it) while :attr:`Limits.handshakes_from_new_addresses` such
+handshakes are in progress, has its connection reset before a TLS byte is read
+(:class:`_GatedListener`), so a flood costs an accept, not a TLS handshake, and cannot crowd
+the event loop that the fleet's handshakes share.
 
 TLS: ``serve(tls=...)`` serves ``wss`` with a :class:`ServingCertificate`, which reloads its
 files when they change (a renewed Secret) so new connections get the new certificate; plain
@@ -37,7 +38,7 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -211,7 +212,8 @@ class AgentServer:
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._refusal_log = LogBudget(lines=LOGGED_HANDSHAKE_REFUSALS, window=60.0)
-        self._gate = HandshakeGate(per_address=limits.handshakes_per_address)
+        self._gate = HandshakeGate(per_address=limits.handshakes_per_address,
+                                   from_new=limits.handshakes_from_new_addresses)
         self.sessions: dict[ObjectKey, Session] = {}
         # From the credential check to the connection's handler (one handshake each).
         self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
@@ -252,9 +254,13 @@ class AgentServer:
             log.warning("agent %s: disconnected: %s", agent, reason)
             await _close_quickly(session.connection, CLOSE_REVOKED, "credentials revoked")
 
-    def _refused_at_accept(self, peer: Peer) -> None:
-        self._count_refusal(f"{peer[0]}:{peer[1]}", "too-many-handshakes", "reset at accept",
-                            f"{self._limits.handshakes_per_address} handshakes from this address are in progress")
+    def remember_addresses(self, addresses: Iterable[str]) -> None:
+        """Addresses agents connected from before: their handshakes do not take the places of
+        new addresses' (see :class:`HandshakeGate`)."""
+        self._gate.remember(addresses)
+
+    def _refused_at_accept(self, peer: Peer, why: str) -> None:
+        self._count_refusal(f"{peer[0]}:{peer[1]}", "too-many-handshakes", "reset at accept", why)
 
     def _count_refusal(self, peer: str, reason: str, how: str, why: object) -> None:
         self.metrics.handshakes_refused[reason] += 1
@@ -265,11 +271,13 @@ class AgentServer:
 
     async def _check_credentials(self, connection: ServerConnection, request: Request) -> Response | None:
         """The handshake's credential check: None lets the upgrade go on, a Response refuses it."""
+        authenticated = False
         try:
             token = _bearer(request)
             if not token:
                 raise AuthError(HTTPStatus.UNAUTHORIZED, "no-token", "no Authorization: Bearer header")
             self._identities[connection] = await self._authenticate(token)
+            authenticated = True
             return None
         except AuthError as refusal:
             self._count_refusal(_peer(connection), refusal.reason, f"HTTP {refusal.status:d}", refusal)
@@ -279,7 +287,7 @@ class AgentServer:
             return response
         finally:
             if connection.remote_address:
-                self._gate.settle(connection.remote_address[:2])
+                self._gate.settle(connection.remote_address[:2], authenticated=authenticated)
 
     async def _serve(self, connection: ServerConnection) -> None:
         identity = self._identities.pop(connection)
@@ -397,19 +405,20 @@ class _GatedListener(socket.socket):
     resets a connection the gate does not admit before anything is read from it."""
 
     gate: HandshakeGate
-    refused: Callable[[Peer], None]
+    refused: Callable[[Peer, str], None]
 
     def accept(self) -> tuple[socket.socket, object]:
         for _ in range(RESETS_PER_ACCEPT):
             fd, address = self._accept()  # type: ignore[attr-defined]  # BlockingIOError: none waiting
             peer: Peer = (address[0], address[1])
-            if self.gate.admit(peer):
+            why = self.gate.admit(peer)
+            if why is None:
                 connection = _GatedConnection(self.family, self.type, self.proto, fileno=fd)
                 connection.gate, connection.peer = self.gate, peer
                 return connection, address
             with socket.socket(self.family, self.type, self.proto, fileno=fd) as refused:
                 refused.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            self.refused(peer)
+            self.refused(peer, why)
         raise BlockingIOError  # more may be waiting: the event loop calls again after its other work
 
 
@@ -425,7 +434,7 @@ class _GatedConnection(socket.socket):
 
 
 def _listen(family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...],
-            gate: HandshakeGate, refused: Callable[[Peer], None]) -> _GatedListener:
+            gate: HandshakeGate, refused: Callable[[Peer, str], None]) -> _GatedListener:
     """A listening socket on the (first) address the host resolved to, as asyncio would open it."""
     listener = _GatedListener(family, kind, proto)
     try:

@@ -314,6 +314,9 @@ def agent_connected(status: Mapping[str, Any], hello: Hello, *, peer: str, now: 
         "protocolVersion": hello.protocol_version,
         "runningJobs": len(hello.running_jobs),
     }
+    address = peer.rpartition(":")[0]  # peer is host:port
+    if address:
+        new["address"] = address
     new["conditions"] = set_condition(
         status.get("conditions") or [], type="Connected", status=True, reason="Connected",
         message=f"connected from {peer}", now=now,

@@ -40,6 +40,7 @@ class FakeKube:
         self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
         self.fail_creates = False
         self.unreachable_lists = 0  # this many listings fail as if the apiserver could not be reached
+        self.listed: dict[str, list[dict[str, Any]]] = {}  # what listing a kind returns
         self._rv = 100
 
     async def creates_done(self) -> None:
@@ -57,7 +58,7 @@ class FakeKube:
         if self.unreachable_lists:
             self.unreachable_lists -= 1
             raise KubeError(f"list {plural}: ConnectionRefusedError: [Errno 111] Connect call failed")
-        return [], "1"
+        return self.listed.get(plural, []), "1"
 
     async def read_secret(self, key: ObjectKey) -> SecretRead:
         if key not in self.secrets:
@@ -153,6 +154,19 @@ async def test_an_operator_started_while_the_apiserver_is_unreachable_waits_for_
     await made._prime()
     assert made.primed.is_set() and kube.unreachable_lists == 0
     assert caplog.text.count("cannot list agents yet") == 3
+
+
+async def test_the_addresses_agents_last_connected_from_are_known_at_accept_from_the_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FakeKube()
+    kube.listed["agents"] = [agent_body("web-01"), agent_body("web-02"), agent_body("new")]
+    kube.listed["agents"][0]["status"]["address"] = "192.0.2.1"
+    kube.listed["agents"][1]["status"]["address"] = "2001:db8::2"
+    made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
+    remembered: list[str] = []
+    monkeypatch.setattr(made.server, "remember_addresses", remembered.extend)
+    await made._prime()
+    assert sorted(remembered) == ["192.0.2.1", "2001:db8::2"]
 
 
 async def test_an_agent_is_known_by_the_token_issued_for_it(controller: Controller) -> None:

@@ -233,6 +233,8 @@ def test_agent_connected_then_disconnected() -> None:
     assert (connected["hostname"], connected["resticVersion"], connected["runningJobs"]) == (
         "web-01.example.com", "0.19.1", 1)
     assert connected["conditions"][0]["status"] == "True"
+    assert connected["address"] == "10.0.0.1"
     gone = status.agent_disconnected(connected, why="connection closed (code 1006)", now=T1)
     assert gone["connected"] is False and gone["lastSeen"] == "2026-03-01T12:05:00Z"
+    assert gone["address"] == "10.0.0.1"  # where it last connected from, remembered by the next operator
     assert (gone["conditions"][0]["status"], gone["conditions"][0]["reason"]) == ("False", "Disconnected")

@@ -284,17 +284,34 @@ def test_the_log_budget_lets_a_few_lines_through_a_window_and_tells_how_many_it_
 
 
 def test_the_handshake_gate_admits_a_few_handshakes_per_address_until_they_settle() -> None:
-    gate = HandshakeGate(per_address=2)
+    gate = HandshakeGate(per_address=2, from_new=10)
     a1, a2, a3, b1 = ("10.0.0.1", 1001), ("10.0.0.1", 1002), ("10.0.0.1", 1003), ("10.0.0.2", 1001)
-    assert [gate.admit(p) for p in (a1, a2, a3, b1)] == [True, True, False, True]  # per address
+    assert [gate.admit(p) for p in (a1, a2, a3, b1)] == [
+        None, None, "2 handshakes from this address are in progress", None]
     gate.settle(a1)  # its credential decided
     gate.settle(a1)  # then it closed: settled once only
-    assert (gate.admit(a3), gate.in_progress("10.0.0.1"), gate.admit(("10.0.0.1", 1004))) == (True, 2, False)
+    assert (gate.admit(a3), gate.in_progress("10.0.0.1"), gate.admit(("10.0.0.1", 1004)) is None) == (None, 2, False)
     for peer in (a2, a3, b1):
         gate.settle(peer)
     gate.settle(("10.0.0.3", 1))  # never admitted
     assert [gate.in_progress(a) for a in ("10.0.0.1", "10.0.0.2", "10.0.0.3")] == [0, 0, 0]
-    assert gate._pending == {}  # no address is kept once its handshakes are settled
+    assert (gate.new_in_progress, gate._pending) == (0, {})  # nothing kept once all are settled
+
+
+def test_new_addresses_share_a_few_places_and_known_ones_keep_theirs() -> None:
+    gate = HandshakeGate(per_address=5, from_new=2, known_addresses=2)
+    gate.remember(["10.0.0.9"])  # an address an agent connected from before
+    flood = [(f"192.0.2.{i}", 1000) for i in range(3)]
+    assert [gate.admit(p) for p in flood] == [
+        None, None, "2 handshakes from addresses no agent has connected from are in progress"]
+    assert gate.admit(("10.0.0.9", 1)) is None  # the fleet's addresses are not crowded out
+    gate.settle(flood[0], authenticated=True)  # an agent's first connection from a new address
+    assert (gate.new_in_progress, gate.admit(("192.0.2.0", 1001)), gate.admit(flood[2])) == (1, None, None)
+    assert gate.admit(("192.0.2.7", 1)) is not None  # the new addresses' places are taken again
+    # Only the most recent known_addresses are kept: 10.0.0.9 was the oldest of three.
+    gate.settle(flood[1], authenticated=True)
+    assert (gate.new_in_progress, gate.admit(("192.0.2.8", 1))) == (1, None)
+    assert gate.admit(("10.0.0.9", 2)) is not None and gate.admit(("192.0.2.1", 2)) is None
 
 
 # --- metrics -------------------------------------------------------------------------------

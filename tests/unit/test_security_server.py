@@ -172,16 +172,16 @@ async def test_a_handshake_with_two_authorization_headers_is_a_bad_request(serve
 FLOODER = "127.0.0.2"  # loopback, another address than the agents' 127.0.0.1
 
 
-async def stalled(url: str) -> asyncio.StreamWriter:
-    """A connection from FLOODER that never sends its upgrade request: a handshake in progress."""
-    _, writer = await asyncio.open_connection("127.0.0.1", urlsplit(url).port, local_addr=(FLOODER, 0))
+async def stalled(url: str, source: str = FLOODER) -> asyncio.StreamWriter:
+    """A connection that never sends its upgrade request: a handshake in progress."""
+    _, writer = await asyncio.open_connection("127.0.0.1", urlsplit(url).port, local_addr=(source, 0))
     return writer
 
 
-async def admitted(url: str) -> bool:
-    """Whether a handshake from FLOODER reaches the credential check (a wrong token: 401)."""
+async def admitted(url: str, source: str = FLOODER) -> bool:
+    """Whether a handshake reaches the credential check (a wrong token: 401)."""
     try:
-        async with connect(url, additional_headers={"Authorization": "Bearer guess"}, local_addr=(FLOODER, 0)):
+        async with connect(url, additional_headers={"Authorization": "Bearer guess"}, local_addr=(source, 0)):
             raise AssertionError("a wrong token was let in")
     except InvalidStatus as refused:
         assert refused.response.status_code == 401
@@ -203,6 +203,22 @@ async def test_an_address_with_too_many_handshakes_in_progress_is_reset_at_accep
         while not await admitted(served.url):
             pass
     second.close()
+
+
+@pytest.mark.parametrize("served", [Limits(handshakes_from_new_addresses=2)], indirect=True)
+async def test_new_addresses_share_a_few_handshake_places_and_the_fleets_addresses_keep_theirs(
+        served: Served) -> None:
+    async with open_agent(served.url) as websocket:  # 127.0.0.1: an agent connected from it
+        await say_hello(websocket, served.handler)
+    served.server.remember_addresses(["127.0.0.5"])  # as the Agents' status says, at the operator's start
+    flood = [await stalled(served.url, f"127.0.0.{i}") for i in (2, 3)]
+    assert not await admitted(served.url, "127.0.0.4")
+    assert served.server.metrics.handshakes_refused == {"too-many-handshakes": 1}
+    assert await admitted(served.url, "127.0.0.5")
+    async with open_agent(served.url) as websocket:
+        await say_hello(websocket, served.handler)
+    for writer in flood:
+        writer.close()
 
 
 @pytest.mark.parametrize("served", [Limits(handshakes_per_address=1)], indirect=True)
