@@ -442,9 +442,9 @@ def _listen(family: socket.AddressFamily, kind: socket.SocketKind, proto: int, a
         listener.bind(address)
         listener.listen(ACCEPT_BACKLOG)
         listener.setblocking(False)
-    except OSError:
+    except OSError as error:
         listener.close()
-        raise
+        raise OSError(error.errno, f"cannot listen for agents on {address[0]}:{address[1]}: {error.strerror}") from error
     listener.gate, listener.refused = gate, refused
     return listener
 

@@ -221,6 +221,12 @@ async def test_new_addresses_share_a_few_handshake_places_and_the_fleets_address
         writer.close()
 
 
+async def test_a_port_in_use_is_named_in_the_error(served: Served) -> None:
+    port = urlsplit(served.url).port
+    with pytest.raises(OSError, match=f"cannot listen for agents on 127.0.0.1:{port}: Address already in use"):
+        await AgentServer(authenticate=authenticate, handler=Handler()).serve("127.0.0.1", port)
+
+
 @pytest.mark.parametrize("served", [Limits(handshakes_per_address=1)], indirect=True)
 async def test_an_authenticated_session_no_longer_counts_against_its_address(served: Served) -> None:
     async with open_agent(served.url, local_addr=(FLOODER, 0)) as websocket:
