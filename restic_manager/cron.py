@@ -1,9 +1,10 @@
 """Cron expressions evaluated with restic-manager's time semantics (SPEC §4).
 
 An expression has five fields (minute hour day-of-month month day-of-week), six with
-seconds first, or is a macro (``@daily``, ``@hourly-random``, ...). It is matched against
-wall-clock time in an IANA zone, with cronie's rules where wall-clock time is not a plain
-line:
+seconds first, or is a macro (``@daily``, ``@hourly-random``, ...). croniter parses and
+expands the fields (numbers, names, ranges, steps, ``?``, ``H``); this module matches the
+expanded values against wall-clock time in an IANA zone, with cronie's rules where
+wall-clock time is not a plain line:
 
 * a wall-clock time that occurs twice (clocks go back) fires a *fixed-time* expression
   once, at its first occurrence, and any other expression at both occurrences;
@@ -14,9 +15,18 @@ An expression is fixed-time when neither its minute nor its hour field starts wi
 Likewise a day field starting with ``*`` (or ``?``, accepted there as in Quartz) is
 unrestricted; when neither day field is, a day matches if either does (classic cron).
 
-``H`` (in the minute and hour fields) and the ``@*-random`` macros are replaced by values
-derived from a SHA-256 of the schedule's ``namespace/name``, so a fleet spreads its load and
-a schedule keeps its time; :attr:`Cron.resolved` is the expression after that replacement.
+``H`` (in any field, alone or in a list: ``H``, ``H(a-b)``, ``H/n``, ``H(a-b)/n``) and the
+``@*-random`` macros are replaced by values croniter's H derives from the schedule's
+``namespace/name`` (given a SHA-256 of it per field, see :func:`_resolve_hash`), so a fleet
+spreads its load and a schedule keeps its time; :attr:`Cron.resolved` is the expression
+after that replacement (what agents receive and the Schedule's status shows). Releases that
+resolved H without croniter chose other values: upgrading moves each H schedule once.
+
+Refused, with a message naming the token, because croniter reads them in ways cron users
+would not expect or SPEC leaves out: ``L``, ``W`` and ``#`` (last day, nearest weekday,
+nth weekday), ``R`` (random on every evaluation), ranges that run backwards (croniter
+wraps them, inconsistently with steps) and ranges with equal ends (croniter reads ``2-2``
+as the whole field).
 
 Internally instants are whole seconds since the epoch (fire times never carry fractions) and
 wall-clock times are naive datetimes. The matcher jumps field by field to the next matching
@@ -27,12 +37,15 @@ the expression is.
 from __future__ import annotations
 
 import hashlib
-import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterError, croniter
+from croniter.croniter import DOW_ALPHAS, M_ALPHAS, HashExpander
 
 
 class CronError(ValueError):
@@ -44,27 +57,32 @@ class _Field:
     name: str
     low: int
     high: int
-    names: Mapping[str, int] = field(default_factory=dict)
+    index: int  # croniter's index of the field in its expansion
+    names: tuple[str, ...] = ()
 
     def describe_range(self) -> str:
-        if not self.names:
-            return f"{self.low}-{self.high}"
-        by_value = sorted(self.names, key=self.names.__getitem__)
-        return f"{self.low}-{self.high} or {by_value[0]}-{by_value[-1]}"
+        names = f" or {self.names[0].upper()}-{self.names[-1].upper()}" if self.names else ""
+        return f"{self.low}-{self.high}{names}"
+
+    def number(self, text: str) -> int | None:
+        """The value `text` spells, or None if it is neither a number nor one of the field's names."""
+        if text.isascii() and text.isdigit():
+            return int(text)
+        lowered = text.lower()
+        return self.low + self.names.index(lowered) if lowered in self.names else None
 
 
-_MONTH_NAMES = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
-_WEEKDAY_NAMES = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
-
-_SECOND = _Field("second", 0, 59)
-_MINUTE = _Field("minute", 0, 59)
-_HOUR = _Field("hour", 0, 23)
-_DAY_OF_MONTH = _Field("day-of-month", 1, 31)
-_MONTH = _Field("month", 1, 12, {name: number for number, name in enumerate(_MONTH_NAMES, 1)})
+_SECOND = _Field("second", 0, 59, 5)
+_MINUTE = _Field("minute", 0, 59, 0)
+_HOUR = _Field("hour", 0, 23, 1)
+_DAY_OF_MONTH = _Field("day-of-month", 1, 31, 2)
+_MONTH = _Field("month", 1, 12, 3, tuple(sorted(M_ALPHAS, key=M_ALPHAS.__getitem__)))
 # 7 is Sunday too, as in every cron.
-_DAY_OF_WEEK = _Field("day-of-week", 0, 7, {name: number for number, name in enumerate(_WEEKDAY_NAMES)})
+_DAY_OF_WEEK = _Field("day-of-week", 0, 7, 4, tuple(sorted(DOW_ALPHAS, key=DOW_ALPHAS.__getitem__)))
 _FIELDS = (_SECOND, _MINUTE, _HOUR, _DAY_OF_MONTH, _MONTH, _DAY_OF_WEEK)
 
+# croniter knows the plain macros too, but with a hash id it reads them as H expressions, and
+# it has no @*-random ones: one table of ours keeps both kinds and the fixed-time rule plain.
 _MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -73,33 +91,27 @@ _MACROS = {
     "@daily": "0 0 * * *",
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
+    "@hourly-random": "H * * * *",
+    "@daily-random": "H H * * *",
+    "@weekly-random": "H H * * H",
+    # Days 29-31 would skip the months that lack them.
+    "@monthly-random": "H H H(1-28) * *",
 }
-_RANDOM_MACROS = ("@hourly-random", "@daily-random", "@weekly-random", "@monthly-random")
+# Tokens croniter accepts that restic-manager does not, by field: what each means.
+_UNSUPPORTED = {
+    _DAY_OF_MONTH: {"L": "the last day of the month", "W": "the nearest weekday"},
+    _DAY_OF_WEEK: {"L": "the last such weekday of the month", "#": "the nth such weekday of the month"},
+}
+_SYNTAX = "a value, a-b, */n, a/n, a-b/n, H, H(a-b), H/n, or a list of those"
 # Longest each month can be, so that a day-of-month that exists only in leap years still counts.
 _LONGEST_MONTH = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
 
-_HASH_TERM = re.compile(r"H(?:\((?P<first>\d+)-(?P<last>\d+)\))?(?:/(?P<step>\d+))?")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_SECOND = timedelta(seconds=1)
 
 
-def _spread(name: str, spec: _Field, first: int, last: int) -> int:
-    """A value in first..last fixed by `name`: sha256, because Python's hash() changes per process."""
-    digest = hashlib.sha256(f"{name}\0{spec.name}".encode()).digest()
-    return first + int.from_bytes(digest[:8], "big") % (last - first + 1)
-
-
-def _random_macro(macro: str, name: str) -> str:
-    minute = _spread(name, _MINUTE, 0, 59)
-    hour = _spread(name, _HOUR, 0, 23)
-    if macro == "@hourly-random":
-        return f"{minute} * * * *"
-    if macro == "@daily-random":
-        return f"{minute} {hour} * * *"
-    if macro == "@weekly-random":
-        return f"{minute} {hour} * * {_spread(name, _DAY_OF_WEEK, 0, 6)}"
-    # @monthly-random: days 29-31 would skip the months that lack them.
-    return f"{minute} {hour} {_spread(name, _DAY_OF_MONTH, 1, 28)} * *"
+class _Invalid(Exception):
+    """What is wrong with an expression; Cron adds the expression to the message."""
 
 
 @dataclass(frozen=True)
@@ -175,26 +187,15 @@ class Cron:
             self.zone = ZoneInfo(time_zone)
         except (ZoneInfoNotFoundError, ValueError, OSError):
             raise CronError(f"unknown time zone {time_zone!r}") from None
-        self.resolved, texts = _expand(expression, name)
-        self.has_seconds = len(texts) == 6
-        if not self.has_seconds:
-            texts = ["0", *texts]
-        second, minute, hour, day, month, weekday = (
-            _parse_field(text, spec, expression) for text, spec in zip(texts, _FIELDS)
-        )
+        try:
+            self.resolved, texts = _resolve(expression, name)
+            self.has_seconds = len(texts) == 6
+            if not self.has_seconds:
+                texts = ["0", *texts]
+            self._calendar = _calendar(tuple(texts))
+        except _Invalid as error:
+            raise CronError(f"{expression!r}: {error}") from None
         self.fixed_time = not texts[1].startswith("*") and not texts[2].startswith("*")
-        either_day = not _unrestricted(texts[3]) and not _unrestricted(texts[5])
-        if not either_day and not any(d <= _LONGEST_MONTH[m] for m in month for d in day):
-            raise CronError(f"{expression!r}: day-of-month {texts[3]} never occurs in month {texts[4]}")
-        self._calendar = _Calendar(
-            seconds=tuple(sorted(second)),
-            minutes=tuple(sorted(minute)),
-            hours=tuple(sorted(hour)),
-            days=frozenset(day),
-            months=frozenset(month),
-            weekdays=frozenset(value % 7 for value in weekday),
-            either_day=either_day,
-        )
 
     def __repr__(self) -> str:
         return f"Cron({self.expression!r}, {self.zone.key!r}, name={self.name!r})"
@@ -304,91 +305,114 @@ def _floor_seconds(instant: datetime, parameter: str) -> int:
     return (instant - _EPOCH) // _ONE_SECOND
 
 
-def _expand(expression: str, name: str) -> tuple[str, list[str]]:
+def _resolve(expression: str, name: str) -> tuple[str, list[str]]:
     """The resolved expression and its field texts (seconds first when it has them)."""
     text = expression.strip()
     if text.startswith("@"):
-        macro = text.lower()
-        if macro in _MACROS:
-            return expression, _MACROS[macro].split()
-        if macro in _RANDOM_MACROS:
-            resolved = _random_macro(macro, name)
-            return resolved, resolved.split()
-        known = ", ".join([*_MACROS, *_RANDOM_MACROS])
-        raise CronError(f"{expression!r}: unknown macro; use one of {known}")
-    texts = text.split()
-    if len(texts) not in (5, 6):
-        raise CronError(f"{expression!r}: expected 5 fields (or 6 with seconds first), got {len(texts)}")
+        macro = _MACROS.get(text.lower())
+        if macro is None:
+            raise _Invalid(f"unknown macro; use one of {', '.join(_MACROS)}")
+        texts = macro.split()
+    else:
+        texts = text.split()
+        if len(texts) not in (5, 6):
+            raise _Invalid(f"expected 5 fields (or 6 with seconds first), got {len(texts)}")
     fields = _FIELDS if len(texts) == 6 else _FIELDS[1:]
-    resolved_texts = [_resolve_hash(part, spec, name, expression) for part, spec in zip(texts, fields)]
-    return (expression if resolved_texts == texts else " ".join(resolved_texts)), resolved_texts
+    resolved = [
+        ",".join(_resolve_hash(term, spec, name) for term in part.split(",")) for part, spec in zip(texts, fields)
+    ]
+    return (expression if resolved == texts else " ".join(resolved)), resolved
 
 
-def _resolve_hash(text: str, spec: _Field, name: str, expression: str) -> str:
-    """`text` with its H terms replaced by values spread by `name`."""
-    terms = text.split(",")
-    if not any(term.startswith("H") for term in terms):
-        return text
-    if spec not in (_MINUTE, _HOUR):
-        raise CronError(f"{expression!r}: {spec.name} cannot use H; only minute and hour can")
-    return ",".join(_resolve_hash_term(term, spec, name, expression) for term in terms)
+# croniter's hashing reads only the field ranges of the instance it is given.
+_HASHER = HashExpander(croniter("* * * * *"))
 
 
-def _resolve_hash_term(term: str, spec: _Field, name: str, expression: str) -> str:
-    if not term.startswith("H"):
+def _resolve_hash(term: str, spec: _Field, name: str) -> str:
+    """`term` with an H term replaced by croniter's value for `name` (croniter itself takes H only
+    as a whole field, not in a list)."""
+    if not term.startswith(("H", "h")):
         return term
-    match = _HASH_TERM.fullmatch(term)
-    if match is None:
-        raise CronError(f"{expression!r}: {spec.name} has {term!r}; use H, H(a-b), H/n or H(a-b)/n")
-    first, last = spec.low, spec.high
-    if match["first"] is not None:
-        first = _value(match["first"], spec, expression)
-        last = _value(match["last"], spec, expression)
+    # croniter derives every field from one CRC-32 of the hash id, shifted by the field's index:
+    # with one id, minute and hour together take only 240 of the day's 1,440 times. An id per
+    # field keeps them independent; a digest, because CRC-32s of similar names are similar.
+    hash_id = hashlib.sha256(f"{name}\0{spec.name}".encode()).digest()
+    try:
+        value = _HASHER.expand("", spec.index, term.lower(), hash_id=hash_id)
+    except CroniterError:
+        value = term.lower()
+    if value == term.lower():
+        raise _Invalid(f"{spec.name} has {term!r}; use H, H(a-b), H/n or H(a-b)/n with a<b in {spec.describe_range()}")
+    return value
+
+
+@lru_cache(maxsize=1024)
+def _calendar(texts: tuple[str, ...]) -> _Calendar:
+    """The matching wall-clock times of six field texts (seconds first), expanded by croniter.
+
+    Cached: a fleet's schedules share a few expressions, and Crons with equal fields can share
+    one calendar.
+    """
+    for text, spec in zip(texts, _FIELDS):
+        for term in text.split(","):
+            _check_term(term, spec)
+    try:
+        expanded, _ = croniter.expand(" ".join(texts), second_at_beginning=True)
+    except CroniterError as error:
+        raise _Invalid(_field_problem(texts, error)) from None
+    second, minute, hour, day, month, weekday = (_values(expanded[spec.index], spec) for spec in _FIELDS)
+    either_day = not _unrestricted(texts[3]) and not _unrestricted(texts[5])
+    if not either_day and not any(d <= _LONGEST_MONTH[m] for m in month for d in day):
+        raise _Invalid(f"day-of-month {texts[3]} never occurs in month {texts[4]}")
+    return _Calendar(
+        seconds=tuple(sorted(second)),
+        minutes=tuple(sorted(minute)),
+        hours=tuple(sorted(hour)),
+        days=frozenset(day),
+        months=frozenset(month),
+        weekdays=frozenset(value % 7 for value in weekday),
+        either_day=either_day,
+    )
+
+
+def _values(expanded: Sequence[int | str], spec: _Field) -> list[int]:
+    """croniter's values for a field, where ["*"] stands for all of them."""
+    return list(range(spec.low, spec.high + 1)) if expanded == ["*"] else [int(value) for value in expanded]
+
+
+def _check_term(term: str, spec: _Field) -> None:
+    """Refuse what croniter would read differently from cron, or without naming the field."""
+    if term.startswith(("R", "r")):
+        raise _Invalid(f"{spec.name} has {term!r}: R, a new random value at every evaluation, is not "
+                       "supported; H gives a value fixed by the Schedule's name")
+    for token, meaning in _UNSUPPORTED.get(spec, {}).items():
+        if token in term.upper():
+            raise _Invalid(f"{spec.name} has {term!r}: {token} ({meaning}) is not supported")
+    bounds, slash, step = term.partition("/")
+    if slash and not (step.isascii() and step.isdigit() and int(step) > 0):
+        raise _Invalid(f"{spec.name} step must be a positive whole number, not {step!r}")
+    first_text, dash, last_text = bounds.partition("-")
+    first, last = spec.number(first_text), spec.number(last_text)
+    if any(value is not None and not spec.low <= value <= spec.high for value in (first, last)):
+        raise _Invalid(f"{spec.name} must be {spec.describe_range()}")
+    if dash and first is not None and last is not None:
         if last < first:
-            raise CronError(f"{expression!r}: {spec.name} range {term!r} runs backwards")
-    if match["step"] is None:
-        return str(_spread(name, spec, first, last))
-    step = _step(match["step"], spec, expression)
-    # Bound the offset by the range so that a step wider than the range still fires once.
-    offset = _spread(name, spec, 0, min(step, last - first + 1) - 1)
-    return f"{first + offset}-{last}/{step}"
+            raise _Invalid(f"{spec.name} range {bounds!r} runs backwards")
+        if last == first:
+            raise _Invalid(f"{spec.name} range {bounds!r} has equal ends; write {first_text}")
+
+
+def _field_problem(texts: tuple[str, ...], error: CroniterError) -> str:
+    """Which field croniter could not read, found by trying each alone."""
+    for index, spec in enumerate(_FIELDS):
+        alone = ["*"] * len(_FIELDS)
+        alone[index] = texts[index]
+        try:
+            croniter.expand(" ".join(alone), second_at_beginning=True)
+        except CroniterError:
+            return f"{spec.name} has {texts[index]!r}; use {spec.describe_range()}: {_SYNTAX}"
+    return f"croniter cannot read it: {error}"
 
 
 def _unrestricted(text: str) -> bool:
     return text.startswith(("*", "?"))
-
-
-def _parse_field(text: str, spec: _Field, expression: str) -> set[int]:
-    values: set[int] = set()
-    for term in text.split(","):
-        base, slash, step_text = term.partition("/")
-        step = _step(step_text, spec, expression) if slash else 1
-        if base == "*" or (base == "?" and spec in (_DAY_OF_MONTH, _DAY_OF_WEEK)):
-            first, last = spec.low, spec.high
-        else:
-            first_text, dash, last_text = base.partition("-")
-            first = _value(first_text, spec, expression)
-            # "a/n" means a, a+n, ... up to the field's end (Vixie cron, robfig).
-            last = _value(last_text, spec, expression) if dash else (spec.high if slash else first)
-            if last < first:
-                raise CronError(f"{expression!r}: {spec.name} range {base!r} runs backwards")
-        values.update(range(first, last + 1, step))
-    return values
-
-
-def _value(text: str, spec: _Field, expression: str) -> int:
-    if text.isascii() and text.isdigit():
-        value = int(text)
-    elif text.upper() in spec.names:
-        value = spec.names[text.upper()]
-    else:
-        raise CronError(f"{expression!r}: {spec.name} has unknown value {text!r}; use {spec.describe_range()}")
-    if not spec.low <= value <= spec.high:
-        raise CronError(f"{expression!r}: {spec.name} must be {spec.describe_range()}")
-    return value
-
-
-def _step(text: str, spec: _Field, expression: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise CronError(f"{expression!r}: {spec.name} step must be a positive whole number, not {text!r}")
-    return int(text)

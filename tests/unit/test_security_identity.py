@@ -340,6 +340,8 @@ GOOD = {"agent": "web-01", "repository": "offsite", "schedule": "0 2 * * *", "ti
     ("valid", {}, []),
     ("valid with H and seconds", {"schedule": "*/30 H * * * *"}, []),
     ("minute out of range", {"schedule": "61 * * * *"}, ["spec.schedule: '61 * * * *': minute must be 0-59"]),
+    ("croniter's L is refused", {"schedule": "0 2 L * *"},
+     ["spec.schedule: '0 2 L * *': day-of-month has 'L': L (the last day of the month) is not supported"]),
     ("too few fields", {"schedule": "* *"}, ["spec.schedule: '* *': expected 5 fields (or 6 with seconds first), got 2"]),
     ("unknown zone", {"timeZone": "Mars/Olympus"},
      ["spec.timeZone 'Mars/Olympus': not a known IANA time zone, e.g. UTC or Europe/London"]),
