@@ -39,7 +39,8 @@ job.progress       agent → op  job, percentDone, filesDone, totalFiles, bytesD
                                totalBytes, secondsElapsed, secondsRemaining
 job.done           agent → op  job, outcome, exitCode, finishedAt, summary, error,
                                logTail[], interrupted (the agent died while restic ran),
-                               refused (the host's agent config does not allow it)
+                               refused (the host's agent config does not allow it),
+                               timedOut (stopped after timeoutSeconds)
 fire.result        op → agent  ref (the schedule.fire frame's id), id, scheduledAt,
                                outcome (created | exists | refused | missed | retry),
                                job (created, exists), reason (the others)
@@ -356,6 +357,8 @@ class JobDone(Payload, frozen=True, kw_only=True):
     interrupted: bool = False
     # The host's agent config does not allow the job (a path, target or repository); restic never ran.
     refused: bool = False
+    # restic ran longer than the command's timeoutSeconds and the agent stopped it.
+    timed_out: bool = False
 
 
 class FireOutcome(str, Enum):
