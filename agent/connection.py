@@ -15,7 +15,9 @@ A connection's life, as `Connection.run` and `_serve` spell it out:
 4. once this connection's first set is acknowledged, deliver the mailbox (fires and job
    messages, including those that piled up while disconnected) and send again whatever the
    session says is due (no receipt in time, or `retry`);
-5. on shutdown, close with code 1001 and a reason; on any loss, go back to 1.
+5. on shutdown, close with code 1001 and a reason; on any loss, ask agent/retry.py's
+   `Reconnect` what it means: go back to 1 after its delay, or raise `AgentStopped` when
+   the operator refuses this agent for good.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
-from websockets.frames import CloseCode
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Close, CloseCode
 
 from restic_manager import __version__, protocol, session
+from restic_manager.agent import retry
 from restic_manager.agent.scheduler import Timer
 from restic_manager.agent.state import Mailbox
 
@@ -88,20 +91,12 @@ class OperatorMismatch(Exception):
     """The operator speaks another protocol version; ``str()`` says which and what to do."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter: retry n waits a uniformly random time in
-    [0, min(cap, base * 2**n)], so a fleet that lost its operator does not return in lockstep.
+class AgentStopped(Exception):
+    """The operator refuses this agent for good; ``stop`` has the exit code and the message."""
 
-    The cap is low because a restarting operator is back within seconds, and an agent that
-    waited toward a minute would come back long after it; full jitter over the cap still
-    spreads a large fleet's reconnects (bench/README.md measures them)."""
-
-    base: float = 1.0
-    cap: float = 10.0
-
-    def delay(self, retry: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(retry, 32)))
+    def __init__(self, stop: retry.Stop) -> None:
+        super().__init__(stop.message)
+        self.stop = stop
 
 
 class Connection:
@@ -115,7 +110,8 @@ class Connection:
         timer: Timer,
         runner: Runner,
         mailbox: Mailbox,
-        backoff: Backoff = Backoff(),
+        backoff: retry.Backoff = retry.SOON,
+        slow_backoff: retry.Backoff = retry.SLOWLY,
         receipt_timeout: float = session.RECEIPT_TIMEOUT,
         recovery_wait: float = RECOVERY_WAIT,
         rng: random.Random | None = None,
@@ -128,16 +124,18 @@ class Connection:
         self._timer = timer
         self._runner = runner
         self._mailbox = mailbox
-        self._backoff = backoff
         self._rng = rng or random.Random()
+        self._reconnect = retry.Reconnect(agent=identity.agent, token_file=endpoint.token_file, rng=self._rng,
+                                          soon=backoff, slowly=slow_backoff)
         self._sleep = sleep
 
     async def run(self) -> None:
-        """Connect, serve, reconnect; cancelling it closes an open socket with a reason."""
+        """Connect, serve, reconnect; cancelling it closes an open socket with a reason. Raises
+        AgentStopped when the operator refuses this agent for good."""
         url = self._endpoint.url
-        retry = 0
         while True:
             established = asyncio.Event()
+            ending: retry.Ending
             try:
                 async with connect(url, **await self._connect_options()) as websocket:
                     log.info("connected to the operator at %s", url)
@@ -146,18 +144,24 @@ class Connection:
                     except asyncio.CancelledError:
                         await websocket.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
                         raise
-                log.warning("connection to %s closed (code %s%s)", url, websocket.close_code,
-                            f", {websocket.close_reason!r}" if websocket.close_reason else "")
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
-                log.warning("connection to the operator at %s failed: %s", url, error)
+                ending = _closed(websocket.protocol.close_rcvd)
+            except InvalidStatus as error:
+                response = error.response
+                ending = retry.Refused(response.status_code,
+                                       retry.reason_code(response.headers.get(protocol.REFUSAL_HEADER)))
+            except ConnectionClosed as error:  # while saying hello: the operator may have said why
+                ending = _closed(error.rcvd)
+            except (OSError, TimeoutError, InvalidHandshake) as error:
+                ending = retry.Failed(f"cannot connect: {error}")
             except OperatorMismatch as error:
-                log.error("%s", error)
-            if established.is_set():
-                retry = 0  # a session that got as far as an ack was a success
-            delay = self._backoff.delay(retry, self._rng)
-            retry += 1
-            log.info("reconnecting to %s in %.1f s", url, delay)
-            await self._sleep(delay)
+                ending = retry.Failed(str(error), level=logging.ERROR)
+            decision = self._reconnect.after(ending, established=established.is_set(),
+                                             now=asyncio.get_running_loop().time())
+            if isinstance(decision, retry.Stop):
+                raise AgentStopped(decision)
+            log.log(decision.level, "operator at %s: %s", url, decision.message)
+            log.info("reconnecting to %s in %.1f s", url, decision.delay)
+            await self._sleep(decision.delay)
 
     async def _connect_options(self) -> dict[str, Any]:
         headers = {}
@@ -289,3 +293,10 @@ class Connection:
 
     async def _send(self, websocket: ClientConnection, payload: protocol.Payload) -> None:
         await websocket.send(protocol.encode(payload))
+
+
+def _closed(received: Close | None) -> retry.Closed:
+    """The end of a connection as the operator's close frame says; without one, an abnormal closure."""
+    if received is None:
+        return retry.Closed(CloseCode.ABNORMAL_CLOSURE)
+    return retry.Closed(received.code, received.reason)

@@ -1,4 +1,10 @@
-"""`restic-manager agent`: command-line options and the process's top-level lifecycle."""
+"""`restic-manager agent`: command-line options and the process's top-level lifecycle.
+
+It exits with an :class:`~restic_manager.agent.retry.ExitCode` saying why: 0 when told to
+stop, and one of the permanent ones (no restart can help until someone fixes it) for a
+setting it cannot work with, a state directory it cannot write, or an operator that
+refuses it for good; everything that may heal by itself is retried instead.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,30 @@ import sys
 from typing import Protocol
 
 from restic_manager.agent import config
-from restic_manager.agent.connection import Connection, Endpoint, Identity
+from restic_manager.agent.connection import AgentStopped, Connection, Endpoint, Identity
+from restic_manager.agent.retry import PERMANENT, ExitCode
 from restic_manager.agent.runner import JobRunner, ResticUnavailable, interrupted, restic_version
 from restic_manager.agent.scheduler import Scheduler, SystemClock, Timer
-from restic_manager.agent.state import Mailbox, Outbox, StateStore, state_saver
+from restic_manager.agent.state import Mailbox, Outbox, StateError, StateStore, state_saver
 
 log = logging.getLogger(__name__)
+
+EXIT_CODES = f"""exit status:
+  {ExitCode.STOPPED:d}  stopped by SIGTERM or SIGINT
+  1  an unexpected error (the log has its traceback)
+  {ExitCode.CONFIG:d}  a setting it cannot work with, or a restic binary that does not run
+  {ExitCode.STATE:d}  the state directory cannot be read or written
+  {ExitCode.REFUSED:d}  the operator refuses it for good: its credentials belong to another Agent,
+     two agents share them, or an in-cluster agent is deployed unlike the operator expects
+  {", ".join(str(int(code)) for code in sorted(PERMANENT))} are permanent: deploy/systemd's unit does not restart the agent after them.
+  Everything else (no operator, refused credentials such as an unknown token, revoked ones)
+  is retried, and the token file is read again on every attempt."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `restic-manager agent`."""
     config.add_arguments(parser)
+    parser.epilog = f"{parser.epilog}\n{EXIT_CODES}\n"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         tls = settings.ssl_context()
     except config.ConfigError as error:
         print(f"restic-manager agent: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.insecure:
         log.warning("--insecure: talking plain ws:// to %s; the token and repository credentials cross "
@@ -41,13 +60,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(settings: config.AgentConfig, tls: ssl.SSLContext | None) -> int:
+    store = StateStore(settings.state_dir / "state.json")
+    try:
+        await asyncio.to_thread(store.check_writable)
+        saved = await asyncio.to_thread(store.load)
+    except StateError as error:
+        log.error("%s", error)
+        return ExitCode.STATE
     try:
         version = await restic_version(settings.restic)
     except ResticUnavailable as error:
         log.error("%s; set --restic to the restic binary", error)
-        return 1
-    store = StateStore(settings.state_dir / "state.json")
-    saved = await asyncio.to_thread(store.load)
+        return ExitCode.CONFIG
     scheduler = Scheduler(saved.cursors)
     outbox = Outbox(saved.outbox)
     journal = saved.journal
@@ -77,9 +101,16 @@ async def _main(settings: config.AgentConfig, tls: ssl.SSLContext | None) -> int
     # process: a full garbage collection then skips it instead of holding up a fire by
     # tens of milliseconds.
     gc.freeze()
-    await run_agent(timer=timer, connection=connection, runner=runner, stop=stop)
+    refusals: list[AgentStopped] = []
+    try:
+        await run_agent(timer=timer, connection=connection, runner=runner, stop=stop)
+    except* AgentStopped as stopped:  # a return is not allowed inside except*
+        refusals = [error for error in stopped.exceptions if isinstance(error, AgentStopped)]
+    if refusals:
+        log.error("agent %s stops: %s", settings.agent_name, refusals[0].stop.message)
+        return refusals[0].stop.exit_code
     log.info("agent %s stopped", settings.agent_name)
-    return 0
+    return ExitCode.STOPPED
 
 
 class _Closable(Protocol):
@@ -87,9 +118,10 @@ class _Closable(Protocol):
 
 
 async def run_agent(*, timer: Timer, connection: Connection, runner: _Closable, stop: asyncio.Event) -> None:
-    """The agent's life: the timer and the connection run until `stop` is set; then the timer
-    stops, the socket closes with a reason, and running jobs are ended (their job.done stays
-    in the saved outbox for the next start)."""
+    """The agent's life: the timer and the connection run until `stop` is set, or until the
+    connection raises AgentStopped (in an ExceptionGroup); then the timer stops, the socket
+    closes with a reason, and running jobs are ended (their job.done stays in the saved
+    outbox for the next start)."""
     try:
         async with asyncio.TaskGroup() as tasks:
             timer_task = tasks.create_task(timer.run(), name="timer")

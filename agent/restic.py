@@ -615,6 +615,7 @@ class Verdict:
     outcome: Outcome
     message: str = ""
     retry_after_unlock: bool = False
+    timed_out: bool = False  # stopped after the command's timeoutSeconds
 
 
 def exit_status(returncode: int) -> int:
@@ -655,7 +656,8 @@ def decide(
     if stop is Stop.CANCELLED:
         return Verdict(Outcome.CANCELLED, f"{name} cancelled: restic was interrupted")
     if stop is Stop.TIMED_OUT:
-        return Verdict(Outcome.FAILED, f"{name} timed out after {timeout_seconds} s: restic was interrupted")
+        return Verdict(Outcome.FAILED, f"{name} timed out after {timeout_seconds} s: restic was interrupted",
+                       timed_out=True)
     code = effective_exit_code(exit_code, transcript.text())
     detail = transcript.detail()
     if job_type is JobType.INIT and code == 1 and transcript.line_matching(_ALREADY_INITIALIZED):

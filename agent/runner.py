@@ -231,6 +231,7 @@ class JobRunner:
                 log_tail=job.tail.lines(),
                 interrupted=recovering and verdict.outcome is Outcome.FAILED and not refused,
                 refused=refused,
+                timed_out=verdict.timed_out,
             )
             del self._jobs[job.name]
             self._journal.running.pop(job.name, None)  # saved with the job.done's post

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 2
 
 
+class StateError(Exception):
+    """The state directory cannot be read or written; ``str()`` names it, the error and the fix."""
+
+
 def is_durable(payload: protocol.Payload) -> bool:
     """Whether `payload` survives a restart: fires and job results do; job.started and
     job.progress only describe a process that a restart ends, and the next hello says which
@@ -140,16 +144,33 @@ class StateStore:
         self._write_lock = threading.Lock()
         self._encoded_cursors: dict[str, tuple[Cursor, str]] = {}
 
+    def check_writable(self) -> None:
+        """Create the state directory if need be and write a file in it, as every save does;
+        StateError if that fails. At start: an agent that could not save would forget its
+        undelivered fires and job results at its next restart, and fire again what it did."""
+        probe = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(probe, "w", encoding="utf-8", opener=_private) as file:
+                file.flush()
+                os.fsync(file.fileno())
+            probe.unlink()
+        except OSError as error:
+            raise StateError(f"state directory {self.path.parent}: cannot write {probe.name} there: "
+                             f"{error.strerror or error}; give the agent a directory it may write (--state-dir, "
+                             "stateDir)") from None
+
     def load(self) -> AgentState:
-        """The saved state; empty, with the reason logged, when the file is missing or unusable."""
+        """The saved state; empty when there is none yet, or when the file is unusable (logged,
+        and kept aside). StateError when it cannot be read: starting empty would overwrite it."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             log.info("no agent state at %s yet; starting empty", self.path)
             return AgentState()
         except OSError as error:
-            log.error("cannot read agent state %s (%s); starting empty", self.path, error)
-            return AgentState()
+            raise StateError(f"agent state {self.path}: cannot read it: {error.strerror or error}; the agent "
+                             "must read and write its state directory (--state-dir, stateDir)") from None
         try:
             return _decode_state(text)
         except (ValueError, TypeError, KeyError, AttributeError) as error:

@@ -1,7 +1,7 @@
 """Benchmark 6 — recovery: after a kill -9 of the operator, how long until every agent is back.
 
 N simulated agents (5 and 10,000; --quick: 5 and 500), each reconnecting with the real
-agent's backoff (agent/connection.py ``Backoff``: full jitter, 1 s doubling to a 10 s cap),
+agent's backoff (agent/retry.py ``Backoff``: full jitter, 1 s doubling to a 10 s cap),
 are connected and have acknowledged their set. The operator is killed with SIGKILL and
 started again at once, three times per size. Measured from the new operator's view being
 primed (its "primed:" log line) to each agent's first ``schedule.ack`` of the new session:
@@ -22,7 +22,7 @@ from simfleet import Fleet
 from stats import summary
 from world import agents_with_tokens, prepare_namespace
 
-from restic_manager.agent.connection import Backoff
+from restic_manager.agent.retry import Backoff
 
 NAME = "reconnect"
 ROUNDS = 3

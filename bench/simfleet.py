@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from restic_manager import cron, protocol
-from restic_manager.agent.connection import Backoff
+from restic_manager.agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,12 @@ hello first, then frames.
 
 A connection's life reads top to bottom here: the HTTP upgrade must carry a bearer
 credential that :data:`Authenticate` turns into an :class:`~restic_manager.operator.identity.Identity`,
-or it is refused with 401/403 (the reason goes to the log and the metrics, nothing but the
-status to the peer); the first frame must be a ``hello`` naming that identity's Agent; the
-session is registered (replacing an older connection of the same agent); then every inbound
+or it is refused with 401/403 (the details go to the log and the metrics; the peer gets the
+status and the refusal's reason code in :data:`protocol.REFUSAL_HEADER`, so an agent can say
+why it is kept out and whether trying again can help); the first frame must be a ``hello``
+naming that identity's Agent (another name is closed with
+:data:`protocol.CLOSE_WRONG_AGENT`); the session is registered (replacing an older
+connection of the same agent, closed with :data:`protocol.CLOSE_REPLACED`); then every inbound
 frame is rate-limited, validated, checked against the session's rules
 (restic_manager/session.py: an ack names a set this connection was sent, fires come after
 the first ack) and handed to the :class:`SessionHandler` in order. An invalid, rate-limited,
@@ -63,8 +66,6 @@ log = logging.getLogger(__name__)
 _WIRE_LOG = logging.getLogger(f"{__name__}.wire")
 _WIRE_LOG.setLevel(logging.INFO)
 
-CLOSE_REPLACED = 4000  # a newer connection of the same agent took over
-CLOSE_REVOKED = 4001   # the credential the connection was opened with no longer holds
 REPLACED_CLOSE_TIMEOUT = 1.0
 LOGGED_REFUSALS = 10   # per connection; further refused frames are counted, not logged
 LOGGED_HANDSHAKE_REFUSALS = 20  # a minute, of all peers; the rest are counted, and the count logged later
@@ -72,6 +73,10 @@ ACCEPT_BACKLOG = 100  # asyncio's default
 # Connections reset by one accept call at most; then the event loop's other work runs.
 RESETS_PER_ACCEPT = 100
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with RST, leaving no TIME_WAIT here
+
+
+class _WrongAgent(protocol.ProtocolError):
+    """A hello naming another Agent than the one its connection's credentials belong to."""
 
 
 class TLSError(Exception):
@@ -252,7 +257,7 @@ class AgentServer:
         session = self.sessions.get(agent)
         if session is not None:
             log.warning("agent %s: disconnected: %s", agent, reason)
-            await _close_quickly(session.connection, CLOSE_REVOKED, "credentials revoked")
+            await _close_quickly(session.connection, protocol.CLOSE_REVOKED, "credentials revoked")
 
     def remember_addresses(self, addresses: Iterable[str]) -> None:
         """Addresses agents connected from before: their handshakes do not take the places of
@@ -282,6 +287,9 @@ class AgentServer:
         except AuthError as refusal:
             self._count_refusal(_peer(connection), refusal.reason, f"HTTP {refusal.status:d}", refusal)
             response = connection.respond(refusal.status, f"{refusal.status.phrase}\n")
+            # The reason code only: it names which check failed, never whose credentials
+            # they were (docs/security.md, "What a refused agent is told").
+            response.headers[protocol.REFUSAL_HEADER] = refusal.reason
             if refusal.status is HTTPStatus.UNAUTHORIZED:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="restic-manager"'
             return response
@@ -296,7 +304,9 @@ class AgentServer:
         except protocol.ProtocolError as error:
             self.metrics.handshakes_refused["invalid-hello"] += 1
             log.warning("agent %s from %s refused: %s", identity.agent, _peer(connection), error)
-            await _refuse(connection, protocol.Error(code="invalid-frame", message=str(error), ref=error.ref))
+            code = protocol.CLOSE_WRONG_AGENT if isinstance(error, _WrongAgent) else CloseCode.POLICY_VIOLATION
+            await _refuse(connection, protocol.Error(code="invalid-frame", message=str(error), ref=error.ref),
+                          code=code)
             return
         except TimeoutError:
             self.metrics.handshakes_refused["hello-timeout"] += 1
@@ -318,7 +328,7 @@ class AgentServer:
         if previous is not None:
             log.info("agent %s: new connection from %s replaces the one from %s",
                      agent, session.peer, previous.peer)
-            await _close_quickly(previous.connection, CLOSE_REPLACED,
+            await _close_quickly(previous.connection, protocol.CLOSE_REPLACED,
                                  "replaced by a newer connection of the same agent")
         log.info("agent %s connected from %s by %s (agent %s, restic %s, %d running job(s))", agent, session.peer,
                  identity.method.value, hello.agent_version, hello.restic_version, len(hello.running_jobs))
@@ -347,7 +357,7 @@ class AgentServer:
                 f"this operator speaks {protocol.PROTOCOL_VERSION}", ref=frame.id)
         if hello.agent != identity.agent.name:
             # The credential decides who the agent is; hello must agree with it.
-            raise protocol.ProtocolError(
+            raise _WrongAgent(
                 f"hello: agent {hello.agent!r} is not the Agent these credentials belong to "
                 f"({identity.agent.name!r})", ref=frame.id)
         return frame
@@ -475,11 +485,11 @@ async def _close_quickly(connection: ServerConnection, code: int, reason: str) -
         connection.transport.abort()
 
 
-async def _refuse(connection: ServerConnection, error: protocol.Error) -> None:
-    """Say why, then close with 1008 (policy violation)."""
+async def _refuse(connection: ServerConnection, error: protocol.Error, *, code: int) -> None:
+    """Say why, then close with ``code``."""
     try:
         await connection.send(protocol.encode(error))
         # A close reason may hold at most 123 bytes.
-        await connection.close(CloseCode.POLICY_VIOLATION, error.message.encode()[:123].decode(errors="ignore"))
+        await connection.close(code, error.message.encode()[:123].decode(errors="ignore"))
     except ConnectionClosed:
         pass

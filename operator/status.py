@@ -8,6 +8,7 @@ writer patches the difference.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -244,10 +245,14 @@ def job_progress(status: Mapping[str, Any], message: JobProgress) -> Status:
     if is_terminal(status):
         return dict(status)
     progress = {name: value for name, value in to_wire(message).items() if name != "job"}
+    # Whole percent for the printer column, rounded down: 100 only once restic is done.
+    progress["percent"] = math.floor(message.percent_done)
     return {**status, "phase": "Running", "progress": progress}
 
 
 _EXIT_REASONS = {3: "IncompleteSnapshot", 10: "RepositoryNotFound", 11: "RepositoryLocked", 12: "WrongPassword"}
+TIMEOUT = "Timeout"
+SHORT_ID = 8  # hex digits of a snapshot id, as restic shows it
 
 
 def job_done(status: Mapping[str, Any], message: JobDone) -> Status:
@@ -262,6 +267,8 @@ def job_done(status: Mapping[str, Any], message: JobDone) -> Status:
         reason, text = "RefusedByAgent", message.error
     elif message.interrupted:
         reason, text = LOST, message.error or "the agent stopped while restic ran"
+    elif message.timed_out and outcome is Outcome.FAILED:
+        reason, text = TIMEOUT, message.error or "restic ran longer than spec.timeoutSeconds and was stopped"
     elif outcome is Outcome.SUCCEEDED:
         reason, text = "Completed", "restic finished successfully"
     elif outcome is Outcome.CANCELLED:
@@ -275,6 +282,10 @@ def job_done(status: Mapping[str, Any], message: JobDone) -> Status:
         new["exitCode"] = message.exit_code
     if message.summary is not None:
         new["summary"] = to_wire(message.summary)
+        if message.summary.snapshot_id:
+            new["summary"]["shortId"] = message.summary.snapshot_id[:SHORT_ID]
+    if outcome is Outcome.SUCCEEDED:
+        new["progress"] = {**(status.get("progress") or {}), "percent": 100}
     new["logTail"] = list(message.log_tail)
     return _with_outcome_conditions(new, now=message.finished_at)
 

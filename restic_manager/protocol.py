@@ -39,7 +39,8 @@ job.progress       agent → op  job, percentDone, filesDone, totalFiles, bytesD
                                totalBytes, secondsElapsed, secondsRemaining
 job.done           agent → op  job, outcome, exitCode, finishedAt, summary, error,
                                logTail[], interrupted (the agent died while restic ran),
-                               refused (the host's agent config does not allow it)
+                               refused (the host's agent config does not allow it),
+                               timedOut (stopped after timeoutSeconds)
 fire.result        op → agent  ref (the schedule.fire frame's id), id, scheduledAt,
                                outcome (created | exists | refused | missed | retry),
                                job (created, exists), reason (the others)
@@ -54,6 +55,11 @@ in an Event); ``retry`` and silence leave it pending, to be sent again. A ``job.
 settled by its ``job.done.ack``, sent once the job's final status is written. ``job.started``
 and ``job.progress`` are best effort. restic_manager/session.py holds the rules both ends
 follow: what may be sent when, and what each receipt settles.
+
+Refusals: a refused handshake's response names only the refusal's reason code
+(``unknown-token``, ``wrong-service-account``, …) in the :data:`REFUSAL_HEADER` header; an
+open connection the operator ends carries one of the close codes below (or 1008, policy
+violation, with a reason). agent/retry.py decides what each means for the agent.
 
 Schedule ids and job names are ``namespace/name``. Times are ISO 8601 with an offset.
 Repository credentials travel only in ``command.run``'s ``repository.env``; nothing else
@@ -78,6 +84,13 @@ import msgspec
 PROTOCOL_VERSION = 2
 # The handshake response header in which the operator names the protocol version it speaks.
 PROTOCOL_HEADER = "Restic-Manager-Protocol"
+# The header of a refused handshake's response that names the refusal's reason code, and
+# nothing else: which Agent, ServiceAccount or node it concerns stays in the operator's log.
+REFUSAL_HEADER = "Restic-Manager-Refusal"
+# Close codes the operator ends a session with (4000-4999: private use, RFC 6455 §7.4.2).
+CLOSE_REPLACED = 4000     # a newer connection with the same credentials took over
+CLOSE_REVOKED = 4001      # the credentials the connection was opened with no longer hold
+CLOSE_WRONG_AGENT = 4002  # hello named another Agent than the one the credentials belong to
 MAX_FRAME_BYTES = 1024 * 1024
 LOG_TAIL_LINES = 50
 
@@ -344,6 +357,8 @@ class JobDone(Payload, frozen=True, kw_only=True):
     interrupted: bool = False
     # The host's agent config does not allow the job (a path, target or repository); restic never ran.
     refused: bool = False
+    # restic ran longer than the command's timeoutSeconds and the agent stopped it.
+    timed_out: bool = False
 
 
 class FireOutcome(str, Enum):

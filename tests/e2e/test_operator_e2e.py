@@ -107,6 +107,9 @@ def test_a_kubectl_created_job_runs_through_the_same_dispatcher(world: World) ->
     job = world.get("resticjob/by-hand")
     assert job is not None
     assert job["status"]["summary"]["snapshotId"] in world.snapshot_ids(repository)
+    # What the Snapshot and Progress columns show: restic's short id, and all of the work done.
+    assert job["status"]["summary"]["shortId"] == job["status"]["summary"]["snapshotId"][:8]
+    assert job["status"]["progress"]["percent"] == 100
     assert job["status"]["dispatchedAt"] and job["status"]["startTime"] and job["status"]["completionTime"]
     assert {c["type"]: c["status"] for c in job["status"]["conditions"]} == {"Complete": "True", "Failed": "False"}
     assert "finalizers" not in job["metadata"]

@@ -21,8 +21,9 @@ from support.fake_operator import TIMEOUT, FakeOperator, FakeRunner, ManualClock
 
 import restic_manager
 from restic_manager import protocol
-from restic_manager.agent.connection import SHUTDOWN_REASON, Backoff, Connection, Endpoint, Identity
+from restic_manager.agent.connection import SHUTDOWN_REASON, AgentStopped, Connection, Endpoint, Identity
 from restic_manager.agent.main import run_agent
+from restic_manager.agent.retry import SLOWLY, ExitCode
 from restic_manager.agent.scheduler import Clock, Scheduler, SystemClock, Timer
 from restic_manager.agent.state import Mailbox, Outbox, StateStore, state_saver
 
@@ -117,8 +118,8 @@ class Agent:
         gate: SaveGate | None = None, receipt_timeout: float = 30.0, interrupted: list[str] = (),
         recovery_wait: float = 30.0,
     ) -> None:
-        token_file = state_dir / "token"
-        token_file.write_text(TOKEN + "\n")
+        self.token_file = state_dir / "token"
+        self.token_file.write_text(TOKEN + "\n")
         store = StateStore(state_dir / "state.json")
         saved = store.load()
         self.scheduler = Scheduler(saved.cursors)
@@ -131,7 +132,7 @@ class Agent:
         self.runner = FakeRunner(list(running), list(interrupted))
         self.retries = Retries()
         self.connection = Connection(
-            endpoint=Endpoint(operator.url, token_file=token_file),
+            endpoint=Endpoint(operator.url, token_file=self.token_file),
             identity=Identity(agent="web-01", restic_version="0.19.1", hostname="web-01.example.com"),
             timer=self.timer, runner=self.runner, mailbox=self.mailbox,
             rng=HighestDelay(), sleep=self.retries.sleep, receipt_timeout=receipt_timeout,
@@ -176,27 +177,42 @@ async def test_hello_comes_first_and_names_the_agent_and_its_running_jobs(
     )
 
 
-@pytest.mark.parametrize(
-    ("retry", "limit"), [(0, 1.0), (1, 2.0), (2, 4.0), (5, 32.0), (6, 60.0), (1000, 60.0)]
-)
-def test_backoff_doubles_up_to_the_cap_with_full_jitter(retry: int, limit: float) -> None:
-    backoff = Backoff(base=1.0, cap=60.0)
+async def test_a_refused_agent_retries_slowly_and_gets_in_once_its_token_file_is_fixed(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    agent.token_file.write_text("an-old-token\n")
+    agent.retries.hold()
+    async with agent.running():
+        await agent.retries.held(retries=1)
+        await agent.retries.release(2)
+        await agent.retries.held(retries=3)
+        agent.token_file.write_text(TOKEN + "\n")  # read again on the next attempt: no restart
+        await agent.retries.release()
+        await operator.expect(protocol.Hello)
 
-    assert backoff.delay(retry, HighestDelay()) == limit
-    assert 0 <= backoff.delay(retry, random.Random(retry)) <= limit
+    assert agent.retries.delays == [SLOWLY.delay(n, HighestDelay()) for n in range(3)]
+    assert f"(HTTP 401 unknown-token): no Agent has the token in {agent.token_file}" in caplog.text
 
 
-async def test_a_refused_agent_retries_with_growing_backoff(clock: ManualClock, tmp_path: Path) -> None:
-    async with FakeOperator(token="another-token") as operator:
-        agent = Agent(operator, tmp_path, clock=clock)
-        agent.retries.hold()
-        async with agent.running():
-            await agent.retries.held(retries=1)
-            await agent.retries.release(2)
-            await agent.retries.held(retries=3)
+async def test_credentials_of_another_agent_stop_the_agent(
+    operator: FakeOperator, clock: ManualClock, tmp_path: Path
+) -> None:
+    agent = Agent(operator, tmp_path, clock=clock)
+    life = asyncio.create_task(
+        run_agent(timer=agent.timer, connection=agent.connection, runner=agent.runner, stop=asyncio.Event()))
+    await operator.expect(protocol.Hello)
+    await operator.close(protocol.CLOSE_WRONG_AGENT,
+                         "hello: agent 'web-01' is not the Agent these credentials belong to ('db-01')")
+    with pytest.raises(ExceptionGroup) as ended:
+        async with asyncio.timeout(TIMEOUT):
+            await life
 
-        assert operator.connections == 0
-        assert agent.retries.delays == [1.0, 2.0, 4.0]
+    [stopped] = ended.value.exceptions
+    assert isinstance(stopped, AgentStopped) and stopped.stop.exit_code is ExitCode.REFUSED
+    assert "belong to ('db-01'); set agentName to the Agent the token in" in stopped.stop.message
+    assert agent.retries.delays == [] and operator.connections == 1  # no second attempt
+    assert agent.runner.closed
 
 
 async def test_jobs_a_dead_agent_left_are_named_in_hello_and_ended_if_nobody_asks_for_them(

@@ -156,11 +156,32 @@ def test_printer_columns_show_schedule_state(kube, namespace: str) -> None:
     assert "True" in row.split()
 
 
+def test_printer_columns_show_a_jobs_progress_as_a_whole_percent_and_its_snapshot_by_short_id(
+        kube, namespace: str) -> None:
+    apply(kube, namespace, """
+apiVersion: resticmanager.io/v1alpha1
+kind: ResticJob
+metadata: {name: by-hand}
+spec: {agent: web-01, repository: offsite, type: backup, backup: {paths: [/etc]}}
+""")
+    snapshot = "4e2a7c1f" + "9b" * 28
+    kube.kubectl("-n", namespace, "patch", "resticjob", "by-hand", "--subresource=status", "--type=merge", "-p",
+                 json.dumps({"status": {"phase": "Running", "progress": {"percentDone": 42.73, "percent": 42},
+                                        "summary": {"snapshotId": snapshot, "shortId": snapshot[:8]}}}))
+    header, row = kube.kubectl("-n", namespace, "get", "rjob", "by-hand", "-o", "wide").stdout.splitlines()
+    assert header.split() == ["NAME", "AGENT", "TYPE", "PHASE", "PROGRESS", "SNAPSHOT", "SCHEDULED", "AGE"]
+    assert row.split()[:6] == ["by-hand", "web-01", "backup", "Running", "42", "4e2a7c1f"]
+    assert get(kube, namespace, "resticjob", "by-hand")["status"]["summary"]["snapshotId"] == snapshot
+
+
 def test_explain_documents_fields(kube) -> None:
     out = kube.kubectl("explain", "schedules.spec.concurrencyPolicy").stdout
     assert "Forbid skips the new one" in out
     out = kube.kubectl("explain", "resticjobs.status.summary.snapshotId").stdout
     assert "snapshot written" in out
+    # How a job that ran too long ends, where a user looks for it.
+    for field in ("resticjobs.spec.timeoutSeconds", "resticjobs.status.reason"):
+        assert "Timeout" in " ".join(kube.kubectl("explain", field).stdout.split()), field
 
 
 def test_wait_for_condition_works_on_schedules(kube, namespace: str) -> None:

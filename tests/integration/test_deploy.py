@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from restic_manager.agent import config as agent_config
+from restic_manager.agent import retry as agent_retry
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "restic-manager"
@@ -554,6 +555,14 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     security = subprocess.run([analyze, "security", "--offline=yes", "--threshold=30", unit],
                               capture_output=True, text=True, cwd=tmp_path)
     assert security.returncode == 0, security.stdout[-2000:]
+
+
+def test_systemd_restarts_the_agent_after_a_failure_except_a_permanent_one() -> None:
+    directives = dict(line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line
+                      and not line.startswith("#"))
+    assert directives["Restart"] == "on-failure"
+    # Restarting would only repeat the error: the unit stays failed, saying why, until fixed.
+    assert {int(code) for code in directives["RestartPreventExitStatus"].split()} == set(agent_retry.PERMANENT)
 
 
 def test_example_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:

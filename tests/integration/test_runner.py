@@ -340,6 +340,7 @@ async def test_timeout_stops_restic_and_fails_the_job(
 ) -> None:
     done = await run(runner, command("too-slow", "backup", {"paths": [str(slow_tree)]}, repo, timeout_seconds=2))
     assert (done.outcome, done.error) == (Outcome.FAILED, "backup timed out after 2 s: restic was interrupted")
+    assert done.timed_out  # the ResticJob's reason becomes Timeout
     assert await restic_json(restic_bin, repo, "list", "locks") == []
 
 

@@ -37,8 +37,10 @@ class FakeOperator:
     """An operator's agent endpoint on 127.0.0.1 that records what agents send and sends
     what the test says. One agent at a time is enough for the agent's own tests."""
 
-    def __init__(self, *, token: str | None = None, protocol_version: int | None = protocol.PROTOCOL_VERSION) -> None:
+    def __init__(self, *, token: str | None = None, protocol_version: int | None = protocol.PROTOCOL_VERSION,
+                 refusal: str = "unknown-token") -> None:
         self.token = token
+        self.refusal = refusal  # the reason code a refused handshake names
         self.protocol_version = protocol_version  # named in the handshake response; None: not at all
         self.connections = 0
         self.closes: list[tuple[int | None, str]] = []  # (code, reason) of each finished connection
@@ -122,6 +124,13 @@ class FakeOperator:
         async with asyncio.timeout(TIMEOUT), self._closed:
             await self._closed.wait_for(lambda: len(self.closes) >= count)
 
+    async def close(self, code: int, reason: str) -> None:
+        """End the current connection as the operator does, with a close code and reason."""
+        connection = self._connection()
+        ended = len(self.closes) + 1
+        await connection.close(code, reason)
+        await self.wait_closed(ended)
+
     async def drop(self) -> None:
         """Cut the current connection as a network failure would: no close frame."""
         connection = self._connection()
@@ -150,7 +159,9 @@ class FakeOperator:
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+            response.headers[protocol.REFUSAL_HEADER] = self.refusal
+            return response
         return None
 
     def _name_protocol(self, connection: ServerConnection, request: Request, response: Response) -> None:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from restic_manager import protocol
 from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.server import CLOSE_REPLACED, AgentServer, Session
+from restic_manager.operator.server import AgentServer, Session
 from restic_manager.operator.store import ObjectKey
 
 TOKEN = "good-token"
@@ -113,7 +113,8 @@ async def test_a_wrong_token_is_refused_at_the_handshake(served: tuple[str, Hand
         async with connect(url, **authorized("stolen")):  # type: ignore[arg-type]
             pass
     assert refused.value.response.status_code == 401
-    assert refused.value.response.body == b"Unauthorized\n"  # the reason is the log's, not the peer's
+    assert refused.value.response.body == b"Unauthorized\n"  # the detail is the log's, not the peer's
+    assert refused.value.response.headers[protocol.REFUSAL_HEADER] == "unknown-token"
     assert server.metrics.handshakes_refused == {"unknown-token": 1}
     assert handler.events.empty()
 
@@ -127,7 +128,8 @@ async def test_hello_must_name_the_authenticated_agent(served: tuple[str, Handle
         assert "'db-01' is not the Agent these credentials belong to" in error.message
         with pytest.raises(ConnectionClosed):
             await receive(websocket)
-        assert websocket.close_code == 1008
+        assert websocket.close_code == protocol.CLOSE_WRONG_AGENT  # the agent stops for good on it
+        assert websocket.close_reason == error.message
     assert handler.events.empty() and server.metrics.handshakes_refused == {"invalid-hello": 1}
 
 
@@ -206,7 +208,7 @@ async def test_a_second_connection_of_an_agent_replaces_the_first(served: tuple[
             _, new, _ = await handler.next()
             with pytest.raises(ConnectionClosed):
                 await receive(first)
-            assert first.close_code == CLOSE_REPLACED
+            assert first.close_code == protocol.CLOSE_REPLACED
             assert server.session(ObjectKey("ns", "web-01")) is new and new is not old
         kind, session, _ = await handler.next()
         # Only the connection that was current says the agent left.

@@ -167,8 +167,8 @@ STARTED = protocol.JobStarted(job="ns/j", started_at=T0)
 PROGRESS = protocol.JobProgress(job="ns/j", percent_done=42.5, files_done=3, total_files=10)
 DONE = protocol.JobDone(
     job="ns/j", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=T1,
-    summary=protocol.Summary(snapshot_id="abc123", files_new=3, data_added=1024),
-    log_tail=["snapshot abc123 saved"],
+    summary=protocol.Summary(snapshot_id="4e2a7c1f" + "9b" * 28, files_new=3, data_added=1024),
+    log_tail=["snapshot 4e2a7c1f saved"],
 )
 
 
@@ -178,12 +178,15 @@ def test_a_job_runs_through_started_progress_done() -> None:
     started = status.job_started(dispatched, STARTED)
     assert started["startTime"] == "2026-03-01T12:00:00Z"
     progressing = status.job_progress(started, PROGRESS)
-    assert progressing["progress"] == {"percentDone": 42.5, "filesDone": 3, "totalFiles": 10, "bytesDone": 0,
-                                       "totalBytes": 0, "secondsElapsed": 0.0}
+    assert progressing["progress"] == {"percentDone": 42.5, "percent": 42, "filesDone": 3, "totalFiles": 10,
+                                       "bytesDone": 0, "totalBytes": 0, "secondsElapsed": 0.0}
     done = status.job_done(progressing, DONE)
     assert (done["phase"], done["reason"], done["exitCode"]) == ("Succeeded", "Completed", 0)
-    assert done["summary"] == {"snapshotId": "abc123", "filesNew": 3, "dataAdded": 1024}
-    assert done["completionTime"] == "2026-03-01T12:05:00Z" and done["logTail"] == ["snapshot abc123 saved"]
+    # The full id for programs, the short one restic prints for the Snapshot column.
+    assert done["summary"] == {"snapshotId": "4e2a7c1f" + "9b" * 28, "shortId": "4e2a7c1f", "filesNew": 3,
+                               "dataAdded": 1024}
+    assert done["progress"]["percent"] == 100  # done is all done, whatever restic's last report said
+    assert done["completionTime"] == "2026-03-01T12:05:00Z" and done["logTail"] == ["snapshot 4e2a7c1f saved"]
     conditions = {c["type"]: c["status"] for c in done["conditions"]}
     assert conditions == {"Complete": "True", "Failed": "False"}
 
@@ -199,6 +202,23 @@ def test_a_failed_job_says_why(exit_code: int | None, reason: str) -> None:
     done = status.job_done({"phase": "Running"}, failed)
     assert (done["phase"], done["reason"]) == ("Failed", reason)
     assert {c["type"]: c["status"] for c in done["conditions"]} == {"Complete": "False", "Failed": "True"}
+
+
+@pytest.mark.parametrize(("percent_done", "percent"), [(0.0, 0), (0.27, 0), (68.61, 68), (99.99, 99), (100.0, 100)])
+def test_progress_is_shown_as_a_whole_percent_rounded_down(percent_done: float, percent: int) -> None:
+    report = protocol.JobProgress(job="ns/j", percent_done=percent_done)
+    assert status.job_progress({"phase": "Running"}, report)["progress"]["percent"] == percent
+
+
+def test_a_job_stopped_at_its_timeout_fails_with_reason_timeout() -> None:
+    timed_out = protocol.JobDone(job="ns/j", outcome=protocol.Outcome.FAILED, exit_code=130, finished_at=T1,
+                                 error="backup timed out after 3600 s: restic was interrupted", timed_out=True)
+    done = status.job_done({"phase": "Running", "progress": {"percentDone": 40.2, "percent": 40}}, timed_out)
+    assert (done["phase"], done["reason"], done["message"]) == (
+        "Failed", "Timeout", "backup timed out after 3600 s: restic was interrupted")
+    assert {(c["type"], c["status"], c["reason"]) for c in done["conditions"]} == {
+        ("Complete", "False", "Timeout"), ("Failed", "True", "Timeout")}
+    assert done["progress"]["percent"] == 40  # as far as it got
 
 
 def test_a_finished_job_ignores_late_reports() -> None:

@@ -162,7 +162,7 @@ def test_none_is_left_out_and_defaults_are_written() -> None:
     done = p.JobDone(job="a/b", outcome=p.Outcome.FAILED, finished_at=NOW, summary=p.Summary(files_new=0))
     assert p.to_wire(done) == {"job": "a/b", "outcome": "Failed", "finishedAt": "2026-11-26T02:00:00Z",
                                "summary": {"filesNew": 0}, "error": "", "logTail": [], "interrupted": False,
-                               "refused": False}
+                               "refused": False, "timedOut": False}
 
 
 def test_a_command_built_with_args_as_data_checks_them_against_its_type() -> None:

@@ -496,12 +496,15 @@ def test_a_lock_conflict_is_retried_once_after_unlock(exit_code: int, lines: lis
         (Stop.TIMED_OUT, 137, Outcome.FAILED, "backup timed out after 3600 s: restic was interrupted"),
         # restic finished before the interrupt took effect: the backup is done
         (Stop.CANCELLED, 0, Outcome.SUCCEEDED, ""),
+        (Stop.TIMED_OUT, 0, Outcome.SUCCEEDED, ""),
     ],
 )
 def test_outcome_when_the_agent_stopped_restic(stop: Stop, exit_code: int, outcome: Outcome, message: str) -> None:
     verdict = rules.decide(JobType.BACKUP, exit_code, transcript_of(V19_SIGNAL, V19_EXIT_INTERRUPTED),
                            stop=stop, timeout_seconds=3600)
-    assert verdict == rules.Verdict(outcome, message)
+    # A timeout that took effect is reported as one: the ResticJob's reason is Timeout.
+    timed_out = stop is Stop.TIMED_OUT and outcome is Outcome.FAILED
+    assert verdict == rules.Verdict(outcome, message, timed_out=timed_out)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.kube import AlreadyExists, KubeError
 from restic_manager.operator.limits import Limits
 from restic_manager.operator.server import (
-    CLOSE_REVOKED, LOGGED_HANDSHAKE_REFUSALS, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
+    LOGGED_HANDSHAKE_REFUSALS, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
 )
 from restic_manager.operator.store import ObjectKey, Store
 
@@ -125,7 +125,7 @@ def ack(version: int) -> str:
                        "payload": {"version": version, "appliedAt": "2026-03-02T02:00:00Z"}})
 
 
-async def test_a_refused_handshake_says_only_its_status(served: Served) -> None:
+async def test_a_refused_handshake_says_only_its_status_and_reason_code(served: Served) -> None:
     for headers, reason in (({}, "no-token"), ({"Authorization": "Bearer guess"}, "unknown-token"),
                             ({"Authorization": "Basic dXNlcjpwYXNz"}, "no-token")):
         with pytest.raises(InvalidStatus) as refused:
@@ -133,6 +133,8 @@ async def test_a_refused_handshake_says_only_its_status(served: Served) -> None:
                 pass
         response = refused.value.response
         assert (response.status_code, response.body) == (401, b"Unauthorized\n")
+        # The code the agent logs and decides by; the authenticator's detail stays in the log.
+        assert response.headers[protocol.REFUSAL_HEADER] == reason
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="restic-manager"'
         assert "Server" not in response.headers  # no product or version to look up exploits for
     assert served.server.metrics.handshakes_refused == {"no-token": 2, "unknown-token": 1}
@@ -300,7 +302,7 @@ async def test_revoking_an_agent_disconnects_it_at_once(served: Served) -> None:
         with pytest.raises(ConnectionClosed):
             async with asyncio.timeout(TIMEOUT):
                 await websocket.recv()
-        assert (websocket.close_code, websocket.close_reason) == (CLOSE_REVOKED, "credentials revoked")
+        assert (websocket.close_code, websocket.close_reason) == (protocol.CLOSE_REVOKED, "credentials revoked")
 
 
 # --- the authenticator for in-cluster agents ---------------------------------------------
