@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import json
 from http import HTTPStatus
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -144,27 +145,29 @@ def tampered(token: str, **claims: Any) -> str:
     return ".".join((header, base64.urlsafe_b64encode(json.dumps(changed).encode()).decode().rstrip("="), signature))
 
 
+# Tokens are made when the test runs, not when it is collected: they expire.
 @pytest.mark.parametrize(("token", "status", "reason"), [
-    (ISSUER.token(sub=AGENT_SA), None, None),
-    (Issuer().token(sub=AGENT_SA), HTTPStatus.UNAUTHORIZED, "unverified-token"),  # another key, the same kid
-    (ISSUER.token(sub=AGENT_SA, kid="made-up"), HTTPStatus.UNAUTHORIZED, "unverified-token"),
-    (tampered(ISSUER.token(sub="system:serviceaccount:backup:other"), sub=AGENT_SA),
+    (lambda: ISSUER.token(sub=AGENT_SA), None, None),
+    (lambda: Issuer().token(sub=AGENT_SA), HTTPStatus.UNAUTHORIZED, "unverified-token"),  # another key, the same kid
+    (lambda: ISSUER.token(sub=AGENT_SA, kid="made-up"), HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (lambda: tampered(ISSUER.token(sub="system:serviceaccount:backup:other"), sub=AGENT_SA),
      HTTPStatus.UNAUTHORIZED, "unverified-token"),
-    (jwt({"sub": AGENT_SA, "aud": [AUDIENCE], "exp": 4102444800}), HTTPStatus.UNAUTHORIZED, "unverified-token"),
-    ("eyJhbGciOiJub25lIiwia2lkIjoiaXNzdWVyLWtleS0xIn0.e30.", HTTPStatus.UNAUTHORIZED, "unverified-token"),
-    ("not.a.jwt", HTTPStatus.UNAUTHORIZED, "unverified-token"),
-    (ISSUER.token(sub=AGENT_SA, expires_in=-120), HTTPStatus.UNAUTHORIZED, "token-expired"),
-    (ISSUER.token(sub=AGENT_SA, aud="someone-else"), HTTPStatus.UNAUTHORIZED, "wrong-audience"),
-    (ISSUER.token(sub="system:serviceaccount:backup:other"), HTTPStatus.FORBIDDEN, "wrong-service-account"),
+    (lambda: jwt({"sub": AGENT_SA, "aud": [AUDIENCE], "exp": 4102444800}), HTTPStatus.UNAUTHORIZED,
+     "unverified-token"),
+    (lambda: "eyJhbGciOiJub25lIiwia2lkIjoiaXNzdWVyLWtleS0xIn0.e30.", HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (lambda: "not.a.jwt", HTTPStatus.UNAUTHORIZED, "unverified-token"),
+    (lambda: ISSUER.token(sub=AGENT_SA, expires_in=-120), HTTPStatus.UNAUTHORIZED, "token-expired"),
+    (lambda: ISSUER.token(sub=AGENT_SA, aud="someone-else"), HTTPStatus.UNAUTHORIZED, "wrong-audience"),
+    (lambda: ISSUER.token(sub="system:serviceaccount:backup:other"), HTTPStatus.FORBIDDEN, "wrong-service-account"),
 ])
 def test_only_a_token_the_cluster_signed_for_the_agent_serviceaccount_verifies(
-        token: str, status: HTTPStatus | None, reason: str | None) -> None:
+        token: Callable[[], str], status: HTTPStatus | None, reason: str | None) -> None:
     keys = identity.IssuerKeys(ISSUER.jwks())
     if status is None:
-        assert identity.verified_claims(token, keys, audience=AUDIENCE, service_account=SA)["sub"] == AGENT_SA
+        assert identity.verified_claims(token(), keys, audience=AUDIENCE, service_account=SA)["sub"] == AGENT_SA
         return
     with pytest.raises(AuthError) as refused:
-        identity.verified_claims(token, keys, audience=AUDIENCE, service_account=SA)
+        identity.verified_claims(token(), keys, audience=AUDIENCE, service_account=SA)
     assert (refused.value.status, refused.value.reason) == (status, reason)
 
 
