@@ -20,23 +20,24 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, TypeVar
 
 from restic_manager import cron, protocol
-from restic_manager.operator import fires, identity, metrics, validation
+from restic_manager.operator import fires, health, identity, metrics, validation
 from restic_manager.operator import status as statuses
 from restic_manager.operator.authenticator import Authenticator, NodeAgents
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.dispatch import Dispatcher, history_to_delete
+from restic_manager.operator.events import Recorder, involved
 from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, new_token
 from restic_manager.operator.limits import Limits
 from restic_manager.operator.pushes import Pusher, compile_schedule
 from restic_manager.operator.repositories import RepositoryReporter
 from restic_manager.operator.server import AgentServer, ServingCertificate, Session
 from restic_manager.operator.store import (
-    API_VERSION, TOKEN_KEY, Agent, AgentPod, Change, Job, ObjectKey, Schedule, Store, TokenSecret, format_time,
-    parse_time, token_secret_name,
+    API_VERSION, TOKEN_KEY, Agent, AgentPod, Change, Job, ObjectKey, Repository, Schedule, Store, TokenSecret,
+    format_time, parse_time, token_secret_name,
 )
 from restic_manager.operator.targets import Index, Moved, selector_problem
 from restic_manager.operator.watch import Watch
@@ -44,7 +45,7 @@ from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusW
 
 log = logging.getLogger(__name__)
 
-PLURALS = ("agents", "schedules", "resticjobs", "secrets")  # secrets: the token Secrets only
+PLURALS = ("agents", "schedules", "resticjobs", "secrets", "repositories")  # secrets: the token Secrets only
 # After a start, how long an Agent the last operator saw connected may take to reconnect
 # before its status says it is not.
 RECONNECT_GRACE = 60.0
@@ -61,6 +62,9 @@ FIRE_TIMEOUT = 10.0
 # What fires change on a Schedule's status (lastFireTime, lastScheduleTime, active) waits this
 # long, so a burst of fires and the jobs they create cost one status write, not three each.
 FIRE_STATUS_DELAY = 1.0
+# The soonest a Schedule's status is looked at again for a fire whose deadline may pass unmet:
+# an every-second Schedule is not rendered every second for it (its fires render it anyway).
+HEALTH_RECHECK_MIN = 30.0
 # The uids of agent pods last seen deleted. A connection whose TokenReview was answered just
 # before its pod went, and that registers after the deletion was seen, is still ended.
 GONE_PODS_KEPT = 1024
@@ -75,7 +79,7 @@ def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
-Watched = TypeVar("Watched", Agent, Schedule, Job)
+Watched = TypeVar("Watched", Agent, Schedule, Job, Repository)
 
 
 def only_status_changed(old: Watched, new: Watched) -> bool:
@@ -86,6 +90,14 @@ def only_status_changed(old: Watched, new: Watched) -> bool:
 
 # A fire's receipt: its outcome, the job it names (created, exists), the reason (the others).
 FireAnswer = tuple[protocol.FireOutcome, str | None, str]
+
+
+# Reasons of a Healthy=False that are the Schedule's own, not one agent's.
+SCHEDULE_WIDE = frozenset({"Invalid", "RepositoryNotFound", "NoAgents"})
+
+
+def _condition(conditions: Sequence[Mapping[str, Any]], type: str) -> Mapping[str, Any] | None:
+    return next((condition for condition in conditions if condition.get("type") == type), None)
 
 
 class HistoryKey(NamedTuple):
@@ -102,7 +114,8 @@ class Controller:
         self._clock = clock
         self.store = Store()
         self.index = Index()
-        self.metrics = metrics.Metrics()
+        self.metrics = metrics.Metrics(view=self._metrics_view)
+        self.events = Recorder(kube, clock=clock)
         self.primed = asyncio.Event()
         self.authenticator = Authenticator(store=self.store, kube=kube, primed=self.primed, node_agents=node_agents,
                                            register=lambda body: self.observe("agents", "ADDED", body))
@@ -112,7 +125,7 @@ class Controller:
         self.pusher = Pusher(schedules_of=self._runnable_schedules_of, session_of=self.server.session)
         self.dispatcher = Dispatcher(store=self.store, kube=kube, writer=self.writer,
                                      session_of=self.server.session, on_phase_change=self._job_phase_changed,
-                                     clock=clock)
+                                     clock=clock, events=self.events)
         self._books: dict[str, statuses.ScheduleBook] = {}   # by Schedule uid
         self._agent_status: dict[str, dict[str, Any]] = {}  # by Agent uid: the status the operator owns
         # By Schedule, then agent: a fire's decision reads only that agent's jobs of the Schedule,
@@ -121,7 +134,8 @@ class Controller:
             lambda: collections.defaultdict(asyncio.Lock))
         self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent, transient=(KubeError,))
         self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune, transient=(KubeError,))
-        self.repositories = RepositoryReporter(kube, clock=clock)
+        self.repositories = RepositoryReporter(kube, clock=clock, events=self.events,
+                                               known=self.store.repositories)
         self.refused = self.metrics.fires_refused  # fire refusals by reason
         self._problems: dict[str, tuple[int, tuple[str, ...]]] = {}  # by Schedule uid: (generation, problems)
         # By Schedule uid, then generation: the expression each recent generation had, so a
@@ -156,7 +170,8 @@ class Controller:
             for name, coroutine in (("resticjob watch", self._jobs_watch.run(jobs_listed_at)),
                                     ("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
-                                    ("history", self._history.run()), ("repositories", self.repositories.run())):
+                                    ("history", self._history.run()), ("repositories", self.repositories.run()),
+                                    ("events", self.events.run())):
                 tasks.create_task(coroutine, name=name)
             if self._pods_watch is not None:
                 tasks.create_task(self._pods_watch.run(), name="agent pod watch")
@@ -209,7 +224,7 @@ class Controller:
 
     def _collection(self, plural: str) -> Any:
         return {"agents": self.store.agents, "schedules": self.store.schedules, "resticjobs": self.store.jobs,
-                "secrets": self.store.token_secrets}[plural]
+                "secrets": self.store.token_secrets, "repositories": self.store.repositories}[plural]
 
     def _changed(self, plural: str, change: Change[Any]) -> None:
         if plural == "agents":
@@ -218,6 +233,8 @@ class Controller:
             self._schedule_changed(change.old, change.new)
         elif plural == "secrets":
             self._token_secret_changed(change.old, change.new)
+        elif plural == "repositories":
+            self._repository_changed(change.old, change.new)
         else:
             self._job_changed(change.old, change.new)
 
@@ -275,7 +292,7 @@ class Controller:
         self.pusher.request(pushed)
         # An agent given a new generation acks it in moments, and its ack writes the status at
         # once; until then the write waits, so an apply costs one status write, not two.
-        acking = pushed & set(self.index.agents_of(new.key)) if not self.problems(new) else set()
+        acking = pushed & set(self.index.agents_of(new.key)) if self.cannot_run(new) is None else set()
         connected = any(self.server.session(agent) is not None for agent in acking)
         self.writer.mark("schedules", new.key, delay=ACK_WAIT if connected else 0.0)
 
@@ -291,6 +308,17 @@ class Controller:
         # changes the Schedule's status (its active list).
         if job.schedule_key is not None and (old is None or new is None or not only_status_changed(old, new)):
             self.writer.mark("schedules", job.schedule_key, delay=FIRE_STATUS_DELAY)
+
+    def _repository_changed(self, old: Repository | None, new: Repository | None) -> None:
+        """A Repository coming or going makes the Schedules that name it runnable or not."""
+        if old is not None and new is not None and old.uid == new.uid:
+            return  # it existed before and still does: nothing a Schedule's status shows changes
+        repository = new or old
+        assert repository is not None
+        for schedule in self.store.schedules.in_namespace(repository.key.namespace):
+            if schedule.repository == repository.key.name:
+                self.pusher.request(self.index.agents_of(schedule.key))
+                self.writer.mark("schedules", schedule.key)
 
     def _token_secret_changed(self, old: TokenSecret | None, new: TokenSecret | None) -> None:
         secret = new or old
@@ -379,8 +407,17 @@ class Controller:
             self._agents.mark(session.agent)  # its pod may be gone already; its token expires
         agent = self.store.agents.get(session.agent)
         if agent is not None:
+            status = self.agent_status(agent)
+            # An agent coming back to a restarted operator is not news: the operator's start is.
+            if not (status.get("connected") and not self._reconnect_grace_over()):
+                self.events.record(involved("Agent", agent.key, agent.uid), type="Normal", reason="Connected",
+                                   message=f"connected from {session.peer} (host {session.hello.hostname}, "
+                                           f"agent {session.hello.agent_version}, restic {session.hello.restic_version})")
+            if session.replaced:
+                self.events.record(involved("Agent", agent.key, agent.uid), type="Warning", reason="Replaced",
+                                   message=statuses.REPLACED.format(new=session.peer, old=session.replaced))
             self._set_agent_status(agent, statuses.agent_connected(
-                self.agent_status(agent), session.hello, peer=session.peer, now=self._clock()))
+                status, session.hello, peer=session.peer, now=self._clock(), replaced=session.replaced))
         self.pusher.request([session.agent])  # the agent waits for its set
         self.dispatcher.request_agent(session.agent)
         for schedule in self.index.schedules_of(session.agent):
@@ -394,11 +431,19 @@ class Controller:
     async def on_disconnect(self, session: Session) -> None:
         agent = self.store.agents.get(session.agent)
         if agent is not None:
-            why = f"connection closed (code {session.connection.close_code})"
+            why = f"connection from {session.peer} closed (code {session.connection.close_code})"
+            self.events.record(involved("Agent", agent.key, agent.uid), type="Normal", reason="Disconnected",
+                               message=why)
             self._set_agent_status(agent, statuses.agent_disconnected(self.agent_status(agent), why=why,
                                                                       now=self._clock()))
         for schedule in self.index.schedules_of(session.agent):
             self.writer.mark("schedules", schedule.key)
+
+    def on_refused(self, agent: ObjectKey, reason: str, message: str) -> None:
+        known = self.store.agents.get(agent)
+        if known is not None:
+            self.events.record(involved("Agent", known.key, known.uid), type="Warning", reason=reason,
+                               message=f"refused: {message}")
 
     async def on_message(self, session: Session, frame: protocol.Frame) -> None:
         self._seen(session)
@@ -504,6 +549,7 @@ class Controller:
                 fire=fire, agent=session.agent, schedule=schedule,
                 targeted=session.agent in self.index.agents_of(schedule.key),
                 jobs=jobs, now=self._clock(), problems=self.problems(schedule),
+                repository_missing=self._repository_missing(schedule),
                 produced=isinstance(expression, cron.Cron) and fires.produces(expression, fire.scheduled_at),
                 acked=ack.generation if ack is not None and not ack.error else None,
             )
@@ -563,6 +609,7 @@ class Controller:
         if created is None:
             raise KubeError(f"Schedule {schedule.key}: no free ResticJob name for the fire at {fire.scheduled_at}")
         log.info("Schedule %s: %s → ResticJob %s", schedule.key, decision.message, created["metadata"]["name"])
+        self.metrics.fire_lag.observe(max(0.0, (self._clock() - fire.scheduled_at).total_seconds()))
         change = self.store.jobs.upsert(created)
         if change is not None:
             self._changed("resticjobs", change)
@@ -599,22 +646,21 @@ class Controller:
     # --- jobs finishing ---------------------------------------------------------------------
 
     def _job_phase_changed(self, job: Job, status: Mapping[str, Any]) -> None:
-        if statuses.is_terminal(status):
+        ended = statuses.is_terminal(status)
+        if ended:
+            self.metrics.jobs_finished[(job.key.namespace, job.type, statuses.phase_of(status),
+                                        status.get("reason", ""))] += 1
             self.repositories.job_ended(job, status)
         schedule_key = job.schedule_key
         if schedule_key is None:
             return
-        if statuses.is_terminal(status):  # it leaves active (and may be the last success): at once
+        if ended:  # it leaves active (and may be the last success): at once
             self.writer.mark("schedules", schedule_key)
         schedule = self.store.schedules.get(schedule_key)
         if schedule is None or job.schedule_ref is None or schedule.uid != job.schedule_ref.uid:
             return
-        if statuses.phase_of(status) == "Succeeded":
-            book = self._book(schedule)
-            finished = parse_time(status.get("completionTime"))
-            if finished is not None and (book.last_successful_time is None or finished > book.last_successful_time):
-                book.last_successful_time = finished
-        if statuses.is_terminal(status):
+        if ended:
+            self._book(schedule).record_end(job.agent, statuses.last_job(job, status, now=self._clock()))
             self._history.mark(HistoryKey(schedule_key, job.agent))
 
     async def _prune(self, key: HistoryKey) -> None:
@@ -638,9 +684,24 @@ class Controller:
             known = self._problems[schedule.uid] = (schedule.generation, found)
         return known[1]
 
+    def cannot_run(self, schedule: Schedule) -> tuple[str, str] | None:
+        """(reason, message) when the Schedule can run nowhere: it is invalid, or its Repository
+        does not exist. It is then in no agent's set, so it holds no job Pending for ever."""
+        if problems := self.problems(schedule):
+            return "Invalid", "; ".join(problems)
+        if missing := self._repository_missing(schedule):
+            return "RepositoryNotFound", missing
+        return None
+
+    def _repository_missing(self, schedule: Schedule) -> str:
+        if self.store.repositories.get(ObjectKey(schedule.key.namespace, schedule.repository)) is not None:
+            return ""
+        return (f"spec.repository: there is no Repository {schedule.repository} in namespace "
+                f"{schedule.key.namespace}; the Schedule runs on no agent until there is")
+
     def _runnable_schedules_of(self, agent: ObjectKey) -> Sequence[Schedule]:
-        """An agent's schedule set: the valid Schedules that target it."""
-        return [schedule for schedule in self.index.schedules_of(agent) if not self.problems(schedule)]
+        """An agent's schedule set: the Schedules that target it and can run."""
+        return [schedule for schedule in self.index.schedules_of(agent) if self.cannot_run(schedule) is None]
 
     def _book(self, schedule: Schedule) -> statuses.ScheduleBook:
         if schedule.uid not in self._books:
@@ -664,17 +725,100 @@ class Controller:
         connected = [name for name in targets if self.server.session(ObjectKey(schedule.key.namespace, name))]
         compiled = compile_schedule(schedule)
         resolved = next_fire = None
+        grace = health.grace_of(schedule.starting_deadline_seconds)
+        due = health.NOTHING_DUE
         if isinstance(compiled, cron.Cron):
             resolved = compiled.resolved
             next_fire = compiled.next_after(now)
-        active = [job.key.name for job in self.store.jobs_of_schedule(schedule.uid)
-                  if not statuses.is_terminal(self.dispatcher.status_of(job)) and not job.deleting]
+            if not schedule.suspend:
+                due = health.due_fires(compiled, created=schedule.created, grace=grace, now=now)
+        active: dict[str, list[health.ActiveJob]] = collections.defaultdict(list)
+        for job in self.store.jobs_of_schedule(schedule.uid):
+            status = self.dispatcher.status_of(job)
+            if not statuses.is_terminal(status) and not job.deleting:
+                active[job.agent].append(health.ActiveJob(job.key.name, statuses.phase_of(status),
+                                                          status.get("reason", ""), status.get("message", "")))
+        cannot_run = self.cannot_run(schedule)
+        was, before = book.health, _condition(book.conditions, "Healthy")
+        book.health = {name: self._agent_health(schedule, book, name, due=due.latest, grace=grace,
+                                                active=active.get(name, ()), connected=name in connected)
+                       for name in targets}
         desired = statuses.schedule_status(
             schedule, book=book, targets=targets, connected=connected, resolved=resolved,
-            next_fire=next_fire, active=active, no_agents=self._no_agents(schedule), now=now,
-            problems=self.problems(schedule))
+            next_fire=next_fire, active=[job.name for jobs in active.values() for job in jobs],
+            no_agents=self._no_agents(schedule), now=now, cannot_run=cannot_run)
         book.conditions = desired["conditions"]
+        after = _condition(book.conditions, "Healthy")
+        assert after is not None
+        self._health_changed(schedule, was, before, after)
+        if due.next is not None and any(state.healthy for state in book.health.values()):
+            # Nothing may happen when a fire's deadline passes unmet: look again then.
+            wait = max((due.next - now).total_seconds(), HEALTH_RECHECK_MIN)
+            self.writer.mark("schedules", schedule.key, delay=wait)
         return Rendered(schedule.uid, schedule.status, desired)
+
+    def _agent_health(self, schedule: Schedule, book: statuses.ScheduleBook, agent: str, *,
+                      due: datetime | None, grace: timedelta, active: Sequence[health.ActiveJob],
+                      connected: bool) -> health.AgentHealth:
+        ack = book.acks.get(agent)
+        applied = ack is not None and ack.generation == schedule.generation and not ack.error
+        succeeded = book.last_success.get(agent)
+        since = succeeded.time if succeeded is not None else max(schedule.created, ack.at if ack else schedule.created)
+        return health.agent_health(due=due, grace=grace, since=since, last_job=book.last_job.get(agent),
+                                   active=active, connected=connected, applied=applied,
+                                   last_fire=book.last_fire.get(agent))
+
+    def _health_changed(self, schedule: Schedule, was: Mapping[str, health.AgentHealth],
+                        before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
+        """An Event for each agent that became unhealthy (or for another reason), for a
+        Schedule that cannot run, and for one that is healthy again.
+
+        ``was`` is empty at the first look after a start: then ``before``, the condition as
+        the status showed it, tells what was reported already."""
+        about = involved("Schedule", schedule.key, schedule.uid)
+        shown = before is not None and before.get("status") == "False"
+        named = str(before.get("message", "")) if shown and before is not None else ""
+        for name, state in sorted(self._books[schedule.uid].health.items()):
+            earlier = was.get(name)
+            if state.healthy or (earlier is not None and not earlier.healthy and earlier.reason == state.reason):
+                continue
+            if earlier is None and f"{name}: " in named:
+                continue
+            self.events.record(about, type="Warning", reason=state.reason, message=f"agent {name}: {state.message}")
+        if after["status"] == "False" and after["reason"] in SCHEDULE_WIDE and not (
+                shown and before is not None and before.get("reason") == after["reason"]):
+            self.events.record(about, type="Warning", reason=after["reason"], message=after["message"])
+        if after["status"] == "True" and shown:
+            self.events.record(about, type="Normal", reason="Healthy", message=after["message"])
+
+    def _metrics_view(self) -> metrics.View:
+        """The gauges' view of the Schedules, Agents and Repositories (metrics.py)."""
+        now = self._clock()
+        view = metrics.View()
+        for schedule in self.store.schedules:
+            compiled = compile_schedule(schedule)
+            if isinstance(compiled, cron.Cron):
+                first, second = compiled.iter_after(now, count=2)
+                view.intervals.append((schedule.key.namespace, schedule.key.name, (second - first).total_seconds()))
+            book = self._books.get(schedule.uid)
+            if book is None:
+                continue
+            runs = self.cannot_run(schedule) is None
+            for name, state in book.health.items():
+                last, success = book.last_job.get(name), book.last_success.get(name)
+                view.schedules.append(metrics.ScheduleOnAgent(
+                    schedule.key.namespace, schedule.key.name, name, healthy=runs and state.healthy,
+                    last_success=success.time if success else None, last_attempt=last.time if last else None,
+                    last_duration=last.duration if last else None,
+                    added_bytes=success.added_bytes if success else None, files=success.files if success else None))
+        for agent in self.store.agents:
+            view.agents.append((agent.key.namespace, agent.key.name, self.server.session(agent.key) is not None))
+        for repository in self.store.repositories:
+            check = repository.status.get("integrityCheck") or {}
+            if (when := parse_time(check.get("time"))) is not None:
+                view.checks.append((repository.key.namespace, repository.key.name, check.get("result") == "Passed",
+                                    when))
+        return view
 
     def _no_agents(self, schedule: Schedule) -> str:
         problem = selector_problem(schedule)

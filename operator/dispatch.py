@@ -49,6 +49,7 @@ from restic_manager import protocol
 from restic_manager.operator import status as statuses
 from restic_manager.operator import validation
 from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.events import Recorder, involved
 from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, Kube, KubeError, NotFound, SecretRead
 from restic_manager.operator.server import Session
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
@@ -205,6 +206,7 @@ class Dispatcher:
         session_of: Callable[[ObjectKey], Session | None],
         on_phase_change: Callable[[Job, Mapping[str, Any]], None],
         clock: Callable[[], datetime],
+        events: Recorder,
     ) -> None:
         self._store = store
         self._kube = kube
@@ -212,6 +214,7 @@ class Dispatcher:
         self._session_of = session_of
         self._on_phase_change = on_phase_change
         self._clock = clock
+        self._events = events
         self._status: dict[str, dict[str, Any]] = {}  # by job uid: the status the operator owns
         self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile, transient=(KubeError,))
 
@@ -268,6 +271,9 @@ class Dispatcher:
             return
         status = self.status_of(job)
         if isinstance(report, protocol.JobStarted):
+            if not statuses.is_terminal(status) and "startTime" not in status:
+                self._events.record(involved("ResticJob", job.key, job.uid), type="Normal", reason="Started",
+                                    message=f"restic {job.type} started on agent {job.agent}")
             self._set(job, statuses.job_started(status, report))
         elif isinstance(report, protocol.JobProgress):
             self._set(job, statuses.job_progress(status, report), delay=PROGRESS_INTERVAL)
@@ -327,9 +333,22 @@ class Dispatcher:
             assert session is not None
             log.info("job %s deleted while running: cancelling it on agent %s", job.key, job.agent)
             await session.send(protocol.CommandCancel(job=str(job.key)))
+            self._deleted_while_running(job)
             await self._set_finalizer(job, present=False)
         elif step is Step.RELEASE:
             await self._set_finalizer(job, present=False)
+
+    def _deleted_while_running(self, job: Job) -> None:
+        """The job is gone, so the Event that it was cancelled goes on its Schedule, or its Agent."""
+        message = (f"ResticJob {job.key.name} was deleted while restic {job.type} ran on agent {job.agent}: "
+                   "restic was cancelled there")
+        if job.schedule_ref is not None:
+            about = involved("Schedule", ObjectKey(job.key.namespace, job.schedule_ref.name), job.schedule_ref.uid)
+        elif (agent := self._store.agents.get(job.agent_key)) is not None:
+            about = involved("Agent", agent.key, agent.uid)
+        else:
+            return
+        self._events.record(about, type="Warning", reason="JobCancelled", message=message)
 
     async def _set_finalizer(self, job: Job, *, present: bool) -> None:
         await self._kube.set_finalizer(PLURAL, job.key, FINALIZER, present=present,
@@ -414,4 +433,7 @@ class Dispatcher:
         if statuses.phase_of(new) != statuses.phase_of(old) or new.get("reason") != old.get("reason"):
             self._on_phase_change(job, new)
             if statuses.is_terminal(new):
+                type, reason, message = statuses.ended_event(job, new)
+                self._events.record(involved("ResticJob", job.key, job.uid), type=type, reason=reason,
+                                    message=message)
                 self.request(job.key)  # release the finalizer

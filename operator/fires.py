@@ -110,6 +110,7 @@ def decide(
     produced: bool,
     acked: int | None,
     problems: Sequence[str] = (),
+    repository_missing: str = "",
 ) -> Decision:
     """Whether ``agent``'s fire is honoured.
 
@@ -118,7 +119,9 @@ def decide(
     ``produced`` whether the fire's time is one the expression of the fire's generation
     produces (in its zone, with the DST rules); ``acked`` the generation of the Schedule the
     agent last applied (None if it never did, or rejected it); ``problems`` are what makes
-    the Schedule invalid (validation.py), if anything. An agent may only say what is true: a
+    the Schedule invalid (validation.py), if anything; ``repository_missing`` says so when the
+    Schedule's Repository does not exist (a job would wait for it, and hold up every later fire
+    under Forbid). An agent may only say what is true: a
     time the expression does not produce, one ahead of the operator's clock, or a generation
     the agent never applied is refused and changes nothing.
     """
@@ -171,6 +174,9 @@ def decide(
                         f"fire at {when} from agent {agent.name} names generation {fire.generation} of Schedule "
                         f"{fire.id}, which that agent has not applied"
                         + (f" (it applied {acked})" if acked is not None else ""))
+    if repository_missing:
+        return Decision(Verdict.REFUSED, "RepositoryNotFound", f"fire at {when} from agent {agent.name}: "
+                                                               f"{repository_missing}")
     deadline = schedule.starting_deadline_seconds
     late = (now - fire.scheduled_at).total_seconds()
     if deadline is not None and late > deadline:

@@ -6,10 +6,8 @@ fraction of kopf's cost per event.
 Only ``on.event`` handlers: the controller keeps its own view and state, so kopf needs no
 finalizers, annotations or retries of its own on these objects (the one finalizer, on
 unfinished ResticJobs, is the dispatcher's). Secrets are watched with a server-side label
-selector, so only the operator's token Secrets ever reach it. Repositories go straight into
-the store (``controller.store.repositories``), where the dispatcher reads them; nothing else
-follows them. Handlers are registered on a registry of their own so that nothing depends on
-module import order. All are ``async``: kopf runs plain functions on worker threads, and the
+selector, so only the operator's token Secrets ever reach it. Handlers are registered on a
+registry of their own so that nothing depends on module import order. All are ``async``: kopf runs plain functions on worker threads, and the
 controller belongs to the event loop.
 
 With a webhook server, ``validate-schedule`` rejects a Schedule that validation.py finds
@@ -93,10 +91,7 @@ def registry(
 
     @kopf.on.event(GROUP, VERSION, "repositories", registry=handlers)
     async def repository_event(event: Mapping[str, Any], **_: Any) -> None:
-        if event["type"] == "DELETED":
-            controller.store.repositories.delete(event["object"])
-        else:
-            controller.store.repositories.upsert(event["object"])
+        controller.observe("repositories", event["type"], event["object"])
 
     @kopf.on.event("", "v1", "secrets", registry=handlers)
     async def token_secret_event(event: Mapping[str, Any], **_: Any) -> None:

@@ -668,7 +668,7 @@ class Kube:
 
     async def post_event(
         self, involved: Mapping[str, Any], *, type: str, reason: str, message: str,
-        now: datetime | None = None, name: str | None = None,
+        now: datetime | None = None, name: str | None = None, count: int = 1,
     ) -> None:
         """A core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid).
 
@@ -688,7 +688,16 @@ class Kube:
             "reportingInstance": COMPONENT,
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
-            "count": 1,
+            "count": count,
         }
         await self._request(f"create Event for {involved['kind']} {namespace}/{involved['name']}", "POST",
                             _path("events", namespace, api=CORE_API), body=body)
+
+    async def event_count(self, key: ObjectKey) -> int:
+        event = await self._request(f"get Event {key}", "GET", _path("events", key.namespace, key.name, api=CORE_API))
+        return int(event.get("count") or 1)
+
+    async def bump_event(self, key: ObjectKey, *, count: int, now: datetime) -> None:
+        """Raise an Event's count and lastTimestamp: it happened again."""
+        await self._request(f"patch Event {key}", "PATCH", _path("events", key.namespace, key.name, api=CORE_API),
+                            body={"count": count, "lastTimestamp": format_time(now)}, content_type=MERGE_PATCH)

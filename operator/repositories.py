@@ -2,8 +2,10 @@
 
 The operator does not open repositories itself; every ResticJob that ends says something
 about its Repository: a success means restic opened it (so it exists and the password
-works), a RepositoryNotFound failure means it does not exist. :func:`repository_status` is
-that decision; :class:`RepositoryReporter` writes it, one patch per Repository per burst.
+works), a RepositoryNotFound failure means it does not exist, a WrongPassword failure that
+the password is wrong, and a check job's end is the last integrity check. :func:`repository_status`
+is that decision; :class:`RepositoryReporter` writes it, one patch per Repository per burst, and
+records a Warning Event on the Repository for a wrong password or a failed check.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from restic_manager.operator.coalesce import CoalescingLoop
+from restic_manager.operator.events import Recorder, involved
 from restic_manager.operator.kube import Kube, KubeError, NotFound
 from restic_manager.operator.status import set_condition
-from restic_manager.operator.store import Job, ObjectKey, format_time, is_object_name
+from restic_manager.operator.store import Collection, Job, ObjectKey, Repository, format_time, is_object_name
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,37 @@ def repository_status(current: Mapping[str, Any], *, job: str, job_type: str, en
         conditions = set_condition(conditions, type="Initialized", status=False, reason="RepositoryNotFound",
                                    message=f"ResticJob {job} found no repository; set spec.initialize "
                                            "or run an init job", now=now)
-    return {
+    status = {
         "lastCheckTime": ended.get("completionTime") or format_time(now),
         "lastCheckResult": f"{job_type} {job}: {phase}" + (f" ({reason})" if reason else ""),
         "conditions": conditions,
     }
+    if job_type == "check" and phase in ("Succeeded", "Failed"):
+        status["integrityCheck"] = {"job": job, "result": "Passed" if phase == "Succeeded" else "Failed",
+                                    "reason": reason, "time": status["lastCheckTime"]}
+    return status
+
+
+def repository_event(*, job: str, job_type: str, ended: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (reason, message) of the Warning Event the Repository gets for a job that ended so."""
+    reason = ended.get("reason", "")
+    if reason == "WrongPassword":
+        return "WrongPassword", (f"ResticJob {job} could not open the repository: the password from "
+                                 "spec.passwordSecretRef is wrong")
+    if job_type == "check" and ended.get("phase") == "Failed" and reason in ("ResticFailed", "Timeout"):
+        return "CheckFailed", f"ResticJob {job} (check) failed: {ended.get('message', '')}"
+    return None
 
 
 class RepositoryReporter:
     """Keeps the newest ended job per Repository and writes its status from it."""
 
-    def __init__(self, kube: Kube, *, clock: Callable[[], datetime]) -> None:
+    def __init__(self, kube: Kube, *, clock: Callable[[], datetime], events: Recorder,
+                 known: Collection[Repository]) -> None:
         self._kube = kube
         self._clock = clock
+        self._events = events
+        self._known = known
         self._ended: dict[ObjectKey, tuple[Job, Mapping[str, Any]]] = {}
         self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write, transient=(KubeError,))
 
@@ -55,6 +76,11 @@ class RepositoryReporter:
         key = ObjectKey(job.key.namespace, job.repository)
         self._ended[key] = (job, status)
         self._loop.mark(key)
+        event = repository_event(job=job.key.name, job_type=job.type, ended=status)
+        repository = self._known.get(key)
+        if event is not None and repository is not None:
+            self._events.record(involved("Repository", key, repository.uid), type="Warning", reason=event[0],
+                                message=event[1])
 
     async def run(self) -> None:
         await self._loop.run()

@@ -90,6 +90,9 @@ class SessionHandler(Protocol):
 
     async def on_disconnect(self, session: Session) -> None: ...
 
+    def on_refused(self, agent: ObjectKey, reason: str, message: str) -> None:
+        """A connection with this Agent's credentials was refused after its handshake."""
+
 
 Authenticate = Callable[[str], Awaitable[Identity]]
 
@@ -108,6 +111,7 @@ class Session:
     # What this session has been told and asked, for the handler's bookkeeping.
     dispatched: set[str] = field(default_factory=set)
     pushed: tuple[protocol.ScheduleEntry, ...] | None = None
+    replaced: str = ""  # the peer of the connection of the same agent this one replaced
     refusals_logged: int = 0
     rules: OperatorSession = field(default_factory=OperatorSession)
 
@@ -304,6 +308,7 @@ class AgentServer:
         except protocol.ProtocolError as error:
             self.metrics.handshakes_refused["invalid-hello"] += 1
             log.warning("agent %s from %s refused: %s", identity.agent, _peer(connection), error)
+            self._handler.on_refused(identity.agent, "InvalidHello", f"connection from {_peer(connection)}: {error}")
             code = protocol.CLOSE_WRONG_AGENT if isinstance(error, _WrongAgent) else CloseCode.POLICY_VIOLATION
             await _refuse(connection, protocol.Error(code="invalid-frame", message=str(error), ref=error.ref),
                           code=code)
@@ -312,6 +317,8 @@ class AgentServer:
             self.metrics.handshakes_refused["hello-timeout"] += 1
             log.warning("agent %s from %s refused: no hello within %.0f s", identity.agent, _peer(connection),
                         self._limits.hello_timeout)
+            self._handler.on_refused(identity.agent, "HelloTimeout", f"connection from {_peer(connection)} sent "
+                                     f"no hello within {self._limits.hello_timeout:.0f} s")
             await _close_quickly(connection, CloseCode.POLICY_VIOLATION, "hello expected")
             return
         except ConnectionClosed:
@@ -326,6 +333,7 @@ class AgentServer:
         previous = self.sessions.get(agent)
         self.sessions[agent] = session
         if previous is not None:
+            session.replaced = previous.peer
             log.info("agent %s: new connection from %s replaces the one from %s",
                      agent, session.peer, previous.peer)
             await _close_quickly(previous.connection, protocol.CLOSE_REPLACED,

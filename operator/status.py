@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from restic_manager.operator.store import Schedule, format_time, parse_time
+from restic_manager.operator.health import HEALTHY, AgentHealth, LastJob, healthy_condition
+from restic_manager.operator.store import Job, Schedule, format_time, parse_time
 from restic_manager.protocol import Hello, JobDone, JobProgress, JobStarted, Outcome, to_wire
 
 Status = dict[str, Any]
@@ -36,7 +37,8 @@ def set_condition(
     now: datetime,
     observed_generation: int | None = None,
 ) -> list[dict[str, Any]]:
-    """``conditions`` with ``type`` set; lastTransitionTime moves only when the status flips."""
+    """``conditions`` with ``type`` set in its place (new types go last); lastTransitionTime
+    moves only when the status flips."""
     value = "True" if status else "False"
     previous = next((c for c in conditions if c.get("type") == type), None)
     since = (
@@ -48,7 +50,8 @@ def set_condition(
     if observed_generation is not None:
         condition["observedGeneration"] = observed_generation
     condition.update(lastTransitionTime=since, reason=reason, message=message)
-    return [dict(c) for c in conditions if c.get("type") != type] + [condition]
+    kept = [condition if c.get("type") == type else dict(c) for c in conditions]
+    return kept if previous is not None else kept + [condition]
 
 
 # --- Schedule -----------------------------------------------------------------------------
@@ -74,6 +77,10 @@ class ScheduleBook:
     missed: int = 0
     refused: int = 0
     conditions: list[dict[str, Any]] = field(default_factory=list)
+    # By agent: its newest ended job and newest success; its health as last rendered.
+    last_job: dict[str, LastJob] = field(default_factory=dict)
+    last_success: dict[str, LastJob] = field(default_factory=dict)
+    health: dict[str, AgentHealth] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ScheduleBook:
@@ -93,7 +100,23 @@ class ScheduleBook:
             fired = parse_time(entry.get("lastFireTime"))
             if fired is not None:
                 book.last_fire[entry["name"]] = fired
+            if (last_job := LastJob.from_status(entry.get("lastJob"))) is not None:
+                book.last_job[entry["name"]] = last_job
+            if (succeeded := parse_time(entry.get("lastSuccessfulTime"))) is not None:
+                book.last_success[entry["name"]] = LastJob("", "Succeeded", "", succeeded)
         return book
+
+    def record_end(self, agent: str, job: LastJob) -> None:
+        """Take a job of the Schedule on ``agent`` that ended (reports may come out of order)."""
+        before = self.last_job.get(agent)
+        if before is None or (job.time, job.name) >= (before.time, before.name):
+            self.last_job[agent] = job
+        if job.phase != "Succeeded":
+            return
+        if agent not in self.last_success or job.time > self.last_success[agent].time:
+            self.last_success[agent] = job
+        if self.last_successful_time is None or job.time > self.last_successful_time:
+            self.last_successful_time = job.time
 
     def record_ack(self, agent: str, *, applied: Mapping[str, int], rejected: Mapping[str, tuple[int, str]],
                    schedule_id: str, at: datetime) -> bool:
@@ -119,14 +142,15 @@ class ScheduleBook:
 
 def applied_condition(
     *, generation: int, targets: Sequence[str], acks: Mapping[str, Ack], connected: Collection[str],
-    no_agents: str, problems: Sequence[str] = (),
+    no_agents: str, cannot_run: tuple[str, str] | None = None,
 ) -> tuple[bool, str, str]:
     """(status, reason, message) of the Schedule's ``Applied`` condition.
 
-    ``problems`` make the Schedule invalid (validation.py): it is given to no agent.
+    ``cannot_run`` is (reason, message) when the Schedule is invalid (validation.py) or its
+    Repository does not exist: it is given to no agent.
     """
-    if problems:
-        return False, "Invalid", "; ".join(problems)
+    if cannot_run is not None:
+        return False, *cannot_run
     if not targets:
         return False, "NoAgents", no_agents
     rejected = [
@@ -162,19 +186,19 @@ def schedule_status(
     active: Sequence[str],
     no_agents: str,
     now: datetime,
-    problems: Sequence[str] = (),
+    cannot_run: tuple[str, str] | None = None,
 ) -> Status:
     """The whole status of ``schedule``.
 
     ``targets`` are the names of the Agents it targets; ``next_fire`` is the next fire time
-    after now where the expression resolves (shown for agents that applied this generation).
-    The ``Applied`` condition keeps the transition time of ``book.conditions``; the caller
-    keeps the returned conditions in the book for the next time.
+    after now where the expression resolves (shown for agents that applied this generation);
+    ``book.health`` holds each target's health. The conditions keep the transition times of
+    ``book.conditions``; the caller keeps the returned conditions in the book for the next time.
     """
     generation = schedule.generation
     agents = []
     for name in sorted(targets):
-        entry: dict[str, Any] = {"name": name}
+        entry: dict[str, Any] = {"name": name, "connected": name in connected}
         ack = book.acks.get(name)
         if ack is not None:
             if not ack.error:
@@ -187,19 +211,29 @@ def schedule_status(
         if (next_fire is not None and not schedule.suspend and ack is not None
                 and ack.generation == generation and not ack.error):
             entry["nextFireTime"] = format_time(next_fire)
+        if name in book.last_job:
+            entry["lastJob"] = book.last_job[name].to_status()
+        if name in book.last_success:
+            entry["lastSuccessfulTime"] = format_time(book.last_success[name].time)
         agents.append(entry)
-    status_value, reason, message = applied_condition(
+    applied = applied_condition(
         generation=generation, targets=targets, acks=book.acks, connected=connected, no_agents=no_agents,
-        problems=problems,
+        cannot_run=cannot_run,
     )
-    conditions = set_condition(
-        book.conditions, type="Applied", status=status_value, reason=reason, message=message,
-        now=now, observed_generation=generation,
-    )
+    health = {name: book.health.get(name, HEALTHY) for name in targets}
+    healthy = healthy_condition(health, cannot_run=cannot_run, no_agents=no_agents)
+    conditions = book.conditions
+    for type, (value, reason, message) in (("Applied", applied), ("Healthy", healthy)):
+        conditions = set_condition(conditions, type=type, status=value, reason=reason, message=message,
+                                   now=now, observed_generation=generation)
     status: Status = {"observedGeneration": generation}
     if resolved is not None:
         status["resolvedSchedule"] = resolved
+    if next_fire is not None and not schedule.suspend and cannot_run is None:
+        status["nextFireTime"] = format_time(next_fire)
     status["agents"] = agents
+    fine = 0 if cannot_run is not None else sum(state.healthy for state in health.values())
+    status["healthyAgents"] = f"{fine}/{len(targets)}"  # as kubectl shows a Deployment's READY
     if book.last_schedule_time is not None:
         status["lastScheduleTime"] = format_time(book.last_schedule_time)
     if book.last_successful_time is not None:
@@ -220,6 +254,33 @@ def phase_of(status: Mapping[str, Any]) -> str:
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
     return phase_of(status) in TERMINAL_PHASES
+
+
+def last_job(job: Job, status: Mapping[str, Any], *, now: datetime) -> LastJob:
+    """An ended job as its Schedule's status and metrics keep it."""
+    ended = parse_time(status.get("completionTime")) or now
+    started = parse_time(status.get("startTime"))
+    summary = status.get("summary") or {}
+    return LastJob(
+        job.key.name, phase_of(status), status.get("reason", ""), ended,
+        duration=summary.get("durationSeconds") or ((ended - started).total_seconds() if started else None),
+        added_bytes=summary.get("dataAdded"), files=summary.get("totalFilesProcessed"),
+    )
+
+
+def ended_event(job: Job, status: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The (type, reason, message) of the Event an ended job gets: a failure's reason is the
+    job's own (WrongPassword, Timeout, AgentLost, ...), so ``kubectl get events`` says why."""
+    phase, reason = phase_of(status), status.get("reason", "")
+    text = f"{job.type} on agent {job.agent}: {status.get('message', '')}"
+    if phase == "Succeeded":
+        summary = status.get("summary") or {}
+        if summary.get("shortId"):
+            text += f"; snapshot {summary['shortId']}"
+        return "Normal", "Completed", text
+    if phase == "Cancelled":
+        return "Normal", "Cancelled", text
+    return "Warning", reason or "Failed", text
 
 
 def job_waiting(status: Mapping[str, Any], *, reason: str, message: str) -> Status:
@@ -314,7 +375,10 @@ def _with_outcome_conditions(status: Status, *, now: datetime) -> Status:
 # --- Agent --------------------------------------------------------------------------------
 
 
-def agent_connected(status: Mapping[str, Any], hello: Hello, *, peer: str, now: datetime) -> Status:
+def agent_connected(status: Mapping[str, Any], hello: Hello, *, peer: str, now: datetime,
+                    replaced: str = "") -> Status:
+    """Connected from ``peer``; ``replaced`` is the peer of a connection of the same Agent this
+    one took the place of (the ``Replaced`` condition)."""
     new = {
         **status,
         "connected": True,
@@ -328,11 +392,22 @@ def agent_connected(status: Mapping[str, Any], hello: Hello, *, peer: str, now: 
     address = peer.rpartition(":")[0]  # peer is host:port
     if address:
         new["address"] = address
-    new["conditions"] = set_condition(
+    conditions = set_condition(
         status.get("conditions") or [], type="Connected", status=True, reason="Connected",
         message=f"connected from {peer}", now=now,
     )
+    if replaced:
+        conditions = set_condition(conditions, type="Replaced", status=True, reason="AnotherConnection",
+                                   message=REPLACED.format(new=peer, old=replaced), now=now)
+    elif any(c.get("type") == "Replaced" for c in conditions):
+        conditions = set_condition(conditions, type="Replaced", status=False, reason="SingleConnection",
+                                   message=f"the connection from {peer} replaced none", now=now)
+    new["conditions"] = conditions
     return new
+
+
+REPLACED = ("a connection from {new} took the place of the one from {old}: the agent reconnected before "
+            "its old connection closed, or a second process uses the same credentials")
 
 
 def agent_disconnected(status: Mapping[str, Any], *, why: str, now: datetime) -> Status:

@@ -5,9 +5,7 @@ kind that the operator makes itself at startup so it knows when its view is comp
 ("primed") before it serves agents.
 The two may arrive in any order, so every update keeps the newer resourceVersion and a
 listing drops only objects it proves deleted (absent at a collection version newer than
-the object). Repositories come from the watch alone (no startup listing): a Repository the
-view does not hold yet is read from the API by whoever needs it. Pure: no API calls; the I/O
-shells feed it.
+the object). Pure: no API calls; the I/O shells feed it.
 """
 
 from __future__ import annotations
@@ -249,10 +247,12 @@ class TokenSecret(Stored):
 @dataclass(frozen=True)
 class Repository(Stored):
     spec: Mapping[str, Any]
+    status: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_body(cls, body: Body) -> Repository:
-        return cls(**_identity(body), spec=copy.deepcopy(dict(body.get("spec") or {})))
+        return cls(**_identity(body), spec=copy.deepcopy(dict(body.get("spec") or {})),
+                   status=copy.deepcopy(dict(body.get("status") or {})))
 
 
 @dataclass(frozen=True)
@@ -401,10 +401,7 @@ class Store:
     # By digest: a handshake finds its token's Secret without looking at every Agent's.
     token_secrets: Collection[TokenSecret] = field(
         default_factory=lambda: Collection(TokenSecret.from_body, group_by=lambda secret: secret.digest))
-    # Fed by one watch alone, whose events arrive in order: no listing to reconcile, so no
-    # tombstones to keep.
-    repositories: Collection[Repository] = field(
-        default_factory=lambda: Collection(Repository.from_body, primed=True))
+    repositories: Collection[Repository] = field(default_factory=lambda: Collection(Repository.from_body))
     agent_pods: Collection[AgentPod] = field(default_factory=lambda: Collection(AgentPod.from_body))
 
     def token_secret_of(self, agent: Agent) -> TokenSecret | None:

@@ -423,6 +423,23 @@ class World:
             spec: {{agent: {agent}, repository: local, type: backup, backup: {{paths: [{tree}]}}}}
         """)
 
+    def failing_restic(self) -> tuple[Path, Path]:
+        """A restic whose backups fail (exit 1, as restic does on a fatal error) while the flag
+        file it comes with exists; everything else is real restic."""
+        flag = self.directory / "fail-backups"
+        flag.touch()
+        wrapper = self.directory / "failing-restic"
+        wrapper.write_text(textwrap.dedent(f"""\
+            #!{sys.executable}
+            import os, sys
+            if "backup" in sys.argv[1:] and os.path.exists({str(flag)!r}):
+                sys.stderr.write("Fatal: unable to open the source: disk not mounted\\n")
+                sys.exit(1)
+            os.execv({str(self.restic)!r}, [{str(self.restic)!r}, *sys.argv[1:]])
+        """))
+        wrapper.chmod(0o755)
+        return wrapper, flag
+
     def held_restic(self, *, after_backup: bool = False) -> Path:
         """A restic that holds every backup until the test ends: before starting it, or, with
         ``after_backup``, once restic has saved its snapshot and before the agent sees it end.

@@ -28,6 +28,8 @@ class Handler:
 
     async def on_disconnect(self, session: Session) -> None: ...
 
+    def on_refused(self, agent: ObjectKey, reason: str, message: str) -> None: ...
+
 
 async def anyone(token: str) -> Identity:
     return Identity(ObjectKey("ns", "web-01"), Method.TOKEN, "digest")

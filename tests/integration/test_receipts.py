@@ -46,6 +46,9 @@ class Operator:
     async def on_disconnect(self, session: Session) -> None:
         pass
 
+    def on_refused(self, agent: ObjectKey, reason: str, message: str) -> None:
+        pass
+
 
 async def authenticate(token: str) -> Identity:
     if token != TOKEN:

@@ -106,11 +106,17 @@ def schedule_body(*, suspend: bool = False, generation: int = 1) -> dict[str, An
                      "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}}
 
 
+def repository_body(name: str = "offsite") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": "3"},
+            "spec": {"url": "/srv/restic", "passwordSecretRef": {"name": "offsite", "key": "password"}}}
+
+
 @pytest.fixture
 async def controller() -> AsyncIterator[Controller]:
     kube = FakeKube()
     made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
     await made._prime()
+    made.observe("repositories", "ADDED", repository_body())
     made.observe("agents", "ADDED", agent_body("web-01"))
     made.observe("schedules", "ADDED", schedule_body())
     writing = asyncio.create_task(made.writer.run())  # receipts wait for status writes

@@ -22,6 +22,7 @@ from restic_manager.operator.dispatch import (
     repository_env,
     secret_refusal,
 )
+from restic_manager.operator.events import Recorder
 from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, KubeError, NotFound, SecretRead
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
 from restic_manager.operator.writer import Rendered, StatusWriter, Target
@@ -181,6 +182,10 @@ class FakeKube:
         self.patched: list[tuple[str, ObjectKey, dict[str, Any]]] = []
         self.refuse_patches = False
         self.creates_clear.set()
+        self.events: list[dict[str, Any]] = []
+
+    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
+        self.events.append({"involved": involved, **event})
 
     async def creates_done(self) -> None:
         await self.creates_clear.wait()
@@ -227,12 +232,13 @@ class Harness:
         self.session = session
         self.changes: list[tuple[str, str]] = []
         self.writer = StatusWriter(self.kube, render=self._render, flush_timeout=flush_timeout)  # type: ignore[arg-type]
+        self.events = Recorder(self.kube, clock=lambda: NOW)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(
             store=self.store, kube=self.kube,  # type: ignore[arg-type]
             writer=self.writer,
             session_of=lambda key: self.session,  # type: ignore[arg-type,return-value]
             on_phase_change=lambda job, status: self.changes.append((job.key.name, status["phase"])),
-            clock=lambda: NOW,
+            clock=lambda: NOW, events=self.events,
         )
 
     def _render(self, target: Target) -> Rendered | None:
@@ -241,13 +247,14 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
-        """The status writer's loop runs meanwhile."""
-        task = asyncio.create_task(self.writer.run())
+        """The status writer's and the Event recorder's loops run meanwhile."""
+        tasks = [asyncio.create_task(self.writer.run()), asyncio.create_task(self.events.run())]
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def add(self, **kwargs: Any) -> Job:
         self.store.jobs.upsert(job_body(**kwargs))

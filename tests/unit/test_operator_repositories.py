@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from restic_manager.operator.events import Recorder
 from restic_manager.operator.kube import KubeError
 from restic_manager.operator.repositories import RepositoryReporter, repository_status
-from restic_manager.operator.store import Job, ObjectKey
+from restic_manager.operator.store import Job, ObjectKey, Store
 
 NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)
 EARLIER = "2026-11-25T02:00:00Z"
@@ -93,7 +94,8 @@ def ended_job(name: str, repository: str = "offsite") -> Job:
 
 
 def reporter_with(kube: FakeKube) -> RepositoryReporter:
-    return RepositoryReporter(kube, clock=lambda: NOW)  # type: ignore[arg-type]
+    return RepositoryReporter(kube, clock=lambda: NOW, events=Recorder(kube, clock=lambda: NOW),  # type: ignore[arg-type]
+                              known=Store().repositories)
 
 
 async def test_a_job_ending_during_a_write_is_written_by_the_follow_up_and_then_nothing_is() -> None:

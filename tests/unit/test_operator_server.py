@@ -27,6 +27,7 @@ class Handler:
     def __init__(self) -> None:
         self.events: asyncio.Queue[tuple[str, Session, protocol.Frame | None]] = asyncio.Queue()
         self.fail_on: str | None = None
+        self.refused: list[tuple[ObjectKey, str, str]] = []
 
     async def on_connect(self, session: Session) -> None:
         await self.events.put(("connect", session, None))
@@ -38,6 +39,9 @@ class Handler:
 
     async def on_disconnect(self, session: Session) -> None:
         await self.events.put(("disconnect", session, None))
+
+    def on_refused(self, agent: ObjectKey, reason: str, message: str) -> None:
+        self.refused.append((agent, reason, message))
 
     async def next(self) -> tuple[str, Session, protocol.Frame | None]:
         async with asyncio.timeout(TIMEOUT):

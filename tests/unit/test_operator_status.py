@@ -87,23 +87,25 @@ def test_schedule_status_lists_every_targeted_agent() -> None:
     assert result["observedGeneration"] == 4
     assert result["resolvedSchedule"] == "17 2 * * *"
     assert result["agents"] == [
-        {"name": "web-01", "ackedGeneration": 4, "ackedAt": "2026-03-01T12:00:00Z",
+        {"name": "web-01", "connected": True, "ackedGeneration": 4, "ackedAt": "2026-03-01T12:00:00Z",
          "lastFireTime": "2026-03-01T12:00:00Z", "nextFireTime": "2026-03-02T02:17:00Z"},
         # An agent still on an old generation has no next fire of this generation to show.
-        {"name": "web-02", "ackedGeneration": 3, "ackedAt": "2026-03-01T12:00:00Z"},
+        {"name": "web-02", "connected": True, "ackedGeneration": 3, "ackedAt": "2026-03-01T12:00:00Z"},
     ]
     assert result["lastScheduleTime"] == "2026-03-01T12:00:00Z"
     assert (result["missedFires"], result["refusedFires"]) == (1, 2)
     assert result["active"] == [{"name": "nightly-web-01-1"}]
-    [applied] = result["conditions"]
+    applied, healthy = result["conditions"]
     assert (applied["type"], applied["status"], applied["reason"], applied["observedGeneration"]) == (
         "Applied", "False", "NotAcked", 4)
+    assert (healthy["type"], healthy["status"], healthy["reason"]) == ("Healthy", "True", "AllAgentsHealthy")
+    assert (result["nextFireTime"], result["healthyAgents"]) == ("2026-03-02T02:17:00Z", "2/2")
 
 
 def test_schedule_status_shows_a_rejection_with_its_error() -> None:
     book = ScheduleBook(acks={"web-01": Ack(4, T0, "time zone 'Mars/Olympus' is unknown")})
     result = render(book, targets=["web-01"])
-    assert result["agents"] == [{"name": "web-01", "ackedAt": "2026-03-01T12:00:00Z",
+    assert result["agents"] == [{"name": "web-01", "connected": True, "ackedAt": "2026-03-01T12:00:00Z",
                                  "error": "time zone 'Mars/Olympus' is unknown"}]
     assert result["conditions"][0]["reason"] == "Rejected"
 

@@ -81,6 +81,8 @@ class FakeKube:
                            "spec": {"agent": "honest", "repository": "offsite", "schedule": "0 2 * * *",
                                     "concurrencyPolicy": "Allow", "successfulJobsHistoryLimit": 1000,
                                     "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}}],
+            "repositories": [{"metadata": {"name": "offsite", "namespace": NS, "uid": "uid-offsite",
+                                           "resourceVersion": "4"}, "spec": {}}],
         }
         return listings.get(plural, []), "10"
 

@@ -65,6 +65,10 @@ async def controller() -> Controller:
     await made._prime()
     for name, namespace in (("web-a", "x"), ("web-b", "x"), ("web-y", "y")):
         made.observe("agents", "ADDED", agent(name, namespace))
+    for namespace in ("x", "y"):
+        made.observe("repositories", "ADDED", {"metadata": {"name": "offsite", "namespace": namespace,
+                                                            "uid": f"uid-{namespace}-offsite", "resourceVersion": "2"},
+                                               "spec": {}})
     made.observe("schedules", "ADDED", schedule("b-only", "x", agent="web-b"))
     made.observe("schedules", "ADDED", schedule("cross-agent", "x", agent="y/web-y"))
     made.observe("schedules", "ADDED", schedule("cross-repo", "x", agent="web-a", repository="y/offsite"))
