@@ -19,6 +19,8 @@ class FakeSession:
         self.pushed = None
         self.open = True
         self.sent: list[protocol.Payload] = []
+        self.peer = "192.0.2.10:40000"
+        self.replaced = ""
 
     async def send(self, payload: protocol.Payload) -> bool:
         self.sent.append(payload)

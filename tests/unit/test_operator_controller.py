@@ -7,21 +7,23 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from restic_manager import protocol
 from restic_manager.operator.authenticator import NodeAgents
-from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, Controller
+from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, HEALTH_RECHECK_MIN, Controller
 from restic_manager.operator.fires import job_name
 from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound, SecretRead
 from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.store import AgentPod, Change, ObjectKey
+from restic_manager.operator.store import AgentPod, Change, ObjectKey, format_time
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
 from support.operator_fakes import FakeSession, connect as connect_session
 
@@ -91,6 +93,10 @@ class FakeKube:
     async def patch_status(self, plural: str, key: ObjectKey, patch: dict[str, Any], *, uid: str) -> None:
         self.patches.append((plural, key, patch))
 
+    async def bump_event(self, key: ObjectKey, *, count: int, now: datetime) -> None:
+        event = next(e for e in self.events if e.get("name") == key.name)
+        event.update(count=count, now=now)
+
 
 def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}",
@@ -100,7 +106,7 @@ def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
 
 def schedule_body(*, suspend: bool = False, generation: int = 1) -> dict[str, Any]:
     return {"metadata": {"name": "nightly", "namespace": "ns", "uid": "uid-nightly", "generation": generation,
-                         "resourceVersion": str(10 + generation), "creationTimestamp": "2026-03-01T00:00:00Z"},
+                         "resourceVersion": str(10 + generation), "creationTimestamp": "2026-03-02T01:50:00Z"},
             "spec": {"agentSelector": {"matchLabels": {"role": "web"}}, "repository": "offsite",
                      "schedule": "0 2 * * *", "suspend": suspend, "concurrencyPolicy": "Forbid",
                      "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}}
@@ -119,10 +125,12 @@ async def controller() -> AsyncIterator[Controller]:
     made.observe("repositories", "ADDED", repository_body())
     made.observe("agents", "ADDED", agent_body("web-01"))
     made.observe("schedules", "ADDED", schedule_body())
-    writing = asyncio.create_task(made.writer.run())  # receipts wait for status writes
+    # Receipts wait for status writes; Events are posted by their own loop.
+    loops = [asyncio.create_task(made.writer.run()), asyncio.create_task(made.events.run())]
     yield made
-    writing.cancel()
-    await asyncio.gather(writing, return_exceptions=True)
+    for loop in loops:
+        loop.cancel()
+    await asyncio.gather(*loops, return_exceptions=True)
 
 
 def connect(controller: Controller, name: str = "web-01", *, acked: bool = True) -> FakeSession:
@@ -482,12 +490,14 @@ async def test_fires_write_the_schedules_status_after_a_delay(controller: Contro
     for minute in range(3):  # a burst of fires (Allow, so each makes a job)
         controller.observe("schedules", "MODIFIED", schedule_body() | {
             "metadata": {**schedule_body()["metadata"], "resourceVersion": str(60 + minute)},
-            "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow", "schedule": "0 * * * *"}})
-        fire = msgspec.structs.replace(FIRE, scheduled_at=FIRE.scheduled_at.replace(hour=2 - minute))
+            "spec": {**schedule_body()["spec"], "concurrencyPolicy": "Allow", "schedule": "* * * * *"}})
+        fire = msgspec.structs.replace(FIRE, scheduled_at=FIRE.scheduled_at - timedelta(minutes=minute))
         requests.clear()
         await controller.on_message(session, frame(fire))  # type: ignore[arg-type]
         schedule_marks = [delay for plural, _, delay in requests.marks if plural == "schedules"]
-        assert schedule_marks and set(schedule_marks) == {FIRE_STATUS_DELAY}
+        # (Besides a render's own mark to look again when the next fire's deadline passes.)
+        assert FIRE_STATUS_DELAY in schedule_marks
+        assert all(delay == FIRE_STATUS_DELAY or delay >= HEALTH_RECHECK_MIN for delay in schedule_marks)
     assert len(kube.created) == 3
 
     requests.clear()
@@ -550,3 +560,129 @@ async def test_an_in_cluster_session_ends_when_its_token_expires_or_its_pod_is_d
     controller._agent_pod_changed(Change(old=pod, new=None))
     await controller._reconcile_agent(key)
     assert revoked == [(key, "the pod (uid pod-uid) its ServiceAccount token is bound to was deleted")]
+
+
+async def until(what: str, holds: Callable[[], Any]) -> Any:
+    """A bounded poll for something the controller's loops do in the background."""
+    async with asyncio.timeout(5):
+        while not (found := holds()):
+            await asyncio.sleep(0.01)
+    return found
+
+
+def events_of(kube: FakeKube, kind: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.events if e["involved"]["kind"] == kind and e["reason"] == reason]
+
+
+async def test_a_schedule_whose_repository_is_missing_is_given_to_no_agent_and_its_fires_are_refused(
+        controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    session = connect(controller)
+    controller.observe("repositories", "DELETED", repository_body())
+    applied, healthy = schedule_status(controller)["conditions"]
+    assert (applied["status"], applied["reason"]) == ("False", "RepositoryNotFound")
+    assert applied["message"] == ("spec.repository: there is no Repository offsite in namespace ns; the Schedule "
+                                  "runs on no agent until there is")
+    assert (healthy["status"], healthy["reason"]) == ("False", "RepositoryNotFound")
+    assert controller._runnable_schedules_of(ObjectKey("ns", "web-01")) == []
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]  # sent before it learned
+    [(_, outcome, job)] = receipts(session)
+    assert (outcome, job) == (protocol.FireOutcome.REFUSED, None) and kube.created == []
+    assert controller.refused["RepositoryNotFound"] == 1
+    await until("a Warning Event on the Schedule", lambda: events_of(kube, "Schedule", "RepositoryNotFound"))
+
+    controller.observe("repositories", "ADDED", repository_body())
+    assert [s.key.name for s in controller._runnable_schedules_of(ObjectKey("ns", "web-01"))] == ["nightly"]
+    assert schedule_status(controller)["conditions"][0]["reason"] != "RepositoryNotFound"
+
+
+def job_done(job: str, outcome: protocol.Outcome, *, at: datetime, exit_code: int) -> protocol.Frame:
+    return frame(protocol.JobDone(job=job, outcome=outcome, exit_code=exit_code, finished_at=at,
+                                  summary=protocol.Summary(data_added=2048, total_files_processed=7,
+                                                           duration_seconds=1.5)
+                                  if outcome is protocol.Outcome.SUCCEEDED else None))
+
+
+def exposition(controller: Controller) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics serves, by name and labels."""
+    text = controller.metrics.exposition().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+ON_WEB_01 = (("agent", "web-01"), ("namespace", "ns"), ("schedule", "nightly"))
+
+
+async def test_a_failed_run_makes_its_agent_unhealthy_with_events_and_metrics_until_a_run_succeeds(
+        controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    session = connect(controller)
+    await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
+    [failed] = [f"ns/{job['metadata']['name']}" for job in kube.created]
+    assert schedule_status(controller)["conditions"][1]["status"] == "True"
+    await controller.on_message(session, job_done(failed, protocol.Outcome.FAILED, at=NOW, exit_code=1))  # type: ignore[arg-type]
+    healthy = schedule_status(controller)["conditions"][1]
+    assert (healthy["status"], healthy["reason"]) == ("False", "LastRunFailed")
+    assert healthy["message"].startswith(f"web-01: its last run {failed.split('/')[1]} failed (ResticFailed)")
+    [event] = await until("the Schedule's Warning", lambda: events_of(kube, "Schedule", "LastRunFailed"))
+    assert event["type"] == "Warning" and event["message"].startswith("agent web-01: its last run")
+    await until("the job's Warning", lambda: events_of(kube, "ResticJob", "ResticFailed"))
+    served = exposition(controller)
+    assert served[("restic_manager_schedule_agent_healthy", ON_WEB_01)] == 0.0
+    assert served[("restic_manager_schedule_last_attempt_timestamp_seconds", ON_WEB_01)] == NOW.timestamp()
+    assert ("restic_manager_schedule_last_success_timestamp_seconds", ON_WEB_01) not in served
+    assert served[("restic_manager_jobs_finished_total", (("namespace", "ns"), ("outcome", "Failed"),
+                                                          ("reason", "ResticFailed"), ("type", "backup")))] == 1.0
+    assert served[("restic_manager_fire_lag_seconds_count", ())] == 1.0
+    assert served[("restic_manager_schedule_interval_seconds", (("namespace", "ns"), ("schedule", "nightly")))] == 86400
+
+    # Another job of the Schedule on the agent (run by hand, say) that ends later: a success.
+    controller.observe("resticjobs", "ADDED", {
+        "metadata": {"name": "again", "namespace": "ns", "uid": "uid-again", "resourceVersion": "200"},
+        "spec": {"agent": "web-01", "repository": "offsite", "type": "backup",
+                 "scheduleRef": {"name": "nightly", "uid": "uid-nightly"}},
+        "status": {"phase": "Running"}})
+    session.dispatched.add("ns/again")
+    succeeded = "ns/again"
+    later = NOW + timedelta(seconds=30)
+    await controller.on_message(session, job_done(succeeded, protocol.Outcome.SUCCEEDED, at=later, exit_code=0))  # type: ignore[arg-type]
+    status = schedule_status(controller)
+    assert (status["conditions"][1]["status"], status["healthyAgents"]) == ("True", "1/1")
+    assert status["agents"][0]["lastSuccessfulTime"] == format_time(later)
+    [recovered] = await until("a Normal Healthy Event", lambda: events_of(kube, "Schedule", "Healthy"))
+    assert recovered["type"] == "Normal"
+    served = exposition(controller)
+    assert served[("restic_manager_schedule_agent_healthy", ON_WEB_01)] == 1.0
+    assert served[("restic_manager_schedule_last_success_timestamp_seconds", ON_WEB_01)] == later.timestamp()
+    assert served[("restic_manager_backup_last_added_bytes", ON_WEB_01)] == 2048
+    assert served[("restic_manager_backup_last_files", ON_WEB_01)] == 7
+    assert served[("restic_manager_schedule_last_duration_seconds", ON_WEB_01)] == 1.5
+
+    controller.observe("schedules", "DELETED", schedule_body())
+    # A deleted Schedule's series go with it.
+    assert not [key for key in exposition(controller) if ("schedule", "nightly") in key[1]]
+
+
+async def test_a_connection_that_takes_another_ones_place_is_an_event_and_a_condition(controller: Controller) -> None:
+    kube: FakeKube = controller._kube  # type: ignore[assignment]
+    controller._primed_at = NOW - timedelta(hours=1)  # past the reconnect grace: every connection is news
+    session = connect(controller)
+    session.identity = Identity(session.agent, Method.TOKEN, "digest")  # type: ignore[attr-defined]
+    session.replaced = "192.0.2.99:51000"
+    await controller.on_connect(session)  # type: ignore[arg-type]
+    [agent] = controller.store.agents
+    conditions = {c["type"]: c for c in controller.agent_status(agent)["conditions"]}
+    assert (conditions["Replaced"]["status"], conditions["Replaced"]["reason"]) == ("True", "AnotherConnection")
+    assert "192.0.2.99:51000" in conditions["Replaced"]["message"]
+    await until("Connected and Replaced Events", lambda: events_of(kube, "Agent", "Connected")
+                and events_of(kube, "Agent", "Replaced"))
+    assert exposition(controller)[("restic_manager_agent_connected", (("agent", "web-01"), ("namespace", "ns")))] == 1
+
+    again = connect(controller)  # replacing none this time
+    again.identity = session.identity  # type: ignore[attr-defined]
+    await controller.on_connect(again)  # type: ignore[arg-type]
+    conditions = {c["type"]: c for c in controller.agent_status(agent)["conditions"]}
+    assert (conditions["Replaced"]["status"], conditions["Replaced"]["reason"]) == ("False", "SingleConnection")
+    again.connection = SimpleNamespace(close_code=1000)  # type: ignore[attr-defined]
+    await controller.on_disconnect(again)  # type: ignore[arg-type]
+    await until("a Disconnected Event", lambda: events_of(kube, "Agent", "Disconnected"))

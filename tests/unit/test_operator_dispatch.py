@@ -500,3 +500,42 @@ async def test_a_report_about_a_deleted_job_cancels_it() -> None:
     await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/gone", started_at=NOW),  # type: ignore[arg-type]
                                        frame_id="s1")
     assert session.sent == [protocol.CommandCancel(job="ns/gone")]
+
+
+async def until_events(harness: Harness, count: int) -> list[tuple[str, str, str, str]]:
+    async with asyncio.timeout(5):
+        while len(harness.kube.events) < count:
+            await asyncio.sleep(0.01)
+    return [(e["involved"]["kind"], e["involved"]["name"], e["type"], e["reason"]) for e in harness.kube.events]
+
+
+async def test_a_job_that_starts_and_ends_has_events_that_say_so() -> None:
+    session = FakeSession(running=["ns/ok", "ns/bad"])
+    harness = Harness(session)
+    for name in ("ok", "bad"):
+        harness.add(name=name, phase="Running")
+        session.dispatched.add(f"ns/{name}")
+    async with harness.writing():
+        await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/ok", started_at=NOW),  # type: ignore[arg-type]
+                                           frame_id="s1")
+        await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+            job="ns/ok", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
+            summary=protocol.Summary(snapshot_id="0123456789abcdef")), frame_id="d1")
+        await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
+            job="ns/bad", outcome=protocol.Outcome.FAILED, exit_code=12, finished_at=NOW), frame_id="d2")
+        seen = await until_events(harness, 3)
+    assert sorted(seen) == [("ResticJob", "bad", "Warning", "WrongPassword"), ("ResticJob", "ok", "Normal", "Completed"),
+                            ("ResticJob", "ok", "Normal", "Started")]
+    completed = next(e for e in harness.kube.events if e["reason"] == "Completed")
+    assert completed["message"] == "backup on agent web-01: restic finished successfully; snapshot 01234567"
+
+
+async def test_a_job_deleted_while_it_ran_leaves_an_event_on_its_schedule() -> None:
+    harness = Harness(FakeSession(running=["ns/j"]))
+    harness.add(phase="Running", deleting=True, finalizer=True, scheduled_at=NOW)
+    async with harness.writing():
+        await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
+        [seen] = await until_events(harness, 1)
+    assert seen == ("Schedule", "nightly", "Warning", "JobCancelled")
+    assert harness.kube.events[0]["message"] == ("ResticJob j was deleted while restic backup ran on agent web-01: "
+                                                 "restic was cancelled there")

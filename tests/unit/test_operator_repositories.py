@@ -10,7 +10,7 @@ import pytest
 
 from restic_manager.operator.events import Recorder
 from restic_manager.operator.kube import KubeError
-from restic_manager.operator.repositories import RepositoryReporter, repository_status
+from restic_manager.operator.repositories import RepositoryReporter, repository_event, repository_status
 from restic_manager.operator.store import Job, ObjectKey, Store
 
 NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)
@@ -61,6 +61,35 @@ def test_a_missing_repository_flips_initialized_and_says_what_to_do() -> None:
     assert condition["status"] == "False"
     assert condition["lastTransitionTime"] == "2026-11-26T02:00:30Z"
     assert "set spec.initialize or run an init job" in condition["message"]
+
+
+def test_a_check_jobs_end_is_the_repositorys_integrity_check() -> None:
+    for phase, result in (("Succeeded", "Passed"), ("Failed", "Failed")):
+        status = repository_status({}, job="weekly-1", job_type="check",
+                                   ended={"phase": phase, "reason": "r", "completionTime": EARLIER}, now=NOW)
+        assert status["integrityCheck"] == {"job": "weekly-1", "result": result, "reason": "r", "time": EARLIER}
+    assert "integrityCheck" not in repository_status({}, job="b", job_type="backup",
+                                                     ended={"phase": "Failed", "reason": "ResticFailed"}, now=NOW)
+    assert "integrityCheck" not in repository_status({}, job="c", job_type="check",
+                                                     ended={"phase": "Cancelled", "reason": "Replaced"}, now=NOW)
+
+
+@pytest.mark.parametrize(("job_type", "ended", "event"), [
+    ("backup", {"phase": "Failed", "reason": "WrongPassword"}, "WrongPassword"),
+    ("check", {"phase": "Failed", "reason": "WrongPassword"}, "WrongPassword"),
+    ("check", {"phase": "Failed", "reason": "ResticFailed", "message": "Fatal: repository contains errors"},
+     "CheckFailed"),
+    ("check", {"phase": "Failed", "reason": "Timeout"}, "CheckFailed"),
+    ("check", {"phase": "Failed", "reason": "AgentLost"}, None),  # says nothing about the repository
+    ("backup", {"phase": "Failed", "reason": "ResticFailed"}, None),
+    ("check", {"phase": "Succeeded", "reason": "Completed"}, None),
+])
+def test_a_wrong_password_or_a_failed_check_is_a_warning_on_the_repository(
+        job_type: str, ended: dict, event: str | None) -> None:
+    said = repository_event(job="j", job_type=job_type, ended=ended)
+    assert (said[0] if said else None) == event
+    if event == "CheckFailed" and ended.get("message"):
+        assert said is not None and said[1] == "ResticJob j (check) failed: Fatal: repository contains errors"
 
 
 # --- RepositoryReporter: one write per burst, none lost, none made of nothing ---------------------------

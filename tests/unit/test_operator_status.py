@@ -9,8 +9,9 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.operator import status
+from restic_manager.operator.health import AgentHealth, LastJob
 from restic_manager.operator.status import Ack, ScheduleBook, applied_condition, schedule_status, set_condition
-from restic_manager.operator.store import Schedule
+from restic_manager.operator.store import Schedule, format_time
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -260,3 +261,34 @@ def test_agent_connected_then_disconnected() -> None:
     assert gone["connected"] is False and gone["lastSeen"] == "2026-03-01T12:05:00Z"
     assert gone["address"] == "10.0.0.1"  # where it last connected from, remembered by the next operator
     assert (gone["conditions"][0]["status"], gone["conditions"][0]["reason"]) == ("False", "Disconnected")
+
+
+def test_each_agents_last_job_and_success_are_shown_and_seed_the_book_again() -> None:
+    book = ScheduleBook(acks={"web-01": Ack(4, T0), "web-02": Ack(4, T0)},
+                        health={"web-02": AgentHealth(False, "LastRunFailed", "its last run j2 failed (Timeout)")})
+    book.record_end("web-01", LastJob("j1", "Succeeded", "Completed", T1, duration=2.5))
+    book.record_end("web-02", LastJob("j2", "Failed", "Timeout", T1))
+    written = render(book, connected=["web-01"])
+    first, second = written["agents"]
+    assert first["lastJob"] == {"name": "j1", "phase": "Succeeded", "reason": "Completed", "time": format_time(T1)}
+    assert first["lastSuccessfulTime"] == format_time(T1) and first["connected"] is True
+    assert second["lastJob"]["phase"] == "Failed" and "lastSuccessfulTime" not in second
+    assert second["connected"] is False
+    healthy = written["conditions"][1]
+    assert (healthy["type"], healthy["status"], healthy["reason"]) == ("Healthy", "False", "LastRunFailed")
+    assert healthy["message"] == "web-02: its last run j2 failed (Timeout)"
+    assert written["healthyAgents"] == "1/2"
+    seeded = ScheduleBook.from_status(written)
+    assert seeded.last_job["web-02"] == LastJob("j2", "Failed", "Timeout", T1)
+    assert seeded.last_success["web-01"].time == T1
+
+
+def test_a_schedule_that_cannot_run_is_neither_applied_nor_healthy_and_shows_no_next_fire() -> None:
+    book = ScheduleBook(acks={"web-01": Ack(4, T0)})
+    written = schedule_status(
+        schedule(), book=book, targets=["web-01"], connected=["web-01"], resolved="17 2 * * *",
+        next_fire=datetime(2026, 3, 2, 2, 17, tzinfo=UTC), active=[], no_agents="none", now=T1,
+        cannot_run=("RepositoryNotFound", "spec.repository: there is no Repository offsite in namespace ns"))
+    assert [(c["type"], c["status"], c["reason"]) for c in written["conditions"]] == [
+        ("Applied", "False", "RepositoryNotFound"), ("Healthy", "False", "RepositoryNotFound")]
+    assert "nextFireTime" not in written and written["healthyAgents"] == "0/1"
