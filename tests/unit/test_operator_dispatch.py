@@ -414,6 +414,13 @@ async def test_invalid_parameters_fail_the_job() -> None:
     assert "args.snapshot" in status["message"] or "snapshot" in status["message"]
 
 
+async def until_events(harness: Harness, count: int) -> list[tuple[str, str, str, str]]:
+    async with asyncio.timeout(5):
+        while len(harness.kube.events) < count:
+            await asyncio.sleep(0.01)
+    return [(e["involved"]["kind"], e["involved"]["name"], e["type"], e["reason"]) for e in harness.kube.events]
+
+
 async def test_reports_drive_the_job_to_its_end_and_job_done_is_acked_once_written() -> None:
     session = FakeSession()
     harness = Harness(session)
@@ -428,6 +435,9 @@ async def test_reports_drive_the_job_to_its_end_and_job_done_is_acked_once_writt
         assert session.sent[-1] == protocol.JobDoneAck(ref="d1", job="ns/j")
         # the ack went out after a write that holds the final phase
         assert harness.kube.patched[-1][2]["phase"] == "Succeeded"
+        assert await until_events(harness, 2) == [("ResticJob", "j", "Normal", "Started"),
+                                                  ("ResticJob", "j", "Normal", "Completed")]
+    assert harness.kube.events[1]["message"] == "backup on agent web-01: restic finished successfully; snapshot abcdef12"
     assert harness.phase() == "Succeeded"
     assert harness.changes == [("j", "Running"), ("j", "Succeeded")]
     assert "ns/j" not in session.dispatched
@@ -502,32 +512,15 @@ async def test_a_report_about_a_deleted_job_cancels_it() -> None:
     assert session.sent == [protocol.CommandCancel(job="ns/gone")]
 
 
-async def until_events(harness: Harness, count: int) -> list[tuple[str, str, str, str]]:
-    async with asyncio.timeout(5):
-        while len(harness.kube.events) < count:
-            await asyncio.sleep(0.01)
-    return [(e["involved"]["kind"], e["involved"]["name"], e["type"], e["reason"]) for e in harness.kube.events]
-
-
-async def test_a_job_that_starts_and_ends_has_events_that_say_so() -> None:
-    session = FakeSession(running=["ns/ok", "ns/bad"])
+async def test_a_failed_job_has_a_warning_with_its_reason() -> None:
+    session = FakeSession(running=["ns/bad"])
     harness = Harness(session)
-    for name in ("ok", "bad"):
-        harness.add(name=name, phase="Running")
-        session.dispatched.add(f"ns/{name}")
+    harness.add(name="bad", phase="Running")
+    session.dispatched.add("ns/bad")
     async with harness.writing():
-        await harness.dispatcher.on_report(session, protocol.JobStarted(job="ns/ok", started_at=NOW),  # type: ignore[arg-type]
-                                           frame_id="s1")
-        await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
-            job="ns/ok", outcome=protocol.Outcome.SUCCEEDED, exit_code=0, finished_at=NOW,
-            summary=protocol.Summary(snapshot_id="0123456789abcdef")), frame_id="d1")
         await harness.dispatcher.on_report(session, protocol.JobDone(  # type: ignore[arg-type]
             job="ns/bad", outcome=protocol.Outcome.FAILED, exit_code=12, finished_at=NOW), frame_id="d2")
-        seen = await until_events(harness, 3)
-    assert sorted(seen) == [("ResticJob", "bad", "Warning", "WrongPassword"), ("ResticJob", "ok", "Normal", "Completed"),
-                            ("ResticJob", "ok", "Normal", "Started")]
-    completed = next(e for e in harness.kube.events if e["reason"] == "Completed")
-    assert completed["message"] == "backup on agent web-01: restic finished successfully; snapshot 01234567"
+        assert await until_events(harness, 1) == [("ResticJob", "bad", "Warning", "WrongPassword")]
 
 
 async def test_a_job_deleted_while_it_ran_leaves_an_event_on_its_schedule() -> None:
