@@ -148,12 +148,20 @@ spec:
 def test_printer_columns_show_schedule_state(kube, namespace: str) -> None:
     apply(kube, namespace, SCHEDULE.format(name="nightly", spec=GOOD_SPEC))
     kube.kubectl("-n", namespace, "patch", "schedule", "nightly", "--subresource=status", "--type=merge", "-p",
-                 json.dumps({"status": {"conditions": [{"type": "Applied", "status": "True", "reason": "AllAgentsAcked",
-                                                        "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}))
+                 json.dumps({"status": {
+                     "conditions": [{"type": "Applied", "status": "True", "reason": "AllAgentsAcked",
+                                     "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                                    {"type": "Healthy", "status": "False", "reason": "Overdue",
+                                     "message": "web-02: ...", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                     "nextFireTime": "2026-01-02T02:00:00Z", "healthyAgents": "1/2"}}))
     header, row = kube.kubectl("-n", namespace, "get", "rsched", "nightly").stdout.splitlines()
-    assert header.split() == ["NAME", "SCHEDULE", "SUSPEND", "APPLIED", "LAST", "SCHEDULE", "LAST", "SUCCESS", "AGE"]
-    assert row.split()[:5] == ["nightly", "0", "2", "*", "*"]
-    assert "True" in row.split()
+    assert header.split() == ["NAME", "SCHEDULE", "SUSPEND", "APPLIED", "HEALTHY", "LAST", "SCHEDULE", "LAST",
+                              "SUCCESS", "AGE"]
+    assert row.split()[:7] == ["nightly", "0", "2", "*", "*", "*", "false"]
+    assert row.split()[7:9] == ["True", "False"]
+    header, row = kube.kubectl("-n", namespace, "get", "rsched", "nightly", "-o", "wide").stdout.splitlines()
+    assert header.split()[-7:] == ["AGE", "TIME", "ZONE", "NEXT", "FIRE", "HEALTHY", "AGENTS"]
+    assert row.split()[-3:] == ["UTC", "2026-01-02T02:00:00Z", "1/2"]
 
 
 def test_printer_columns_show_a_jobs_progress_as_a_whole_percent_and_its_snapshot_by_short_id(
