@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# etcd, kube-apiserver, kube-controller-manager, kubectl, restic, helm from the pins in testbin/
+# etcd, kube-apiserver, kube-controller-manager, kubectl, restic, helm, toxiproxy, promtool
+# from the pins in testbin/
 # (cached in ~/.cache/restic-manager; the first build takes several minutes).
 binaries:
 	$(PYTHON) testbin/build.py

@@ -7,6 +7,7 @@ Each component is a small Go module whose go.mod/go.sum pin exactly one upstream
     restic      github.com/restic/restic/cmd/restic
     helm        helm.sh/helm/v3/cmd/helm
     toxiproxy   github.com/Shopify/toxiproxy/v2/cmd/server (the soak's fault proxy)
+    prometheus  github.com/prometheus/prometheus/cmd/promtool (checks and unit-tests the chart's alerts)
 
 Binaries go to a cache outside the checkout ($RESTIC_MANAGER_CACHE, default
 ~/.cache/restic-manager/testbin/<component>-<key>), keyed by a hash of the component's files
@@ -67,6 +68,8 @@ COMPONENTS = (
     Component("helm", "helm.sh/helm/v3", ("helm.sh/helm/v3/cmd/helm",), ("helm.sh/helm/v3/internal/version.version={version}",)),
     Component("toxiproxy", "github.com/Shopify/toxiproxy/v2", ("github.com/Shopify/toxiproxy/v2/cmd/server",),
               ("github.com/Shopify/toxiproxy/v2.Version={version}",)),
+    Component("prometheus", "github.com/prometheus/prometheus", ("github.com/prometheus/prometheus/cmd/promtool",),
+              ("github.com/prometheus/common/version.Version={bare}",)),
 )
 # etcd's main package is the module itself, toxiproxy's is called server: name their binaries.
 BINARY_NAMES = {("etcd", "."): "etcd", ("toxiproxy", "github.com/Shopify/toxiproxy/v2/cmd/server"): "toxiproxy-server"}
@@ -86,8 +89,8 @@ def go_version() -> str:
     if shutil.which("go") is None:
         raise BuildError(
             "Go is not installed or not on PATH: the test binaries (etcd, kube-apiserver, "
-            "kube-controller-manager, kubectl, restic, helm) are built from pinned Go modules. "
-            "Install Go >= 1.26 (e.g. `apt-get install golang-go` or from go.dev) and run again."
+            "kube-controller-manager, kubectl, restic, helm, toxiproxy, promtool) are built from pinned Go "
+            "modules. Install Go >= 1.26.7 (e.g. `apt-get install golang-go` or from go.dev) and run again."
         )
     return subprocess.run(["go", "env", "GOVERSION"], check=True, capture_output=True, text=True).stdout.strip()
 

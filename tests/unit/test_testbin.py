@@ -83,3 +83,16 @@ def test_the_cache_key_follows_the_pins(tmp_path: Path, monkeypatch: pytest.Monk
     gomod.write_text("module x\n\nrequire github.com/restic/restic v0.19.2\n")
     assert build.cache_key(component, "go1.26.8") != first
     assert build.output_dir(component, "go1.26.8").name.startswith("restic-v0.19.2-")
+
+
+def test_every_pinned_module_in_testbin_is_a_component_whose_packages_it_declares() -> None:
+    directories = {gomod.parent.name for gomod in (REPO / "testbin").glob("*/go.mod")}
+    assert directories == {component.name for component in build.COMPONENTS}
+    for component in build.COMPONENTS:
+        build.pinned_version(component)  # the go.mod requires the module
+        gomod = (REPO / "testbin" / component.name / "go.mod").read_text()
+        for package in component.packages:
+            assert package == "." or f"tool {package}\n" in gomod, f"testbin/{component.name}: no tool line for {package}"
+    (prometheus,) = [component for component in build.COMPONENTS if component.name == "prometheus"]
+    assert build.pinned_version(prometheus) == "v0.316.0"
+    assert build.binary_name(prometheus, prometheus.packages[0]) == "promtool"
