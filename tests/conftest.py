@@ -48,6 +48,12 @@ def restic_bin() -> Path:
     return ensure_binaries("restic")["restic"]
 
 
+@pytest.fixture(scope="session")
+def promtool_bin() -> Path:
+    """The real promtool, built from testbin/prometheus's pinned module."""
+    return ensure_binaries("prometheus")["promtool"]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield

@@ -89,6 +89,8 @@ def test_chart_passes_helm_lint_strict(helm: Helm, tmp_path: Path) -> None:
         "operator": {"watchNamespaces": ["team-a", "team-b"]},
         "agentDaemonSet": {"enabled": True, "hostPaths": [{"path": "/"}, {"path": "/home", "readOnly": False}]},
         "service": {"type": "NodePort", "nodePort": 30765},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
+        "podMonitor": {"enabled": True, "interval": "30s"},
     })
     for extra in ([], ["--values", everything]):
         result = helm("lint", "--strict", CHART, *extra)
@@ -122,6 +124,8 @@ def test_chart_crds_are_the_crds_directory(helm: Helm, tmp_path: Path) -> None:
     ("agentDaemonSet.hostPaths[0].path=etc", "at '/agentDaemonSet/hostPaths/0/path': 'etc' does not match pattern"),
     ("agentDaemonSet.mountRoot=/", "at '/agentDaemonSet/mountRoot': '/' does not match pattern"),
     ("agentDaemonSet.server=https://op:8765", "at '/agentDaemonSet/server': 'https://op:8765' does not match"),
+    ("prometheusRule.for.unhealthy=15min", "at '/prometheusRule/for/unhealthy': '15min' does not match pattern"),
+    ("prometheusRule.missedIntervals=0", "at '/prometheusRule/missedIntervals': minimum: got 0, want 1"),
 ])
 def test_values_schema_rejects_a_wrong_value_naming_it(helm: Helm, setting: str, message: str) -> None:
     result = helm("template", "release", CHART, "--set", setting, check=False)
