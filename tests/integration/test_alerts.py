@@ -1,6 +1,7 @@
-"""The chart's alerts (prometheusRule, podMonitor), checked by the pinned promtool: the
-rendered PrometheusRule passes `promtool check rules`, and every alert fires on input series
-where it should and stays silent where it should not (`promtool test rules`).
+"""The chart's alerts (prometheusRule, podMonitor) and dashboard, checked by the pinned
+promtool: the rendered PrometheusRule passes `promtool check rules`, every alert fires on
+input series where it should and stays silent where it should not (`promtool test rules`),
+and every query of the Grafana dashboard parses and names a metric the operator exposes.
 
 The series are the operator's metrics as docs/monitoring.md lists them; promtool's clock
 starts at 0, so a timestamp gauge's value is the minute it stands for × 60.
@@ -295,3 +296,79 @@ def test_the_pod_monitor_scrapes_the_operator_and_keeps_the_metrics_namespace_la
     (container,) = pod["spec"]["containers"]
     assert "metrics" in {port["name"] for port in container["ports"]}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["backup"]}
+
+
+# --- the dashboard -------------------------------------------------------------------------
+
+DASHBOARD = CHART / "dashboards" / "restic-manager.json"
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for panel in panels for p in (panel, *dashboard_panels(panel.get("panels", [])))]
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> dict[str, str]:
+    """Every PromQL expression of the dashboard, by where it is: panel targets and the
+    templating variables' label_values() selectors."""
+    queries = {f"panel {panel['title']!r} {target['refId']}": target["expr"]
+               for panel in dashboard_panels(dashboard["panels"]) for target in panel.get("targets", [])}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.*), *(\w+)\)", variable["query"]["query"])
+            assert match, f"variable {variable['name']}: not a label_values() query"
+            queries[f"variable {variable['name']}"] = match[1]
+    return queries
+
+
+# What Grafana puts in place of its variables before the query reaches Prometheus.
+GRAFANA_BUILTINS = {"__rate_interval": "4m", "__interval": "1m", "__range": "1d"}
+
+
+def test_every_dashboard_query_parses_and_names_an_operator_metric(promtool_bin: Path, tmp_path: Path) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert {"namespace", "schedule", "agent"} <= variables
+    queries = dashboard_queries(dashboard)
+    rules = []
+    for where, expr in queries.items():
+        used = set(re.findall(r"\$(\w+)", expr))
+        assert used <= variables | set(GRAFANA_BUILTINS), f"{where}: undefined variables {used - variables}"
+        substituted = re.sub(r"\$(\w+)", lambda m: GRAFANA_BUILTINS.get(m[1], ".*"), expr)
+        names = set(re.findall(r"\brestic_manager_\w+", substituted))
+        assert names and names <= OPERATOR_METRICS, f"{where}: {sorted(names - OPERATOR_METRICS)} is not exposed"
+        rules.append({"record": f"dashboard:query_{len(rules)}", "expr": substituted})
+    path = write_rules(tmp_path / "dashboard.yaml", [{"name": "dashboard", "rules": rules}])
+    result = promtool(promtool_bin, "check", "rules", path)
+    where = [f"dashboard:query_{n} is {place}" for n, place in enumerate(queries)]
+    assert result.returncode == 0, "\n".join([result.stdout, result.stderr, *where])
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+# Metrics with a namespace label, and those of them with a schedule label too.
+NAMESPACED = OPERATOR_METRICS - {"restic_manager_fire_lag_seconds_bucket", "restic_manager_fire_lag_seconds_sum",
+                                 "restic_manager_fire_lag_seconds_count", "restic_manager_fires_refused_total",
+                                 "restic_manager_notifications_total"}
+PER_SCHEDULE = {name for name in NAMESPACED if name.startswith(("restic_manager_schedule_", "restic_manager_backup_"))}
+
+
+def test_every_dashboard_panel_follows_the_data_source_namespace_and_schedule_chosen() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard_panels(dashboard["panels"]):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+            for name, selector in re.findall(r"\b(restic_manager_\w+)(?:\{([^}]*)\})?", target["expr"]):
+                if name in NAMESPACED:
+                    assert 'namespace=~"$namespace"' in selector, f"{panel['title']}: {name}"
+                if name in PER_SCHEDULE:
+                    assert 'schedule=~"$schedule"' in selector, f"{panel['title']}: {name}"
+
+
+def test_the_dashboard_configmap_holds_the_dashboard_for_grafanas_sidecar(helm: Helm) -> None:
+    objects = render(helm, "dashboard.enabled=true", "dashboard.annotations.grafana_folder=Backups")
+    (configmap,) = [doc for doc in objects if doc["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Backups"}
+    assert json.loads(configmap["data"]["restic-manager.json"]) == json.loads(DASHBOARD.read_text())

@@ -91,6 +91,7 @@ def test_chart_passes_helm_lint_strict(helm: Helm, tmp_path: Path) -> None:
         "service": {"type": "NodePort", "nodePort": 30765},
         "prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
         "podMonitor": {"enabled": True, "interval": "30s"},
+        "dashboard": {"enabled": True},
     })
     for extra in ([], ["--values", everything]):
         result = helm("lint", "--strict", CHART, *extra)
