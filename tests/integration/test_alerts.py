@@ -13,11 +13,15 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from restic_manager.operator.metrics import Metrics, ScheduleOnAgent, View
 
 from integration.test_deploy import CHART, Helm, documents, helm  # noqa: F401 (helm is a fixture)
 
@@ -42,6 +46,24 @@ OPERATOR_METRICS = {
     "restic_manager_repository_last_check_timestamp_seconds",
     "restic_manager_notifications_total",
 }
+
+
+# Not exposed by the operator yet (the notifications are being added beside these alerts).
+NOT_YET_EXPOSED = {"restic_manager_notifications_total"}
+
+
+def test_the_operator_exposes_the_metrics_the_alerts_and_the_dashboard_read() -> None:
+    now = datetime.now(UTC)
+    view = View(schedules=[ScheduleOnAgent("backups", "nightly", "web-1", True, now, now, 1.0, 2, 3)],
+                intervals=[("backups", "nightly", 86400.0)], agents=[("backups", "web-1", True)],
+                checks=[("backups", "s3", True, now)])
+    metrics = Metrics(view=lambda: view)
+    metrics.fire_lag.observe(0.2)
+    metrics.fires_refused["MissedSchedule"] += 1
+    metrics.jobs_finished["backups", "backup", "Succeeded", "Completed"] += 1
+    exposed = {sample.name for family in text_string_to_metric_families(metrics.exposition().decode())
+               for sample in family.samples}
+    assert OPERATOR_METRICS - NOT_YET_EXPOSED <= exposed, sorted(OPERATOR_METRICS - NOT_YET_EXPOSED - exposed)
 
 
 def promtool(binary: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
