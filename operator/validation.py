@@ -4,8 +4,8 @@ The same function answers the validating admission webhook (so ``kubectl apply``
 Schedule fails with these messages) and the controller (so a Schedule that got past an
 unreachable webhook is marked ``Applied=False`` with reason ``Invalid`` and never reaches
 an agent). The CRD's schema and CEL rules check shapes; this checks meaning: the cron
-expression, the time zone, the job parameters as the agent will read them, and that names
-are names of objects in the Schedule's own namespace.
+expression, the time zone, the job parameters as the agent will read them, that names
+are names of objects in the Schedule's own namespace, and the notifications (notify.py).
 """
 
 from __future__ import annotations
@@ -14,13 +14,19 @@ from collections.abc import Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import re
+
 import msgspec
 
 from restic_manager import cron, protocol
+from restic_manager.operator import notify
 from restic_manager.operator.store import is_object_name
 from restic_manager.operator.targets import SelectorError, selector_matches
 
 _TYPES = ", ".join(t.value for t in protocol.JobType)
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+_VIAS = [via.value for via in notify.Via]    # lists: a JSON value need not be hashable
+_KINDS = [kind.value for kind in notify.Kind]
 
 
 def schedule_problems(spec: Mapping[str, Any], *, schedule_id: str) -> list[str]:
@@ -40,6 +46,7 @@ def schedule_problems(spec: Mapping[str, Any], *, schedule_id: str) -> list[str]
     problems += _cron_problems(spec.get("schedule"), schedule_id)
     problems += _zone_problems(spec.get("timeZone", "UTC"))
     problems += _template_problems(spec.get("template"))
+    problems += _notification_problems(spec.get("notifications"))
     return problems
 
 
@@ -76,6 +83,43 @@ def _zone_problems(zone: object) -> list[str]:
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         return [f"spec.timeZone {zone!r}: not a known IANA time zone, e.g. UTC or Europe/London"]
     return []
+
+
+def _notification_problems(entries: object) -> list[str]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or len(entries) > notify.MAX_NOTIFICATIONS:
+        return [f"spec.notifications: must be a list of at most {notify.MAX_NOTIFICATIONS} entries"]
+    problems: list[str] = []
+    for index, entry in enumerate(entries):
+        at = f"spec.notifications[{index}]"
+        if not isinstance(entry, Mapping):
+            problems.append(f"{at}: must be an object with type and urlSecretRef")
+            continue
+        via = entry.get("type")
+        if via not in _VIAS:
+            problems.append(f"{at}.type {via!r}: must be one of {', '.join(_VIAS)}")
+        ref = entry.get("urlSecretRef")
+        if not isinstance(ref, Mapping):
+            problems.append(f"{at}.urlSecretRef: must be an object with the name and key of a Secret "
+                            "that holds the URL")
+        else:
+            problems += _name_problems(f"{at}.urlSecretRef.name", ref.get("name"), kind="Secret")
+            key = ref.get("key")
+            if not isinstance(key, str) or _SECRET_KEY.fullmatch(key) is None:
+                problems.append(f"{at}.urlSecretRef.key {key!r}: must be a key of the Secret (letters, digits, "
+                                "'-', '_' and '.')")
+        when = entry.get("when")
+        if when is None:
+            continue
+        if not isinstance(when, list):
+            problems.append(f"{at}.when: must be a list of {', '.join(_KINDS)}")
+        elif not when:
+            problems.append(f"{at}.when: empty, so nothing would be sent; leave it out for its type's default")
+        else:
+            problems += [f"{at}.when[{place}] {kind!r}: must be one of {', '.join(_KINDS)}"
+                         for place, kind in enumerate(when) if kind not in _KINDS]
+    return problems
 
 
 def _template_problems(template: object) -> list[str]:

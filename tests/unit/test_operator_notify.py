@@ -17,6 +17,7 @@ from restic_manager.operator.notify import (
     NOTIFICATION_OPT_IN, Delivery, Kind, Lane, Notice, Notification, Outbox, RetryPolicy, Undelivered, Via,
 )
 from restic_manager.operator.store import Job, ObjectKey
+from restic_manager.operator.validation import schedule_problems
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 NIGHTLY = ObjectKey("team-a", "nightly")
@@ -328,3 +329,36 @@ def test_the_outbox_gives_a_lanes_deliveries_in_order_and_drops_the_oldest_when_
     assert outbox.take(Lane("uid-nightly", 1, "web-01")) is not None
     assert len(outbox) == 0
 
+
+# --- validation ---------------------------------------------------------------------------
+
+
+GOOD = {"agent": "web-01", "repository": "offsite", "schedule": "0 2 * * *",
+        "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}
+AT = "spec.notifications[0]"
+
+
+@pytest.mark.parametrize(("case", "entries", "expected"), [
+    ("every type, defaults", [entry(via.value) for via in Via], []),
+    ("a when", [entry("webhook", when=["started", "healthy"])], []),
+    ("a dotted key", [entry("slack", key="slack.url")], []),
+    ("not a list", {"type": "slack"}, ["spec.notifications: must be a list of at most 10 entries"]),
+    ("too many", [entry("slack")] * 11, ["spec.notifications: must be a list of at most 10 entries"]),
+    ("not an object", ["slack"], [f"{AT}: must be an object with type and urlSecretRef"]),
+    ("an unknown type", [entry("email")], [f"{AT}.type 'email': must be one of webhook, slack, discord, healthchecks"]),
+    ("a type that is a list", [{**entry("slack"), "type": ["slack"]}],
+     [f"{AT}.type ['slack']: must be one of webhook, slack, discord, healthchecks"]),
+    ("no Secret", [{"type": "slack"}],
+     [f"{AT}.urlSecretRef: must be an object with the name and key of a Secret that holds the URL"]),
+    ("another namespace's Secret", [{"type": "slack", "urlSecretRef": {"name": "team-b/hooks", "key": "url"}}],
+     [f"{AT}.urlSecretRef.name 'team-b/hooks': must be the name of a Secret in the Schedule's own namespace "
+      "(lowercase letters, digits, '-' and '.'; no namespace part)"]),
+    ("a key no Secret can have", [entry("slack", key="a/b")],
+     [f"{AT}.urlSecretRef.key 'a/b': must be a key of the Secret (letters, digits, '-', '_' and '.')"]),
+    ("an unknown kind", [entry("slack", when=["failed", "finished"])],
+     [f"{AT}.when[1] 'finished': must be one of started, succeeded, failed, unhealthy, healthy"]),
+    ("an empty when", [entry("slack", when=[])],
+     [f"{AT}.when: empty, so nothing would be sent; leave it out for its type's default"]),
+])
+def test_notifications_are_validated_naming_the_field(case: str, entries: Any, expected: list[str]) -> None:
+    assert schedule_problems({**GOOD, "notifications": entries}, schedule_id="team-a/nightly") == expected, case
