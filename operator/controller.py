@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, TypeVar
 
 from restic_manager import cron, protocol
-from restic_manager.operator import fires, health, identity, metrics, validation
+from restic_manager.operator import fires, health, identity, metrics, notify, validation
 from restic_manager.operator import status as statuses
 from restic_manager.operator.authenticator import Authenticator, NodeAgents
 from restic_manager.operator.coalesce import CoalescingLoop
@@ -123,6 +123,7 @@ class Controller:
                                   metrics=self.metrics)
         self.writer = StatusWriter(kube, render=self._render)
         self.pusher = Pusher(schedules_of=self._runnable_schedules_of, session_of=self.server.session)
+        self.notifier = notify.Notifier(kube, clock=clock, registry=self.metrics.registry, events=self.events)
         self.dispatcher = Dispatcher(store=self.store, kube=kube, writer=self.writer,
                                      session_of=self.server.session, on_phase_change=self._job_phase_changed,
                                      clock=clock, events=self.events)
@@ -166,6 +167,7 @@ class Controller:
             tasks.create_task(self.server.serve(host, port, tls=tls, started=started), name="agent server")
             if metrics_listen is not None:
                 tasks.create_task(metrics.serve(self.metrics, *metrics_listen), name="metrics")
+            tasks.create_task(self.notifier.run(), name="notifications")
             jobs_listed_at = await self._prime()
             for name, coroutine in (("resticjob watch", self._jobs_watch.run(jobs_listed_at)),
                                     ("status writer", self.writer.run()), ("pushes", self.pusher.run()),
@@ -662,6 +664,8 @@ class Controller:
         if ended:
             self._book(schedule).record_end(job.agent, statuses.last_job(job, status, now=self._clock()))
             self._history.mark(HistoryKey(schedule_key, job.agent))
+        if (notice := notify.job_notice(job, status, at=self._clock())) is not None:
+            self.notifier.notify(schedule, notice)
 
     async def _prune(self, key: HistoryKey) -> None:
         schedule = self.store.schedules.get(key.schedule)
