@@ -1,0 +1,109 @@
+"""A Schedule's notifications end to end (issue 19): a real job fails on a real agent, and the
+operator tells an HTTP receiver on loopback, started by the test, through a generic webhook
+and healthchecks-style pings, with URLs from a labelled Secret that no log line shows."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from e2e.harness import WAIT, World
+
+pytestmark = [pytest.mark.cluster, pytest.mark.restic]
+
+TOKEN = "e2e-webhook-s3cr3t-t0ken"
+
+
+@dataclass
+class Receiver:
+    """Every request it got: (method, path, query, body), in order."""
+
+    url: str = ""
+    hits: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_for(self, what: str, test: Any) -> tuple[str, str, dict[str, str], bytes]:
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: next((hit for hit in self.hits if test(hit)), None), timeout=WAIT):
+                pytest.fail(f"the receiver never got {what}; it got {self.hits}")
+            return next(hit for hit in self.hits if test(hit))
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            split = urllib.parse.urlsplit(self.path)
+            with made.arrived:
+                made.hits.append(("POST", split.path, dict(urllib.parse.parse_qsl(split.query)), body))
+                made.arrived.notify_all()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    made.url = f"http://127.0.0.1:{server.server_address[1]}"
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield made
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failed_backup_reaches_the_webhook_and_the_healthchecks_pings(world: World, receiver: Receiver) -> None:
+    world.repository()
+    tree = world.source_tree()
+    world.start_operator()
+    broken, _ = world.failing_restic()
+    world.add_agent("web-01", restic=broken)
+    world.apply(f"""
+        apiVersion: v1
+        kind: Secret
+        metadata: {{name: hooks, labels: {{resticmanager.io/notification-secret: "true"}}}}
+        stringData:
+          webhook: {receiver.url}/hook/{TOKEN}
+          ping: {receiver.url}/ping/{TOKEN}
+        ---
+        apiVersion: resticmanager.io/v1alpha1
+        kind: Schedule
+        metadata: {{name: nightly}}
+        spec:
+          agent: web-01
+          repository: local
+          schedule: "*/5 * * * * *"
+          template:
+            type: backup
+            backup: {{paths: [{tree}]}}
+          notifications:
+          - {{type: webhook, urlSecretRef: {{name: hooks, key: webhook}}}}
+          - {{type: healthchecks, urlSecretRef: {{name: hooks, key: ping}}}}
+    """)
+    _, _, _, body = receiver.wait_for("the webhook's failed notice",
+                                      lambda hit: hit[1] == f"/hook/{TOKEN}")
+    sent = json.loads(body)
+    [job] = [j for j in world.jobs("nightly") if j["metadata"]["name"] == sent["job"]]
+    assert sent["event"] == "failed" and sent["phase"] == "Failed" and sent["reason"] == "ResticFailed"
+    assert (sent["namespace"], sent["schedule"], sent["agent"]) == (world.namespace, "nightly", "web-01")
+    assert job["status"]["phase"] == "Failed"
+    # The healthchecks pings of that same job: its start, then its failure, paired by its uid.
+    run = {"rid": job["metadata"]["uid"]}
+    receiver.wait_for("the job's /fail ping", lambda hit: hit[1:3] == (f"/ping/{TOKEN}/fail", run))
+    pings = [hit[1] for hit in receiver.hits if hit[2] == run]
+    assert pings == [f"/ping/{TOKEN}/start", f"/ping/{TOKEN}/fail"], receiver.hits
+    assert not world.events("NotificationFailed")
+    assert world.operator is not None and TOKEN not in world.operator.output()
