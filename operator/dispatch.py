@@ -50,7 +50,9 @@ from restic_manager.operator import status as statuses
 from restic_manager.operator import validation
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.events import Recorder, involved
-from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, Kube, KubeError, NotFound, SecretRead
+from restic_manager.operator.kube import (
+    FinalizersSeen, Kube, KubeError, NotFound, SecretRead, opt_in_refusal,
+)
 from restic_manager.operator.server import Session
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
 from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
@@ -185,13 +187,7 @@ def secret_refusal(name: str, secret: SecretRead) -> str | None:
     kept from it does not have, and a Repository naming any other Secret gets nothing from it.
     The operator's own agent token Secrets never go, labelled or not.
     """
-    if all(secret.labels.get(key) == value for key, value in MANAGED_BY.items()):
-        return f"Secret {name} is an agent token Secret of the operator's, which is never handed to agents"
-    if secret.labels.get(SECRET_OPT_IN) != "true":
-        return (f"Secret {name} is not labelled {SECRET_OPT_IN}=true, and only Secrets so labelled are "
-                f"handed to agents (kubectl label secret {name} {SECRET_OPT_IN}=true, by someone who may "
-                "change the Secret)")
-    return None
+    return opt_in_refusal(name, secret, label=SECRET_OPT_IN, use="handed to agents")
 
 
 class Dispatcher:

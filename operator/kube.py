@@ -236,6 +236,21 @@ class SecretRead(NamedTuple):
     labels: Mapping[str, str]
 
 
+def opt_in_refusal(name: str, secret: SecretRead, *, label: str, use: str) -> str | None:
+    """Why Secret ``name`` may not be ``use``d (say "handed to agents"), or None: it must carry
+    ``label``=true, and is never one of the operator's own agent token Secrets.
+
+    Labelling a Secret takes the right to change it, so someone kept from reading a Secret
+    cannot make the operator use it on their behalf (dispatch.py, notify.py).
+    """
+    if all(secret.labels.get(key) == value for key, value in MANAGED_BY.items()):
+        return f"Secret {name} is an agent token Secret of the operator's, which is never {use}"
+    if secret.labels.get(label) != "true":
+        return (f"Secret {name} is not labelled {label}=true, and only Secrets so labelled are "
+                f"{use} (kubectl label secret {name} {label}=true, by someone who may change the Secret)")
+    return None
+
+
 class FinalizersSeen(NamedTuple):
     """An object as its owner last saw it, as far as its finalizers go."""
 

@@ -5,7 +5,8 @@ Discord-compatible incoming webhook, or healthchecks.io-style pings (``/start``,
 itself, ``/fail``), each with the kinds of :class:`Notice` it takes (``when``; its type's
 :data:`DEFAULT_WHEN` if left out). The URL is in a Secret of the Schedule's namespace
 (``urlSecretRef``), read at every attempt and never kept, so a rotated URL reaches the next
-delivery; the Secret must carry :data:`NOTIFICATION_OPT_IN` (:func:`secret_refusal`). A
+delivery; the Secret must carry :data:`NOTIFICATION_OPT_IN` (the repository Secrets' rule,
+:func:`~restic_manager.operator.kube.opt_in_refusal`, with a label of its own). A
 healthchecks Secret that also holds a key named after the agent pings that URL for that
 agent's jobs: a per-host dead-man's switch on a fleet Schedule.
 
@@ -48,7 +49,7 @@ from yarl import URL
 from restic_manager.operator import status as statuses
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.events import involved
-from restic_manager.operator.kube import MANAGED_BY, KubeError, NotFound, SecretRead
+from restic_manager.operator.kube import KubeError, NotFound, SecretRead, opt_in_refusal
 from restic_manager.operator.store import Job, ObjectKey, Schedule, format_time, parse_time
 
 log = logging.getLogger(__name__)
@@ -198,30 +199,16 @@ class Undelivered(Exception):
         self.retry_after = retry_after
 
 
-def secret_refusal(name: str, secret: SecretRead) -> str | None:
-    """Why Secret ``name`` may not be used for a notification's URL, or None.
-
-    The operator can read every Secret of the namespaces it manages; whoever may create a
-    Schedule may be kept from reading any. So a Secret's value becomes a URL the operator
-    sends to only when the Secret carries :data:`NOTIFICATION_OPT_IN`, which takes the right
-    to change the Secret. The operator's own agent token Secrets are never used.
-    """
-    if all(secret.labels.get(key) == value for key, value in MANAGED_BY.items()):
-        return f"Secret {name} is an agent token Secret of the operator's, which notifications never use"
-    if secret.labels.get(NOTIFICATION_OPT_IN) != "true":
-        return (f"Secret {name} is not labelled {NOTIFICATION_OPT_IN}=true, and only Secrets so labelled "
-                f"are used for notifications (kubectl label secret {name} {NOTIFICATION_OPT_IN}=true, by "
-                "someone who may change the Secret)")
-    return None
-
-
 def destination(notification: Notification, secret: SecretRead, *, agent: str | None) -> tuple[URL, str]:
     """The URL to send to, and the key it came from.
 
     A healthchecks notification uses the key named after the notice's agent when the Secret
     has one. Raises :class:`Undelivered` (not transient: the Secret must change first).
     """
-    if (refusal := secret_refusal(notification.secret, secret)) is not None:
+    # The repository Secrets' rule (dispatch.py), with a label of its own: a tenant who may
+    # create Schedules but not read Secrets cannot have a Secret's value sent anywhere.
+    refusal = opt_in_refusal(notification.secret, secret, label=NOTIFICATION_OPT_IN, use="used for notifications")
+    if refusal is not None:
         raise Undelivered(refusal, transient=False)
     key = notification.key
     if notification.via is Via.HEALTHCHECKS and agent is not None and agent in secret.data:

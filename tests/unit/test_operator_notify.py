@@ -129,7 +129,7 @@ URL_TEXT = "https://hooks.example/services/T000/B000/s3cr3t-t0ken"
     ("the repository label is not enough", Via.WEBHOOK, {"url": URL_TEXT},
      {"resticmanager.io/repository-secret": "true"}, None, f"not labelled {NOTIFICATION_OPT_IN}=true"),
     ("an agent token Secret, labelled or not", Via.WEBHOOK, {"url": URL_TEXT}, {**MANAGED_BY, **OPTED_IN}, None,
-     "Secret hooks is an agent token Secret of the operator's, which notifications never use"),
+     "Secret hooks is an agent token Secret of the operator's, which is never used for notifications"),
 ])
 def test_the_url_comes_from_an_opted_in_secret(case: str, via: Via, data: dict[str, str], labels: dict[str, str],
                                                agent: str | None, expected: tuple[str, str] | str) -> None:
