@@ -98,6 +98,12 @@ def test_spec_change_bumps_generation_and_status_write_does_not(kube, namespace:
         pytest.param(GOOD_SPEC.replace("agent: web-01", "agent: Web_01"), "spec.agent", id="agent-not-a-name"),
         pytest.param(GOOD_SPEC + "  concurrencyPolicy: Sometimes\n",
                      "spec.concurrencyPolicy", id="bad-concurrency-policy"),
+        pytest.param(GOOD_SPEC + "  notifications: [{type: email, urlSecretRef: {name: hooks, key: url}}]\n",
+                     "spec.notifications[0].type", id="unknown-notification-type"),
+        pytest.param(GOOD_SPEC + "  notifications: [{type: slack, urlSecretRef: {name: hooks}}]\n",
+                     "spec.notifications[0].urlSecretRef.key", id="notification-without-key"),
+        pytest.param(GOOD_SPEC + "  notifications: [{type: slack, urlSecretRef: {name: h, key: u}, when: [done]}]\n",
+                     "spec.notifications[0].when[0]", id="unknown-notification-kind"),
     ],
 )
 def test_invalid_schedule_is_refused_naming_the_field(kube, namespace: str, spec: str, expected: str) -> None:
