@@ -260,7 +260,8 @@ def summary(notice: Notice) -> str:
     """One line for people (Slack, Discord, a ping's body)."""
     namespace = notice.schedule.namespace
     subject = f"ResticJob {namespace}/{notice.job}" if notice.job else f"Schedule {notice.schedule}"
-    context = ([f"Schedule {notice.schedule}"] if notice.job else []) + ([f"agent {notice.agent}"] if notice.agent else [])
+    context = [f"Schedule {notice.schedule}"] if notice.job else []
+    context += [f"agent {notice.agent}"] if notice.agent else []
     verb = {Kind.STARTED: "started", Kind.SUCCEEDED: "succeeded",
             Kind.FAILED: "was cancelled" if notice.phase == "Cancelled" else "failed",
             Kind.UNHEALTHY: "is unhealthy", Kind.HEALTHY: "is healthy again"}[notice.kind]
@@ -458,12 +459,13 @@ class Notifier:
         self._outbox = Outbox(capacity)
         self._loop: CoalescingLoop[Lane] = CoalescingLoop("notifications", self._drain, concurrency=concurrency)
         self._http: aiohttp.ClientSession | None = None
-        self.sent = Counter("restic_manager_notifications",
-                            "Notifications by type and result: sent, failed (given up on) or dropped (the queue was full).",
-                            ["type", "result"], registry=registry)
+        self.deliveries = Counter(
+            "restic_manager_notifications",
+            "Notifications by type and result: sent, failed (given up on) or dropped (the queue was full).",
+            ["type", "result"], registry=registry)
         for via in Via:
             for result in ("sent", "failed", "dropped"):
-                self.sent.labels(via.value, result)
+                self.deliveries.labels(via.value, result)
 
     def notify(self, schedule: Schedule, notice: Notice) -> None:
         """Queue ``notice`` for every notification of ``schedule`` that takes it; never waits."""
@@ -471,7 +473,7 @@ class Notifier:
             delivery = Delivery(schedule.key, schedule.uid, notification, notice)
             dropped = self._outbox.put(delivery)
             if dropped is not None:
-                self.sent.labels(dropped.notification.via.value, "dropped").inc()
+                self.deliveries.labels(dropped.notification.via.value, "dropped").inc()
                 log.warning("Schedule %s: %s: the %s notice of %s dropped, %d notices are waiting already",
                             dropped.schedule, dropped.notification.describe(), dropped.notice.kind.value,
                             dropped.notice.job or dropped.notice.agent or "the Schedule", len(self._outbox))
@@ -505,7 +507,7 @@ class Notifier:
                     attempts = attempt.retry_state.attempt_number
                     await self._attempt(delivery, used)
         except Undelivered as failure:
-            self.sent.labels(notification.via.value, "failed").inc()
+            self.deliveries.labels(notification.via.value, "failed").inc()
             about = delivery.notice.job or delivery.notice.agent or "the Schedule"
             what = (f"{notification.describe(used[0])}: a {delivery.notice.kind.value} notice was not sent: "
                     f"{failure.why} ({attempts} attempt{'s' if attempts != 1 else ''})")
@@ -514,7 +516,7 @@ class Notifier:
             self._events.record(involved("Schedule", delivery.schedule, delivery.schedule_uid), type="Warning",
                                 reason=REASON, message=what)
         else:
-            self.sent.labels(notification.via.value, "sent").inc()
+            self.deliveries.labels(notification.via.value, "sent").inc()
 
     async def _attempt(self, delivery: Delivery, used: list[str]) -> None:
         assert self._http is not None, "run() opens the HTTP session"

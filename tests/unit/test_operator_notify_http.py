@@ -164,7 +164,8 @@ async def test_each_type_gets_its_own_payload(world: World, receiver: Receiver) 
         "message": "restic exited with code 1", "time": "2026-03-02T02:00:05Z"}
     assert hits["hook"].content_type == "application/json"
     assert hits["slack"].json() == {"text": "restic-manager: ResticJob team-a/nightly-web-01-29012345 (Schedule "
-                                            "team-a/nightly, agent web-01) failed: ResticFailed: restic exited with code 1"}
+                                            "team-a/nightly, agent web-01) failed: ResticFailed: restic exited with "
+                                            "code 1"}
     assert hits["discord"].json()["content"] == hits["slack"].json()["text"]
     assert hits["discord"].json()["allowed_mentions"] == {"parse": []}
     assert (hits["ping"].method, hits["ping"].path, hits["ping"].query) == ("POST", f"/ping/{TOKEN}/fail",
