@@ -19,8 +19,8 @@ the queue's bookkeeping. :class:`Notifier` is the shell: :meth:`Notifier.notify`
 queues, :meth:`Notifier.run` delivers with aiohttp, one delivery at a time per destination
 (a healthchecks start ping is never overtaken by its success ping), many destinations side
 by side. A delivery that finally fails is counted, logged and recorded as a Warning Event
-``NotificationFailed`` on the Schedule (events.py aggregates repeats). No URL is ever logged, posted or written: they
-carry tokens. Messages name the Secret and key instead.
+``NotificationFailed`` on the Schedule (events.py aggregates repeats). No URL is ever logged,
+posted or written: they carry tokens. Messages name the Secret and key instead.
 """
 
 from __future__ import annotations
