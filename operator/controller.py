@@ -774,12 +774,18 @@ class Controller:
 
     def _health_changed(self, schedule: Schedule, was: Mapping[str, health.AgentHealth],
                         before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
-        """An Event for each agent that became unhealthy (or for another reason), for a
-        Schedule that cannot run, and for one that is healthy again.
+        """An Event and a notice for each agent that became unhealthy (or for another reason),
+        for a Schedule that cannot run, and for one that is healthy again.
 
         ``was`` is empty at the first look after a start: then ``before``, the condition as
         the status showed it, tells what was reported already."""
         about = involved("Schedule", schedule.key, schedule.uid)
+
+        def tell(agent: str | None, healthy: bool, reason: str, message: str) -> None:
+            self.events.record(about, type="Normal" if healthy else "Warning", reason=reason, message=message)
+            self.notifier.notify(schedule, notify.health_notice(schedule.key, agent=agent, healthy=healthy,
+                                                                reason=reason, message=message, at=self._clock()))
+
         shown = before is not None and before.get("status") == "False"
         named = str(before.get("message", "")) if shown and before is not None else ""
         for name, state in sorted(self._books[schedule.uid].health.items()):
@@ -788,12 +794,12 @@ class Controller:
                 continue
             if earlier is None and f"{name}: " in named:
                 continue
-            self.events.record(about, type="Warning", reason=state.reason, message=f"agent {name}: {state.message}")
+            tell(name, False, state.reason, f"agent {name}: {state.message}")
         if after["status"] == "False" and after["reason"] in SCHEDULE_WIDE and not (
                 shown and before is not None and before.get("reason") == after["reason"]):
-            self.events.record(about, type="Warning", reason=after["reason"], message=after["message"])
+            tell(None, False, after["reason"], after["message"])
         if after["status"] == "True" and shown:
-            self.events.record(about, type="Normal", reason="Healthy", message=after["message"])
+            tell(None, True, "Healthy", after["message"])
 
     def _metrics_view(self) -> metrics.View:
         """The gauges' view of the Schedules, Agents and Repositories (metrics.py)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.harness import World
+from e2e.harness import Receiver, World
 
 
 @pytest.fixture
@@ -34,3 +37,32 @@ def faults(tmp_path: Path) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            split = urllib.parse.urlsplit(self.path)
+            with made.arrived:
+                made.hits.append(("POST", split.path, dict(urllib.parse.parse_qsl(split.query)), body))
+                made.arrived.notify_all()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    made.url = f"http://127.0.0.1:{server.server_address[1]}"
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield made
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -468,3 +468,18 @@ class World:
         """))
         wrapper.chmod(0o755)
         return wrapper
+
+
+@dataclass
+class Receiver:
+    """Every request it got: (method, path, query, body), in order."""
+
+    url: str = ""
+    hits: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_for(self, what: str, test: Any) -> tuple[str, str, dict[str, str], bytes]:
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: next((hit for hit in self.hits if test(hit)), None), timeout=WAIT):
+                pytest.fail(f"the receiver never got {what}; it got {self.hits}")
+            return next(hit for hit in self.hits if test(hit))

@@ -5,19 +5,20 @@ whose Repository does not exist runs nowhere and blocks nothing."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from typing import Any
 
 import pytest
 
-from e2e.harness import World, eventually, free_port
+from e2e.harness import Receiver, World, eventually, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.restic]
 
 FLEET = ("fine", "stopped", "failing")
 
 
-def fleet_schedule(tree: str, *, repository: str = "local") -> str:
+def fleet_schedule(tree: str, *, repository: str = "local", notifications: str = "") -> str:
     return f"""
         apiVersion: resticmanager.io/v1alpha1
         kind: Schedule
@@ -30,6 +31,7 @@ def fleet_schedule(tree: str, *, repository: str = "local") -> str:
           template:
             type: backup
             backup: {{paths: [{tree}]}}
+          {notifications}
     """
 
 
@@ -52,15 +54,26 @@ def healthy_gauges(port: int) -> dict[str, float]:
     return gauges
 
 
-def test_a_stopped_host_and_a_failing_host_are_named_until_both_recover(world: World) -> None:
+def notices(receiver: Receiver) -> list[dict[str, Any]]:
+    return [json.loads(body) for _, path, _, body in list(receiver.hits) if path == "/health"]
+
+
+def test_a_stopped_host_and_a_failing_host_are_named_until_both_recover(world: World, receiver: Receiver) -> None:
     world.repository()
+    world.apply(f"""
+        apiVersion: v1
+        kind: Secret
+        metadata: {{name: hooks, labels: {{resticmanager.io/notification-secret: "true"}}}}
+        stringData: {{webhook: {receiver.url}/health}}
+    """)
     tree = world.source_tree()
     metrics = free_port()
     world.start_operator(extra=["--metrics-listen", f"127.0.0.1:{metrics}"])
     broken, failing_flag = world.failing_restic()
     agents = {name: world.add_agent(name, labels={"fleet": "yes"}, restic=broken if name == "failing" else None)
               for name in FLEET}
-    world.apply(fleet_schedule(str(tree)))
+    world.apply(fleet_schedule(str(tree), notifications="notifications: [{type: webhook, urlSecretRef: "
+                                                         "{name: hooks, key: webhook}, when: [unhealthy, healthy]}]"))
     world.wait("schedule/fleet", "condition=Applied")
     eventually("a successful backup on the stopped agent before it stops", lambda: [
         j for j in world.jobs("fleet")
@@ -88,6 +101,13 @@ def test_a_stopped_host_and_a_failing_host_are_named_until_both_recover(world: W
     assert {("LastRunFailed", "agent failing"), ("Overdue", "agent stopped")} <= warnings, warnings
     failed_jobs = [e for e in world.events("ResticFailed") if e["involvedObject"]["kind"] == "ResticJob"]
     assert failed_jobs and all("on agent failing" in e["message"] for e in failed_jobs)
+    def told_both() -> list[dict[str, Any]] | None:
+        found = notices(receiver)
+        said = {(n["agent"], n["reason"]) for n in found}
+        return found if said >= {("failing", "LastRunFailed"), ("stopped", "Overdue")} else None
+
+    told = eventually("unhealthy notices for both", told_both)
+    assert {n["agent"] for n in told if n["event"] == "unhealthy"} == {"failing", "stopped"}, told
 
     failing_flag.unlink()
     agents["stopped"].start()
@@ -99,6 +119,8 @@ def test_a_stopped_host_and_a_failing_host_are_named_until_both_recover(world: W
         gauges if (gauges := healthy_gauges(metrics)) == dict.fromkeys(FLEET, 1.0) else None))
     assert eventually("a Normal Healthy Event", lambda: [
         e for e in world.events("Healthy") if e["involvedObject"]["name"] == "fleet" and e["type"] == "Normal"])
+    [recovery] = eventually("the healthy notice", lambda: [n for n in notices(receiver) if n["event"] == "healthy"])
+    assert (recovery["agent"], recovery["reason"]) == (None, "Healthy")
 
 
 def test_a_schedule_whose_repository_is_missing_runs_nowhere_and_blocks_nothing(world: World) -> None:

@@ -5,64 +5,15 @@ and healthchecks-style pings, with URLs from a labelled Secret that no log line 
 from __future__ import annotations
 
 import json
-import threading
-import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from e2e.harness import WAIT, World
+from e2e.harness import Receiver, World
 
 pytestmark = [pytest.mark.cluster, pytest.mark.restic]
 
 TOKEN = "e2e-webhook-s3cr3t-t0ken"
-
-
-@dataclass
-class Receiver:
-    """Every request it got: (method, path, query, body), in order."""
-
-    url: str = ""
-    hits: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    def wait_for(self, what: str, test: Any) -> tuple[str, str, dict[str, str], bytes]:
-        with self.arrived:
-            if not self.arrived.wait_for(lambda: next((hit for hit in self.hits if test(hit)), None), timeout=WAIT):
-                pytest.fail(f"the receiver never got {what}; it got {self.hits}")
-            return next(hit for hit in self.hits if test(hit))
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    made = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            split = urllib.parse.urlsplit(self.path)
-            with made.arrived:
-                made.hits.append(("POST", split.path, dict(urllib.parse.parse_qsl(split.query)), body))
-                made.arrived.notify_all()
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    made.url = f"http://127.0.0.1:{server.server_address[1]}"
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        yield made
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_failed_backup_reaches_the_webhook_and_the_healthchecks_pings(world: World, receiver: Receiver) -> None:
