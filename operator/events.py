@@ -8,8 +8,8 @@ operator's loops do not run, so the operator keeps this small recorder of its ow
 
 Recording never waits for the API: :meth:`Recorder.record` only queues, and one task posts.
 A burst for the same Event folds into one call; past :data:`QUEUE_LIMIT` distinct Events
-waiting, the oldest are dropped and counted, so a storm of Events costs bounded memory and
-never holds up jobs.
+waiting, the oldest are dropped, each with a log line, so a storm of Events costs bounded
+memory and never holds up jobs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class Recorder:
         self._clock = clock
         self._pending: collections.OrderedDict[str, _Pending] = collections.OrderedDict()
         self._counts: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self.dropped = 0
         self._loop: CoalescingLoop[str] = CoalescingLoop("events", self._post, transient=(KubeError,))
 
     def record(self, about: Mapping[str, str], *, type: str, reason: str, message: str) -> None:
@@ -74,7 +73,6 @@ class Recorder:
             self._pending[name] = _Pending(about, type, reason, message, 1, self._clock())
             while len(self._pending) > QUEUE_LIMIT:
                 dropped, _ = self._pending.popitem(last=False)
-                self.dropped += 1
                 log.warning("too many Events waiting to be posted; dropped %s", dropped)
         self._loop.mark(name)
 

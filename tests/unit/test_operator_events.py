@@ -139,13 +139,14 @@ async def test_an_api_that_does_not_answer_is_tried_again_with_nothing_lost(monk
     assert event["count"] == 2
 
 
-async def test_a_storm_of_events_keeps_the_newest_and_counts_what_it_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_storm_of_events_keeps_the_newest_and_logs_what_it_dropped(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(events_module, "QUEUE_LIMIT", 3)
     api = FakeEvents()
     recorder = recorder_on(api)
     for number in range(5):
         recorder.record(JOB, type="Normal", reason="Started", message=f"run {number}")
-    assert recorder.dropped == 2
+    assert caplog.text.count("too many Events waiting to be posted; dropped") == 2
     async with running(recorder):
         await api.until(3)
     assert sorted(e["message"] for e in api.stored.values()) == ["run 2", "run 3", "run 4"]
