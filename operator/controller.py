@@ -756,8 +756,10 @@ class Controller:
         assert after is not None
         self._health_changed(schedule, was, before, after)
         if due.next is not None and any(state.healthy for state in book.health.values()):
-            # Nothing may happen when a fire's deadline passes unmet: look again then.
-            wait = max((due.next - now).total_seconds(), HEALTH_RECHECK_MIN)
+            # Nothing may happen when a fire's deadline passes unmet: look again then. A deadline
+            # in whole minutes ends on a fire time, so the look waits as long as the fires' own
+            # status write does, and folds into it instead of competing with their creates.
+            wait = max((due.next - now).total_seconds() + FIRE_STATUS_DELAY, HEALTH_RECHECK_MIN)
             self.writer.mark("schedules", schedule.key, delay=wait)
         return Rendered(schedule.uid, schedule.status, desired)
 
