@@ -96,10 +96,6 @@ FireAnswer = tuple[protocol.FireOutcome, str | None, str]
 SCHEDULE_WIDE = frozenset({"Invalid", "RepositoryNotFound", "NoAgents"})
 
 
-def _condition(conditions: Sequence[Mapping[str, Any]], type: str) -> Mapping[str, Any] | None:
-    return next((condition for condition in conditions if condition.get("type") == type), None)
-
-
 class HistoryKey(NamedTuple):
     schedule: ObjectKey
     agent: str
@@ -743,7 +739,7 @@ class Controller:
                 active[job.agent].append(health.ActiveJob(job.key.name, statuses.phase_of(status),
                                                           status.get("reason", ""), status.get("message", "")))
         cannot_run = self.cannot_run(schedule)
-        was, before = book.health, _condition(book.conditions, "Healthy")
+        was, before = book.health, statuses.condition_of(book.conditions, "Healthy")
         book.health = {name: self._agent_health(schedule, book, name, due=due.latest, grace=grace,
                                                 active=active.get(name, ()), connected=name in connected)
                        for name in targets}
@@ -752,7 +748,7 @@ class Controller:
             next_fire=next_fire, active=[job.name for jobs in active.values() for job in jobs],
             no_agents=self._no_agents(schedule), now=now, cannot_run=cannot_run)
         book.conditions = desired["conditions"]
-        after = _condition(book.conditions, "Healthy")
+        after = statuses.condition_of(book.conditions, "Healthy")
         assert after is not None
         self._health_changed(schedule, was, before, after)
         if due.next is not None and any(state.healthy for state in book.health.values()):

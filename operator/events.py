@@ -95,25 +95,25 @@ class Recorder:
             raise
 
     async def _write(self, name: str, pending: _Pending) -> None:
-        namespace = pending.about["namespace"]
+        key = ObjectKey(pending.about["namespace"], name)
         count = self._counts.get(name)
         if count is None:
             try:
-                await self._kube.post_event(pending.about, type=pending.type, reason=pending.reason,
-                                            message=pending.message, now=pending.at, name=name,
-                                            count=pending.times)
+                await self._create(name, pending)
                 self._remember(name, pending.times)
                 return
             except AlreadyExists:
-                count = await self._kube.event_count(ObjectKey(namespace, name))
+                count = await self._kube.event_count(key)
         try:
-            await self._kube.bump_event(ObjectKey(namespace, name), count=count + pending.times, now=pending.at)
+            await self._kube.bump_event(key, count=count + pending.times, now=pending.at)
         except NotFound:  # expired (the apiserver keeps Events an hour) since it was counted
-            self._counts.pop(name, None)
-            await self._kube.post_event(pending.about, type=pending.type, reason=pending.reason,
-                                        message=pending.message, now=pending.at, name=name, count=pending.times)
+            await self._create(name, pending)
             count = 0
         self._remember(name, count + pending.times)
+
+    async def _create(self, name: str, pending: _Pending) -> None:
+        await self._kube.post_event(pending.about, type=pending.type, reason=pending.reason, message=pending.message,
+                                    now=pending.at, name=name, count=pending.times)
 
     def _remember(self, name: str, count: int) -> None:
         self._counts[name] = count

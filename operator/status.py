@@ -27,6 +27,11 @@ LOST = "AgentLost"
 # --- conditions ---------------------------------------------------------------------------
 
 
+def condition_of(conditions: Sequence[Mapping[str, Any]], type: str) -> Mapping[str, Any] | None:
+    """The condition of ``type`` in ``conditions``, if there is one."""
+    return next((condition for condition in conditions if condition.get("type") == type), None)
+
+
 def set_condition(
     conditions: Sequence[Mapping[str, Any]],
     *,
@@ -40,7 +45,7 @@ def set_condition(
     """``conditions`` with ``type`` set in its place (new types go last); lastTransitionTime
     moves only when the status flips."""
     value = "True" if status else "False"
-    previous = next((c for c in conditions if c.get("type") == type), None)
+    previous = condition_of(conditions, type)
     since = (
         previous["lastTransitionTime"]
         if previous is not None and previous.get("status") == value and previous.get("lastTransitionTime")
