@@ -7,7 +7,7 @@ it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its 
 measured the same way. "The same" is the operator's own ``fires.job_body``: each job owned by
 a Schedule of its namespace (N inert Schedules are made there for that), with the finalizer.
 The same N are also created with the client the operator uses
-(``restic_manager.operator.kube.Kube``, on operator/http1.py's connections); "raw" is the
+(``restic_manager.operator.kube.Kube``, on kubernetes_asyncio); "raw" is the
 faster of the two plain clients. That makes one round; a full run makes
 :data:`ROUNDS` of them, a minute apart, because a create rate measured on these shared cores
 swings by half from one minute to the next: the figure is the median round's ratio, and
@@ -25,11 +25,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import kubernetes.client
-import kubernetes.config
-
 from restic_manager.operator.fires import job_body
-from restic_manager.operator.kube import Kube
+from restic_manager.operator.kube import Kube, load_configuration
 from restic_manager.operator.store import Schedule
 
 from cluster import Usage, profile, settle
@@ -183,9 +180,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                 await fired.until_count(lambda _: len(of_storm()) >= n, timeout=timeout)
                 return of_storm(), firer
 
-            configuration = kubernetes.client.Configuration()
-            kubernetes.config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=configuration)
-            kube = Kube(configuration)
+            kube = Kube(await load_configuration(plane.kubeconfig))
             rounds = []
             try:
                 for _ in range(result["parameters"]["rounds"]):

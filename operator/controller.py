@@ -1,6 +1,7 @@
 """The operator's wiring: what happens when an object changes or an agent says something.
 
-kopf's watch events come in through :meth:`Controller.observe`; agents' frames through the
+kopf's watch events come in through :meth:`Controller.observe` (handlers.py), which says
+when the view is complete through :meth:`Controller.view_complete`; agents' frames through the
 :class:`~restic_manager.operator.server.SessionHandler` methods. Both only update the
 in-memory view and ask the loops for work (pushes, dispatch, status writes, token
 Secrets, history pruning); each loop is one task that :meth:`Controller.run` owns.
@@ -40,12 +41,10 @@ from restic_manager.operator.store import (
     format_time, parse_time, token_secret_name,
 )
 from restic_manager.operator.targets import Index, Moved, selector_problem
-from restic_manager.operator.watch import Watch
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
 
 log = logging.getLogger(__name__)
 
-PLURALS = ("agents", "schedules", "resticjobs", "secrets", "repositories")  # secrets: the token Secrets only
 # After a start, how long an Agent the last operator saw connected may take to reconnect
 # before its status says it is not.
 RECONNECT_GRACE = 60.0
@@ -53,8 +52,6 @@ RECONNECT_GRACE = 60.0
 ACK_WAIT = 1.0
 # How many recent generations of a Schedule have their expression remembered for checking fires.
 EXPRESSIONS_KEPT = 8
-# The wait between listings the apiserver did not answer at start-up: first, and at most.
-PRIME_RETRY = (0.5, 5.0)
 # How long a fire's decision may take before it is answered with retry: the agent's frames
 # are handled in order, so one fire waiting on an apiserver that does not answer must not
 # hold up the connection for the client's whole request timeout.
@@ -114,7 +111,7 @@ class Controller:
         self.events = Recorder(kube, clock=clock)
         self.primed = asyncio.Event()
         self.authenticator = Authenticator(store=self.store, kube=kube, primed=self.primed, node_agents=node_agents,
-                                           register=lambda body: self.observe("agents", "ADDED", body))
+                                           register=lambda body: self._created("agents", body))
         self.server = AgentServer(authenticate=self.authenticator.authenticate, handler=self, limits=limits,
                                   metrics=self.metrics)
         self.writer = StatusWriter(kube, render=self._render)
@@ -139,14 +136,8 @@ class Controller:
         # fire an agent sent before an edit is checked against the expression it fired by.
         self._expressions: dict[str, dict[int, cron.Cron | cron.CronError]] = {}
         self._primed_at: datetime | None = None
-        self._jobs_watch = Watch(kube, "resticjobs", namespaces, collection=self.store.jobs,
-                                 changed=lambda change: self._changed("resticjobs", change))
         # An in-cluster agent's credential is its pod's: when the pod goes, so does its session.
-        self._node_agents = node_agents
-        self._pods_watch = None if node_agents is None else Watch(
-            kube, "pods", [node_agents.service_account.namespace], collection=self.store.agent_pods,
-            changed=self._agent_pod_changed,
-            field_selector=f"spec.serviceAccountName={node_agents.service_account.name}")
+        self.node_agents = node_agents
         self._gone_pods: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -157,38 +148,26 @@ class Controller:
         """Serve agents (``wss`` with ``tls``) and run every loop until cancelled.
 
         The port is bound first, so a taken port fails at once; agents are authenticated,
-        and status written, only once the view is primed.
+        and the loops run, only once the view is complete (:meth:`view_complete`).
         """
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.server.serve(host, port, tls=tls, started=started), name="agent server")
             if metrics_listen is not None:
                 tasks.create_task(metrics.serve(self.metrics, *metrics_listen), name="metrics")
             tasks.create_task(self.notifier.run(), name="notifications")
-            jobs_listed_at = await self._prime()
-            for name, coroutine in (("resticjob watch", self._jobs_watch.run(jobs_listed_at)),
-                                    ("status writer", self.writer.run()), ("pushes", self.pusher.run()),
+            await self.primed.wait()
+            for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
                                     ("history", self._history.run()), ("repositories", self.repositories.run()),
                                     ("events", self.events.run())):
                 tasks.create_task(coroutine, name=name)
-            if self._pods_watch is not None:
-                tasks.create_task(self._pods_watch.run(), name="agent pod watch")
 
-    async def _prime(self) -> str:
-        """List every kind once, so the view is complete before any agent is served; the
-        version ResticJobs were listed at, which watch.py watches them from.
+    def view_complete(self) -> None:
+        """kopf has fed the view every object of every kind: serve agents from it.
 
-        kopf's watches run meanwhile; the store keeps whichever version is newer.
-        """
-        listed_at: dict[str, str] = {}
-        for plural in PLURALS:
-            bodies, version = await self._list_until_answered(plural)
-            listed_at[plural] = version
-            collection = self._collection(plural)
-            scope = set(self._namespaces) if self._namespaces is not None else None
-            for change in collection.reconcile_listing(bodies, version, namespaces=scope):
-                self._changed(plural, change)
-            collection.mark_primed()
+        Called again (kopf's later events of the same object), it changes nothing."""
+        if self.primed.is_set():
+            return
         self.primed.set()
         self._primed_at = self._clock()
         for agent in self.store.agents:
@@ -198,21 +177,8 @@ class Controller:
                                        if isinstance(agent.status.get("address"), str))
         log.info("primed: %d agent(s), %d schedule(s), %d job(s)", len(self.store.agents.objects),
                  len(self.store.schedules.objects), len(self.store.jobs.objects))
-        return listed_at["resticjobs"]
 
-    async def _list_until_answered(self, plural: str) -> tuple[list[dict[str, Any]], str]:
-        """An operator started while the apiserver cannot be reached waits for it, serving
-        nobody meanwhile, instead of exiting."""
-        delay = PRIME_RETRY[0]
-        while True:
-            try:
-                return await self._kube.list_objects(plural, self._namespaces)
-            except KubeError as error:
-                log.warning("cannot list %s yet (%s); trying again in %.1f s", plural, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, PRIME_RETRY[1])
-
-    # --- watch events (kopf's, and watch.py's of ResticJobs) --------------------------------
+    # --- watch events (kopf's) ---------------------------------------------------------------
 
     def observe(self, plural: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         collection = self._collection(plural)
@@ -220,9 +186,16 @@ class Controller:
         if change is not None:
             self._changed(plural, change)
 
+    def _created(self, plural: str, body: Mapping[str, Any]) -> None:
+        """An object this operator created: in the view before its watch event comes."""
+        change = self._collection(plural).created(body)
+        if change is not None:
+            self._changed(plural, change)
+
     def _collection(self, plural: str) -> Any:
         return {"agents": self.store.agents, "schedules": self.store.schedules, "resticjobs": self.store.jobs,
-                "secrets": self.store.token_secrets, "repositories": self.store.repositories}[plural]
+                "secrets": self.store.token_secrets, "repositories": self.store.repositories,
+                "pods": self.store.agent_pods}[plural]
 
     def _changed(self, plural: str, change: Change[Any]) -> None:
         if plural == "agents":
@@ -233,6 +206,8 @@ class Controller:
             self._token_secret_changed(change.old, change.new)
         elif plural == "repositories":
             self._repository_changed(change.old, change.new)
+        elif plural == "pods":
+            self._agent_pod_changed(change)
         else:
             self._job_changed(change.old, change.new)
 
@@ -384,21 +359,19 @@ class Controller:
             return None
         log.info("Agent %s: issued a new token in Secret %s", agent.key, key.name)
         self._set_agent_status(agent, {**self.agent_status(agent), "tokenSecretName": key.name})
-        change = self.store.token_secrets.upsert(body)
-        if change is not None:
-            self._changed("secrets", change)
+        self._created("secrets", body)
         return self.store.token_secret_of(agent)
 
     # --- agents: the session handler --------------------------------------------------------
 
     def _agent_pod_changed(self, change: Change[AgentPod]) -> None:
-        if change.new is not None or change.old is None or self._node_agents is None:
+        if change.new is not None or change.old is None or self.node_agents is None:
             return
         self._gone_pods[change.old.uid] = None
         while len(self._gone_pods) > GONE_PODS_KEPT:
             self._gone_pods.popitem(last=False)
         if change.old.node_name:
-            self._agents.mark(ObjectKey(self._node_agents.namespace, change.old.node_name))
+            self._agents.mark(ObjectKey(self.node_agents.namespace, change.old.node_name))
 
     async def on_connect(self, session: Session) -> None:
         if session.identity.method is identity.Method.SERVICE_ACCOUNT:
@@ -536,9 +509,7 @@ class Controller:
             return await self._decided(session, fire, fires.decide(
                 fire=fire, agent=session.agent, schedule=None, targeted=False, jobs={}, now=self._clock(),
                 produced=False, acked=None))
-        # The create's place in the first lane is taken before the decision: a storm's fires
-        # queue there cheaply, instead of each being decided before any of their creates is sent.
-        async with self._kube.first_lane(), self._fire_locks[key][session.agent.name]:
+        async with self._fire_locks[key][session.agent.name]:
             jobs = {job.key.name: statuses.phase_of(self.dispatcher.status_of(job))
                     for job in self.store.jobs_of_schedule(schedule.uid, agent=session.agent.name)}
             expression = self._expressions.get(schedule.uid, {}).get(fire.generation) or compile_schedule(schedule)
@@ -553,8 +524,7 @@ class Controller:
             )
             if decision.verdict is fires.Verdict.CREATE:
                 return await self._decided(session, fire, decision, schedule)
-        # Anything else is recorded outside the lane: its receipt waits for a status write,
-        # and status writes wait for the lane's creates to finish.
+        # Anything else is recorded outside the lock: its receipt waits for a status write.
         return await self._decided(session, fire, decision, schedule)
 
     async def _decided(self, session: Session, fire: protocol.ScheduleFire,
@@ -596,7 +566,7 @@ class Controller:
         for name in (decision.job_name, fires.job_name(schedule.key.name, agent, fire.scheduled_at, hashed=True)):
             body = fires.job_body(schedule, agent=agent, name=name, scheduled_at=fire.scheduled_at)
             try:
-                created = await self._kube.create("resticjobs", body, first=True)
+                created = await self._kube.create("resticjobs", body)
                 break
             except AlreadyExists:
                 existing = await self._kube.get("resticjobs", ObjectKey(schedule.key.namespace, name))
@@ -608,9 +578,7 @@ class Controller:
             raise KubeError(f"Schedule {schedule.key}: no free ResticJob name for the fire at {fire.scheduled_at}")
         log.info("Schedule %s: %s → ResticJob %s", schedule.key, decision.message, created["metadata"]["name"])
         self.metrics.fire_lag.observe(max(0.0, (self._clock() - fire.scheduled_at).total_seconds()))
-        change = self.store.jobs.upsert(created)
-        if change is not None:
-            self._changed("resticjobs", change)
+        self._created("resticjobs", created)
         if book.last_schedule_time is None or fire.scheduled_at > book.last_schedule_time:
             book.last_schedule_time = fire.scheduled_at
         self.writer.mark("schedules", schedule.key, delay=FIRE_STATUS_DELAY)

@@ -26,9 +26,6 @@ watched or cached (dispatches that overlap share one GET, :meth:`Kube.read_secre
 operator may list and watch only its own token Secrets, and a rotated credential must reach
 the very next job.
 
-Nothing is reconciled while fired ResticJobs are being created (:meth:`Kube.creates_done`): a
-storm's jobs are dispatched once all of them exist.
-
 ``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py; a
 ``job.done`` is answered with ``job.done.ack`` once the final status is written, and not
 before: until then the agent keeps it and sends it again.
@@ -285,9 +282,6 @@ class Dispatcher:
     # --- the level-triggered reconcile --------------------------------------------------------
 
     async def reconcile(self, key: ObjectKey) -> None:
-        # After a fire storm's creates: what a dispatch sets off (command.run, the agent's
-        # reports, their status writes) would take the CPU those creates need.
-        await self._kube.creates_done()
         job = self._store.jobs.get(key)
         if job is None:
             return

@@ -1,13 +1,19 @@
-"""kopf's side of the operator: log in, hand the watch events of Agents, Schedules,
-Repositories and token Secrets to the controller, and answer the validating admission webhook.
-ResticJobs, which a fire storm creates by the thousand, are watched by watch.py instead, at a
-fraction of kopf's cost per event.
+"""kopf's side of the operator: log in, feed the controller's view from kopf's watches of
+every kind the operator reacts to, and answer the validating admission webhook.
 
-Only ``on.event`` handlers: the controller keeps its own view and state, so kopf needs no
-finalizers, annotations or retries of its own on these objects (the one finalizer, on
-unfinished ResticJobs, is the dispatcher's). Secrets are watched with a server-side label
-selector, so only the operator's token Secrets ever reach it. Handlers are registered on a
-registry of their own so that nothing depends on module import order. All are ``async``: kopf runs plain functions on worker threads, and the
+Each kind has an index handler and an event handler. kopf calls index handlers for every
+event but a deletion, the startup listing's included, and calls no other handler before
+every indexed kind's listing has gone through them: so the view is complete when the first
+event handler runs. The Schedule CRD, which exists wherever the operator can work, brings
+that first event whatever else exists (:func:`registry`, ``view_complete``). The index
+handlers keep nothing in kopf's indexes (they return None); the event handlers take only
+deletions, which index handlers never see.
+
+kopf needs no finalizers, annotations or retries of its own on these objects (the one
+finalizer, on unfinished ResticJobs, is the dispatcher's). Token Secrets and agent pods are
+selected by the apiserver (a label, a field), so no other Secret or pod reaches the
+operator. Handlers are registered on a registry of their own so that nothing depends on
+module import order. All are ``async``: kopf runs plain functions on worker threads, and the
 controller belongs to the event loop.
 
 With a webhook server, ``validate-schedule`` rejects a Schedule that validation.py finds
@@ -17,12 +23,13 @@ must point at the path ``/validate-schedule``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
-import kubernetes.client
+from kubernetes_asyncio import client
 
 from restic_manager.operator import validation
 from restic_manager.operator.controller import Controller
@@ -32,10 +39,16 @@ from restic_manager.operator.store import GROUP, VERSION
 VALIDATE_SCHEDULE = "validate-schedule"  # the webhook's id, and so its URL path
 
 
+# The kinds of the operator's own group it watches, by plural.
+OWN_KINDS = ("agents", "schedules", "repositories", "resticjobs")
+# The object whose event says that the view is complete (see the module's docstring).
+BEACON = f"schedules.{GROUP}"
+
+
 class NoDiffBase(kopf.DiffBaseStorage):
     """Keeps nothing. kopf deep-copies every event's object into a diff base for on.create
-    and on.update handlers; with on.event handlers only, nothing reads it, and building it
-    was most of kopf's cost per event (a third of the operator's CPU in a fire storm)."""
+    and on.update handlers, which the operator has none of (bench/README.md names what
+    that copy cost)."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
         return kopf.BodyEssence()
@@ -49,7 +62,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 def registry(
     controller: Controller,
-    configuration: kubernetes.client.Configuration,
+    configuration: client.Configuration,
     *,
     on_stop: Callable[[], Awaitable[None]],
     webhook: kopf.WebhookServer | None = None,
@@ -62,10 +75,11 @@ def registry(
     configuration: the chart registers it).
     """
     handlers = kopf.OperatorRegistry()
+    pods = controller.node_agents.service_account if controller.node_agents is not None else None
 
     @kopf.on.login(registry=handlers)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return connection_info(configuration)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await connection_info(configuration)
 
     @kopf.on.startup(registry=handlers)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -74,6 +88,8 @@ def registry(
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.watching.label_selectors["", "v1", "secrets"] = TOKEN_SECRETS
+        if pods is not None:
+            settings.watching.field_selectors["", "v1", "pods"] = f"spec.serviceAccountName={pods.name}"
         settings.admission.server = webhook
         settings.persistence.diffbase_storage = NoDiffBase()
 
@@ -81,21 +97,33 @@ def registry(
     async def stop(**_: Any) -> None:
         await on_stop()
 
-    @kopf.on.event(GROUP, VERSION, "agents", registry=handlers)
-    async def agent_event(event: Mapping[str, Any], **_: Any) -> None:
-        controller.observe("agents", event["type"], event["object"])
+    def watch(group: str, version: str, plural: str, feed: Callable[[str | None, Mapping[str, Any]], None]) -> None:
+        @kopf.index(group, version, plural, id=f"{plural}-view", registry=handlers)
+        async def index(body: kopf.Body, **_: Any) -> None:
+            feed(None, body)
 
-    @kopf.on.event(GROUP, VERSION, "schedules", registry=handlers)
-    async def schedule_event(event: Mapping[str, Any], **_: Any) -> None:
-        controller.observe("schedules", event["type"], event["object"])
+        @kopf.on.event(group, version, plural, id=f"{plural}-deleted", registry=handlers)
+        async def deleted(event: Mapping[str, Any], **_: Any) -> None:
+            if event["type"] == "DELETED":
+                feed("DELETED", event["object"])
 
-    @kopf.on.event(GROUP, VERSION, "repositories", registry=handlers)
-    async def repository_event(event: Mapping[str, Any], **_: Any) -> None:
-        controller.observe("repositories", event["type"], event["object"])
+    for plural in OWN_KINDS:
+        watch(GROUP, VERSION, plural, functools.partial(controller.observe, plural))
+    watch("", "v1", "secrets", functools.partial(controller.observe, "secrets"))
+    if pods is not None:
+        namespace = pods.namespace
 
-    @kopf.on.event("", "v1", "secrets", registry=handlers)
-    async def token_secret_event(event: Mapping[str, Any], **_: Any) -> None:
-        controller.observe("secrets", event["type"], event["object"])
+        def agent_pod(kind: str | None, body: Mapping[str, Any]) -> None:
+            # Pods are watched in every watched namespace; the agents' run in one.
+            if body["metadata"].get("namespace") == namespace:
+                controller.observe("pods", kind, body)
+
+        watch("", "v1", "pods", agent_pod)
+
+    @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", field="metadata.name", value=BEACON,
+                   registry=handlers)
+    async def view_complete(**_: Any) -> None:
+        controller.view_complete()
 
     if webhook is not None:
         @kopf.on.validate(GROUP, VERSION, "schedules", id=VALIDATE_SCHEDULE, operations=["CREATE", "UPDATE"],

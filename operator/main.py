@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import kopf
-import kubernetes.client
 
 from restic_manager.operator import handlers
 from restic_manager.operator.authenticator import NodeAgents
@@ -37,7 +36,7 @@ log = logging.getLogger("restic_manager.operator")
 DEFAULT_LISTEN = "0.0.0.0:8765"
 # At DEBUG these print what crosses the wire: Secrets' data as the API returns it, frames
 # holding repository credentials. They never log below INFO, whatever --log-level says.
-WIRE_LOGGERS = ("kubernetes.client.rest", "urllib3", "websockets", "aiohttp.client")
+WIRE_LOGGERS = ("kubernetes_asyncio.client.rest", "websockets", "aiohttp.client")
 
 
 class UsageError(Exception):
@@ -152,6 +151,10 @@ def node_agents(args: argparse.Namespace) -> NodeAgents | None:
     if args.namespaces and namespace not in args.namespaces:
         raise UsageError(f"in-cluster agents' Agents go to namespace {namespace}, which is not watched: add "
                          f"--namespace {namespace} or choose another with --node-agent-namespace")
+    if args.namespaces and account.namespace not in args.namespaces:
+        # An agent's connection ends when its pod goes, which the operator sees by watching them.
+        raise UsageError(f"in-cluster agents' pods run in namespace {account.namespace}, which is not watched: "
+                         f"add --namespace {account.namespace}")
     return NodeAgents(service_account=account, namespace=namespace, audience=args.agent_token_audience)
 
 
@@ -175,17 +178,17 @@ def run(args: argparse.Namespace) -> int:
     if tls is None:
         log.warning("--insecure-listen: agents connect over plain ws://; their tokens and the repository "
                     "credentials cross the network unencrypted")
+    return asyncio.run(_main(args, tls=tls, webhook=webhook, nodes=nodes))
+
+
+async def _main(args: argparse.Namespace, *, tls: ServingCertificate | None, webhook: kopf.WebhookServer | None,
+                nodes: NodeAgents | None) -> int:
     try:
-        configuration = load_configuration(args.kubeconfig)
-        kube = Kube(configuration)  # reads the CA and client certificate files now, off the loop
-    except Exception as error:  # the kubernetes client and ssl raise several unrelated types here
+        configuration = await load_configuration(args.kubeconfig)
+        kube = Kube(configuration)
+    except Exception as error:  # the Kubernetes client and ssl raise several unrelated types here
         print(f"restic-manager operator: cannot load the Kubernetes configuration: {error}", file=sys.stderr)
         return 2
-    return asyncio.run(_main(args, configuration, kube, tls=tls, webhook=webhook, nodes=nodes))
-
-
-async def _main(args: argparse.Namespace, configuration: kubernetes.client.Configuration, kube: Kube, *,
-                tls: ServingCertificate | None, webhook: kopf.WebhookServer | None, nodes: NodeAgents | None) -> int:
     controller = Controller(kube=kube, namespaces=args.namespaces, node_agents=nodes,
                             limits=Limits(frames_per_second=args.agent_frame_rate, burst=args.agent_frame_burst,
                                           handshakes_per_address=args.handshakes_per_address))
@@ -206,8 +209,6 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
     heap = Heap()
     heap.install()
     sweeping = asyncio.create_task(heap.run(), name="heap sweep")
-    # As many connections as the agents' fires could use at once, ready before each minute.
-    warming = asyncio.create_task(kube.keep_warm(lambda: len(controller.server.sessions)), name="warm connections")
     try:
         await asyncio.wait((served, listening), return_when=asyncio.FIRST_COMPLETED)
         if not served.done():
@@ -226,7 +227,6 @@ async def _main(args: argparse.Namespace, configuration: kubernetes.client.Confi
             await asyncio.wait([operator])
     finally:
         sweeping.cancel()
-        warming.cancel()
         heap.uninstall()
         await stop_controller()
         await kube.close()

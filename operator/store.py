@@ -1,11 +1,11 @@
-"""The operator's in-memory view of Agents, Schedules, ResticJobs and Repositories.
+"""The operator's in-memory view of Agents, Schedules, ResticJobs, Repositories, token
+Secrets and in-cluster agents' pods.
 
-Fed by two sources: watch events (kopf's; watch.py's for ResticJobs), and one listing per
-kind that the operator makes itself at startup so it knows when its view is complete
-("primed") before it serves agents.
-The two may arrive in any order, so every update keeps the newer resourceVersion and a
-listing drops only objects it proves deleted (absent at a collection version newer than
-the object). Pure: no API calls; the I/O shells feed it.
+Fed by kopf's watch events (handlers.py) and by the objects the operator's own creates
+return, so a job it created is in the view before its watch event comes. Each watch stream
+is in order, so its events are taken as they come, but for the echo of the very version the
+view holds; a create's answer is taken only if the watch has not brought that object first.
+Pure: no API calls; the I/O shells feed it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import binascii
 import copy
 import hashlib
 import re
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -269,17 +269,6 @@ class AgentPod(Stored):
 T = TypeVar("T", bound=Stored)
 
 
-def _newer(candidate: str, known: str) -> bool:
-    """Whether resourceVersion ``candidate`` is newer than ``known``.
-
-    etcd-backed API servers hand out increasing integers; anything else cannot be ordered,
-    so the latest arrival wins.
-    """
-    if candidate.isdigit() and known.isdigit():
-        return int(candidate) > int(known)
-    return True
-
-
 class Change(NamedTuple, Generic[T]):
     old: T | None
     new: T | None
@@ -300,10 +289,6 @@ class Collection(Generic[T]):
     objects: dict[ObjectKey, T] = field(default_factory=dict)
     # Insertion-ordered (a dict as an ordered set), so a group lists alike every time.
     _groups: dict[Hashable, dict[ObjectKey, None]] = field(default_factory=dict)
-    # Versions of deletions seen before the startup listing was reconciled, so a listing
-    # taken earlier cannot resurrect them. Cleared once the listing is in.
-    _tombstones: dict[ObjectKey, str] = field(default_factory=dict)
-    primed: bool = False
 
     def get(self, key: ObjectKey) -> T | None:
         return self.objects.get(key)
@@ -342,51 +327,33 @@ class Collection(Generic[T]):
                 del self._groups[group]
 
     def upsert(self, body: Body) -> Change[T] | None:
-        """Take a newer version of an object; None when ``body`` is not newer."""
+        """Take this version of an object; None when the view holds that very version.
+
+        resourceVersions are opaque: only their equality means anything."""
         meta = body["metadata"]
         old = self.objects.get(ObjectKey.of(body))
-        # Compared before parsing: a watch brings back each object the operator just wrote.
-        if (old is not None and old.uid == meta.get("uid", "")
-                and not _newer(meta.get("resourceVersion", ""), old.resource_version)):
+        # Compared before parsing: a watch brings back each object the operator just created.
+        if old is not None and old.uid == meta.get("uid", "") and old.resource_version == meta.get("resourceVersion"):
             return None
         new = self.parse(body)
-        if not self.primed:
-            tomb = self._tombstones.get(new.key)
-            if tomb is not None and not _newer(new.resource_version, tomb):
-                return None
-            self._tombstones.pop(new.key, None)
         self._put(new)
         return Change(old, new)
 
+    def created(self, body: Body) -> Change[T] | None:
+        """Take an object the operator has just created, as its create returned it, unless the
+        view has it already: the watch may have brought it first, and later versions with it."""
+        old = self.objects.get(ObjectKey.of(body))
+        if old is not None and old.uid == body["metadata"].get("uid"):
+            return None
+        return self.upsert(body)
+
     def delete(self, body: Body) -> Change[T] | None:
         key = ObjectKey.of(body)
-        if not self.primed:
-            self._tombstones[key] = body["metadata"].get("resourceVersion", "")
         old = self.objects.get(key)
         if old is None or old.uid != body["metadata"].get("uid", old.uid):
             return None
         self._drop(key)
         return Change(old, None)
-
-    def reconcile_listing(
-        self, bodies: Sequence[Body], list_version: str, *, namespaces: set[str] | None = None
-    ) -> list[Change[T]]:
-        """Merge a full listing taken at collection version ``list_version``.
-
-        ``namespaces`` limits the listing's scope (None: every namespace).
-        """
-        changes = [change for body in bodies if (change := self.upsert(body)) is not None]
-        listed = {ObjectKey.of(body) for body in bodies}
-        for key, obj in list(self.objects.items()):
-            in_scope = namespaces is None or key.namespace in namespaces
-            if in_scope and key not in listed and not _newer(obj.resource_version, list_version):
-                self._drop(key)
-                changes.append(Change(obj, None))
-        return changes
-
-    def mark_primed(self) -> None:
-        self.primed = True
-        self._tombstones.clear()
 
 
 def _schedule_uid(job: Job) -> str | None:

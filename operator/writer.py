@@ -7,8 +7,7 @@ a patch of that object is in flight; then every mark made meanwhile (a thousand 
 Schedule) becomes one more patch after it (coalesce.py). What is only informational waits:
 a job's progress is written at most every :data:`PROGRESS_INTERVAL`, an Agent's lastSeen
 every :data:`LAST_SEEN_INTERVAL`; a job's phase changes are written at once. Whoever must
-know that a status is in the API before it answers (a receipt) awaits :meth:`StatusWriter.flushed`. Nothing is
-rendered or written while fired ResticJobs are being created (:meth:`Kube.creates_done`).
+know that a status is in the API before it answers (a receipt) awaits :meth:`StatusWriter.flushed`.
 """
 
 from __future__ import annotations
@@ -113,7 +112,6 @@ class StatusWriter:
                 waiter.set_result(None)
 
     async def _write_now(self, target: Target) -> None:
-        await self._kube.creates_done()  # rendered and sent after a fire storm's creates
         rendered = self._render(target)
         if rendered is None:
             return

@@ -187,6 +187,12 @@ class Release:
     watched: tuple[str, ...]  # empty: every namespace
 
     @property
+    def managed(self) -> tuple[str, ...]:
+        """The namespaces the operator watches (empty: every one): the release's own joins
+        those listed, for the agent DaemonSet's pods."""
+        return (*self.watched, self.namespace) if self.watched else ()
+
+    @property
     def service_account(self) -> str:
         return f"{self.name}-restic-manager"
 
@@ -250,12 +256,12 @@ def test_helm_install_every_object_is_accepted_by_the_apiserver(kube, helm: Helm
     release: Release = request.getfixturevalue(mode)
     manifest = helm("get", "manifest", release.name, "--namespace", release.namespace,
                     kubeconfig=kube.kubeconfig).stdout
-    # Every namespaced object names its namespace (the RoleBindings are not in the release's).
+    # Every namespaced object names its namespace (RoleBindings go to each watched one).
     rendered = {(doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"])
                 for doc in documents(manifest)}
     assert {kind for kind, _, _ in rendered} == {
         "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "DaemonSet",
-        "Secret", "ValidatingWebhookConfiguration", "Role", "RoleBinding",
+        "Secret", "ValidatingWebhookConfiguration", *(["RoleBinding"] if release.watched else []),
     }
     stored = json.loads(kube.kubectl("get", "-f", "-", "-o", "json", input=manifest).stdout)
     assert {(item["kind"], item["metadata"].get("namespace", ""), item["metadata"]["name"])
@@ -273,13 +279,13 @@ def test_helm_install_every_object_is_accepted_by_the_apiserver(kube, helm: Helm
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
     assert container["livenessProbe"]["httpGet"]["path"] == container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     namespaces = [arg for arg in container["args"] if arg.startswith("--namespace")]
-    assert namespaces == [f"--namespace={ns}" for ns in release.watched]
+    assert namespaces == [f"--namespace={ns}" for ns in release.managed]
 
     # NOTES.txt tells where agents connect and what to apply next.
     notes = helm("get", "notes", release.name, "--namespace", release.namespace, kubeconfig=kube.kubeconfig).stdout
     assert f"wss://{release.service_account}.{release.namespace}.svc:8765" in notes
     assert "wait --for=condition=Connected agent/HOST" in notes
-    assert (", ".join(release.watched) if release.watched else "every namespace") in notes
+    assert (", ".join(release.managed) if release.managed else "every namespace") in notes
 
     # No kubelet (or, on a real cluster, no node with the label): nothing runs.
     pods = json.loads(kube.kubectl("get", "pods", "-n", release.namespace, "-o", "json").stdout)["items"]
@@ -325,7 +331,10 @@ GRANTED_IN_MANAGED_NAMESPACES = [
     # The token Secrets, by label: authentication from memory, rotation on deletion.
     ("list", "secrets", None),
     ("watch", "secrets", None),
-    ("create", "events", None),
+    *[(verb, "events", None) for verb in ("create", "get", "patch")],
+    # The in-cluster agents' pods, by their ServiceAccount: a deleted pod ends its agent's session.
+    ("list", "pods", None),
+    ("watch", "pods", None),
     # The releases run the agent DaemonSet: a node's first connection registers its Agent.
     ("create", "agents.resticmanager.io", None),
     ("get", "agents.resticmanager.io", None),
@@ -380,16 +389,14 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
         assert can_i(kube, kubeconfig, "watch", "namespaces") == bool(release.watched)
         # Listing Secrets everywhere only when it manages every namespace.
         assert can_i(kube, kubeconfig, "list", "secrets") == (not release.watched)
-        # The DaemonSet agents' pods are followed where they run, and nowhere else.
+        # The DaemonSet agents' pods are followed where they run, a watched namespace too.
         assert all(can_i(kube, kubeconfig, verb, "pods", namespace=release.namespace) for verb in ("list", "watch"))
-        assert not can_i(kube, kubeconfig, "list", "pods", namespace=managed)
+        assert can_i(kube, kubeconfig, "list", "pods") == (not release.watched)
         assert not can_i(kube, kubeconfig, "get", "pods", namespace=release.namespace)
         # DaemonSet agents' tokens are checked by TokenReview (a cluster-scoped call).
         assert can_i(kube, kubeconfig, "create", "tokenreviews.authentication.k8s.io")
         # ...after their signature verifies against the issuer's keys, read by the operator.
         assert can_i(kube, kubeconfig, "get", "/openid/v1/jwks")
-        # Connections are kept warm with GETs of /version (Kube.keep_warm): every identity may.
-        assert can_i(kube, kubeconfig, "get", "/version")
     finally:
         if not release.watched:
             kube.kubectl("delete", "namespace", managed, "--wait=false", check=False)
@@ -399,7 +406,7 @@ def test_rbac_grants_what_the_operator_does_and_nothing_else(kube, mode: str, tm
 def test_namespaced_release_reads_no_secret_outside_its_namespaces(kube, namespaced_release: Release,
                                                                    tmp_path: Path) -> None:
     kubeconfig = namespaced_release.token_kubeconfig(kube, tmp_path / "kubeconfig")
-    for namespace in (namespaced_release.namespace, "default", "kube-system"):
+    for namespace in ("default", "kube-system"):
         assert not can_i(kube, kubeconfig, "get", "secrets", namespace=namespace)
         assert not can_i(kube, kubeconfig, "list", "schedules.resticmanager.io", namespace=namespace)
     # And for real, not only as the authorizer's answer:

@@ -5,20 +5,23 @@ The parts that need no apiserver are in tests/unit/test_operator_kube_offline.py
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import kubernetes.client
 import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.config import incluster_config
 
 from restic_manager.operator.kube import (
-    AlreadyExists, Conflict, FinalizersSeen, Gone, Kube, KubeError, NotFound, SecretRead, load_configuration,
+    MERGE_PATCH, TOKEN_SECRETS, AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, SecretRead,
+    load_configuration,
 )
 from restic_manager.operator.identity import AuthError, IssuerKeys, verified_claims
-from restic_manager.operator.store import API_VERSION, FINALIZER, Change, Job, ObjectKey, Store
-from restic_manager.operator.watch import Watch
+from restic_manager.operator.store import API_VERSION, FINALIZER, GROUP, VERSION, ObjectKey
 
 pytestmark = pytest.mark.cluster
 
@@ -42,9 +45,9 @@ def kubectl_json(kube: Any, *args: str) -> Any:
 
 @pytest.fixture
 async def api(kube: Any) -> AsyncIterator[Kube]:
-    client = Kube(load_configuration(Path(kube.kubeconfig)))
-    yield client
-    await client.close()
+    kube_api = Kube(await load_configuration(Path(kube.kubeconfig)))
+    yield kube_api
+    await kube_api.close()
 
 
 async def test_create_get_patch_status_delete(api: Kube, namespace: str) -> None:
@@ -76,15 +79,14 @@ async def test_a_status_patch_names_a_uid_the_apiserver_does_not_check(api: Kube
 
 
 async def test_a_write_against_a_stale_version_is_a_conflict(api: Kube, namespace: str) -> None:
-    # No public call sends a resourceVersion; every call shares _request and its error classes.
+    # No public call sends a resourceVersion; every call shares _call and its error classes.
     created = await api.create("resticjobs", restic_job(namespace, "j"))
     stale = {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"], "labels": {"a": "b"}}}
     uid = created["metadata"]["uid"]
     await api.patch_status("resticjobs", ObjectKey(namespace, "j"), {"phase": "Running"}, uid=uid)  # a newer version
     with pytest.raises(Conflict) as raised:
-        await api._request(f"patch resticjobs {namespace}/j", "PATCH",
-                           f"/apis/{API_VERSION}/namespaces/{namespace}/resticjobs/j", body=stale,
-                           content_type="application/merge-patch+json")
+        await api._call(f"patch resticjobs {namespace}/j", api._objects.patch_namespaced_custom_object,
+                        GROUP, VERSION, namespace, "resticjobs", "j", stale, _content_type=MERGE_PATCH)
     assert not isinstance(raised.value, AlreadyExists) and raised.value.status == 409
     assert f"patch resticjobs {namespace}/j: 409 Conflict" in str(raised.value)
 
@@ -96,50 +98,6 @@ async def test_an_invalid_object_is_a_kube_error_naming_the_call_and_the_field(a
         await api.create("resticjobs", body)
     assert type(raised.value) is KubeError and raised.value.status == 422
     assert f"create resticjobs {namespace}/bad: 422 Invalid" in str(raised.value) and "backup" in str(raised.value)
-
-
-async def test_list_everywhere_and_in_namespaces(api: Kube, namespace: str) -> None:
-    await api.create("resticjobs", restic_job(namespace, "a"))
-    await api.create("resticjobs", restic_job(namespace, "b"))
-    everywhere, version = await api.list_objects("resticjobs", None)
-    assert {ObjectKey.of(item) for item in everywhere} >= {ObjectKey(namespace, "a"), ObjectKey(namespace, "b")}
-    assert version.isdigit()
-    here, _ = await api.list_objects("resticjobs", [namespace])
-    assert sorted(item["metadata"]["name"] for item in here) == ["a", "b"]
-
-
-async def test_the_resticjob_watch_follows_creates_status_writes_and_deletes(api: Kube, namespace: str) -> None:
-    store, changes = Store(), []
-    _, version = await api.list_objects("resticjobs", [namespace])
-    watch: Watch[Job] = Watch(api, "resticjobs", [namespace], collection=store.jobs, changed=changes.append)
-    following = asyncio.ensure_future(watch.run(version))
-
-    async def until(count: int) -> list[Change[Job]]:
-        async with asyncio.timeout(30):
-            while len(changes) < count:
-                await asyncio.sleep(0.02)
-        return changes
-
-    try:
-        created = await api.create("resticjobs", restic_job(namespace, "w"))
-        key = ObjectKey(namespace, "w")
-        await until(1)  # the create shows before the status write, so the store sees both
-        await api.patch_status("resticjobs", key, {"phase": "Running"}, uid=created["metadata"]["uid"])
-        await until(2)
-        await api.delete("resticjobs", key)
-        added, written, deleted = await until(3)
-    finally:
-        following.cancel()
-        await asyncio.gather(following, return_exceptions=True)
-    assert added.old is None and added.new is not None and added.new.uid == created["metadata"]["uid"]
-    assert written.new is not None and written.new.status == {"phase": "Running"}
-    assert deleted.old is not None and deleted.new is None and store.jobs.get(key) is None
-
-
-async def test_a_watch_from_a_version_the_apiserver_no_longer_keeps_is_gone(api: Kube, namespace: str) -> None:
-    with pytest.raises(Gone, match=f"watch resticjobs in {namespace}: 410"):
-        async for _ in api.watch("resticjobs", namespace, "1"):
-            pass
 
 
 async def test_secrets_are_created_read_and_listed_only_when_the_operators(
@@ -155,7 +113,8 @@ async def test_secrets_are_created_read_and_listed_only_when_the_operators(
         data={"token": "s3cr3t"}, labels={"app.kubernetes.io/managed-by": "restic-manager"})
     assert await api.read_secret(ObjectKey(namespace, "someone-elses")) == SecretRead(
         data={"k": "v"}, labels={"resticmanager.io/repository-secret": "true"})
-    listed, _ = await api.list_objects("secrets", [namespace])
+    # The selector kopf watches Secrets with (handlers.py) takes the operator's only.
+    listed = kubectl_json(kube, "-n", namespace, "get", "secrets", "-l", TOKEN_SECRETS)["items"]
     assert [item["metadata"]["name"] for item in listed] == ["web-01-agent-token"]
     with pytest.raises(NotFound):
         await api.read_secret(ObjectKey(namespace, "missing"))
@@ -188,16 +147,16 @@ async def test_a_status_write_since_the_view_does_not_cost_a_read(
     created = await api.create("resticjobs", restic_job(namespace, "j", finalizers=[FINALIZER]))
     uid = created["metadata"]["uid"]
     await api.patch_status("resticjobs", key, {"phase": "Succeeded"}, uid=uid)  # the view is older now
-    methods: list[str] = []
-    request = api._request
+    calls: list[str] = []
+    once = api._once
 
-    async def counted(what: str, method: str, path: str, **options: Any) -> Any:
-        methods.append(method)
-        return await request(what, method, path, **options)
+    async def counted(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(what)
+        return await once(what, call, *args, **kwargs)
 
-    monkeypatch.setattr(api, "_request", counted)
+    monkeypatch.setattr(api, "_once", counted)
     await api.set_finalizer("resticjobs", key, FINALIZER, present=False, seen=FinalizersSeen(uid, (FINALIZER,)))
-    assert methods == ["PATCH"]
+    assert calls == [f"patch resticjobs {namespace}/j finalizers"]
     assert "finalizers" not in (await api.get("resticjobs", key))["metadata"]
 
 
@@ -261,40 +220,47 @@ async def test_the_issuer_keys_verify_the_clusters_tokens_and_no_forgery(api: Ku
     assert refused.value.reason == "unverified-token"
 
 
-def bearer_configuration(kube: Any, token_file: Path) -> tuple[kubernetes.client.Configuration, list[str]]:
-    """The cluster as an in-cluster operator sees it: a bearer token from a file the kubelet
-    rotates (here the test), read again by the configuration's refresh hook; and the reads."""
-    base = load_configuration(Path(kube.kubeconfig))
-    configuration = kubernetes.client.Configuration()
-    configuration.host, configuration.ssl_ca_cert = base.host, base.ssl_ca_cert
-    configuration.verify_ssl = base.verify_ssl
-    reads: list[str] = []
-
-    def reread(into: kubernetes.client.Configuration) -> None:
-        reads.append(token_file.read_text().strip())
-        into.api_key["BearerToken"] = f"Bearer {reads[-1]}"
-
-    configuration.refresh_api_key_hook = reread
-    return configuration, reads
+async def bearer_configuration(kube: Any, token_file: Path) -> tuple[client.Configuration,
+                                                                     incluster_config.InClusterConfigLoader]:
+    """The cluster as an in-cluster operator sees it (load_configuration without a kubeconfig):
+    the library's in-cluster loader, here pointed at the test's token file and CA."""
+    base = await load_configuration(Path(kube.kubeconfig))
+    server = urlsplit(base.host)
+    environ = {incluster_config.SERVICE_HOST_ENV_NAME: str(server.hostname),
+               incluster_config.SERVICE_PORT_ENV_NAME: str(server.port or 443)}
+    loader = incluster_config.InClusterConfigLoader(token_filename=str(token_file), cert_filename=base.ssl_ca_cert,
+                                                    environ=environ)
+    configuration = client.Configuration()
+    loader.load_and_set(configuration)
+    return configuration, loader
 
 
-async def test_a_rotated_bearer_token_is_read_again_after_a_401(kube: Any, namespace: str, tmp_path: Path) -> None:
+async def test_a_rotated_bearer_token_is_picked_up_by_the_library_once_its_refresh_period_is_over(
+    kube: Any, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loader re-reads the file on a clock, not after a 401: until then a 401 stays a 401.
+    # A long period keeps the test apart from how long kubectl takes; its end is then forced.
+    monkeypatch.setattr(incluster_config, "TOKEN_REFRESH_PERIOD", datetime.timedelta(hours=1))
     token_file = tmp_path / "token"
     token_file.write_text("not-a-token")
-    configuration, reads = bearer_configuration(kube, token_file)
+    configuration, loader = await bearer_configuration(kube, token_file)
     api = Kube(configuration)
     try:
+        key = ObjectKey(namespace, "j")
         with pytest.raises(KubeError) as raised:
-            await api.list_objects("resticjobs", [namespace])
+            await api.get("resticjobs", key)
         assert raised.value.status == 401 and type(raised.value) is KubeError
-        assert reads == ["not-a-token", "not-a-token"]  # read, and read again after the 401
         token = service_account_token(kube, namespace)
         kube.kubectl("-n", namespace, "create", "rolebinding", "robot", "--clusterrole=cluster-admin",
                      f"--serviceaccount={namespace}:robot")
-        token_file.write_text(token + "\n")  # the kubelet rotates it
-        assert (await api.list_objects("resticjobs", [namespace]))[0] == []
-        assert (await api.list_objects("resticjobs", [namespace]))[0] == []
-        assert reads == ["not-a-token", "not-a-token", token]  # read once more after a 401, then kept
+        token_file.write_text(token)  # the kubelet rotates it
+        with pytest.raises(KubeError) as kept:
+            await api.get("resticjobs", key)
+        assert kept.value.status == 401  # the token read is kept until the period is over
+        loader.token_expires_at = datetime.datetime.now()  # the period is over
+        with pytest.raises(NotFound):  # authenticated and allowed now: there is no such job
+            await api.get("resticjobs", key)
+        assert loader.token == f"Bearer {token}" and configuration.api_key["BearerToken"] == f"Bearer {token}"
     finally:
         await api.close()
 
@@ -303,7 +269,7 @@ async def test_a_token_without_rights_is_refused_with_403_not_not_found(kube: An
                                                                          tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(service_account_token(kube, namespace))
-    api = Kube(bearer_configuration(kube, token_file)[0])
+    api = Kube((await bearer_configuration(kube, token_file))[0])
     try:
         with pytest.raises(KubeError) as raised:
             await api.get("resticjobs", ObjectKey(namespace, "j"))
@@ -336,15 +302,15 @@ async def test_calls_reach_the_apiserver_through_a_connect_proxy(kube: Any, name
         await asyncio.gather(relay(reader, upstream_writer), relay(upstream_reader, writer))
 
     listening = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    configuration = load_configuration(Path(kube.kubeconfig))
+    configuration = await load_configuration(Path(kube.kubeconfig))
     configuration.proxy = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
-    client = Kube(configuration)
+    proxied = Kube(configuration)
     try:
-        created = await client.create("resticjobs", restic_job(namespace, "through-proxy"))
-        listed, _ = await client.list_objects("resticjobs", [namespace])
+        created = await proxied.create("resticjobs", restic_job(namespace, "through-proxy"))
+        got = await proxied.get("resticjobs", ObjectKey(namespace, "through-proxy"))
     finally:
-        await client.close()
+        await proxied.close()
         listening.close()
-    assert [item["metadata"]["uid"] for item in listed] == [created["metadata"]["uid"]]
+    assert got["metadata"]["uid"] == created["metadata"]["uid"]
     apiserver = configuration.host.removeprefix("https://")
     assert tunnels and all(line == f"CONNECT {apiserver} HTTP/1.1".encode() for line in tunnels)

@@ -56,8 +56,9 @@ def test_by_default_agents_and_the_apiserver_get_tls_from_a_generated_ca(helm: H
     assert webhook["clientConfig"] == {"service": {"name": "r-restic-manager", "namespace": "backup",
                                                    "path": "/validate-schedule", "port": 9443},
                                        "caBundle": secret["data"]["ca.crt"]}
+    # The release namespace is watched too, for the agents' pods: its Schedules are checked like any.
     assert webhook["namespaceSelector"]["matchExpressions"] == [
-        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b", "backup"]}]
     assert webhook["rules"][0]["resources"] == ["schedules"] and webhook["failurePolicy"] == "Ignore"
     service_ports = {p["name"]: p["port"] for p in objects["Service", "r-restic-manager"]["spec"]["ports"]}
     assert service_ports == {"agents": 8765, "webhook": 9443}
@@ -96,7 +97,8 @@ def rules(objects: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str
 def test_rights_for_in_cluster_agents_only_with_the_daemonset(helm: Helm) -> None:
     without, with_daemonset = rules(render(helm)), rules(render(helm, "agentDaemonSet.enabled=true"))
     extra = [rule for rule in with_daemonset if rule not in without]
-    assert extra == [("", "/openid/v1/jwks", "get"), ("authentication.k8s.io", "tokenreviews", "create"),
+    assert extra == [("", "/openid/v1/jwks", "get"), ("", "pods", "list"), ("", "pods", "watch"),
+                     ("authentication.k8s.io", "tokenreviews", "create"),
                      ("resticmanager.io", "agents", "create"),
                      ("resticmanager.io", "agents", "get")]
     assert "--agent-service-account" not in " ".join(operator_args(render(helm)))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
+import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from restic_manager import protocol
-from restic_manager.operator.kube import NotFound, SecretRead
+from restic_manager.operator.kube import AlreadyExists, FinalizersSeen, KubeError, NotFound, SecretRead
 from restic_manager.operator.store import ObjectKey
 
 
@@ -77,3 +80,95 @@ class FakeEvents:
             self._arrived.clear()
             await self._arrived.wait()
         return self.recorded
+
+
+class FakeKube(FakeSecrets):
+    """The API as :class:`Kube` presents it to the operator, in memory: what was created,
+    patched, deleted and posted, for tests to look at.
+
+    ``objects`` answers gets (a test puts Repositories there; created objects land there
+    too); ``answer`` cleared holds every create; ``fail_creates`` makes them time out.
+    Thread-safe where a test reads it from another thread than the operator's loop.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects: dict[tuple[str, ObjectKey], dict[str, Any]] = {}
+        self.created: list[dict[str, Any]] = []
+        self.sent: list[str] = []  # names of the creates that reached the API, answered or not
+        self.answer = asyncio.Event()
+        self.answer.set()
+        self.fail_creates = False
+        self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
+        self.refuse_patches = False
+        self.deleted: list[tuple[str, ObjectKey]] = []
+        self.finalizers: list[tuple[ObjectKey, bool, FinalizersSeen | None]] = []
+        self.gets: list[ObjectKey] = []
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._version = 100
+
+    def jobs(self) -> int:
+        with self._lock:
+            return len(self.created)
+
+    async def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append(body["metadata"]["name"])
+        await self.answer.wait()
+        if self.fail_creates:
+            raise KubeError(f"create {plural}: timed out", status=504)
+        with self._lock:
+            if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
+                raise AlreadyExists(f"create {plural}: 409 AlreadyExists")
+            self._version += 1
+            made = copy.deepcopy(body)
+            made["metadata"].update(uid=f"uid-{body['metadata']['name']}", resourceVersion=str(self._version),
+                                    creationTimestamp="2026-03-02T02:00:06Z")
+            self.created.append(made)
+            self.objects[plural, ObjectKey(made["metadata"].get("namespace", ""), made["metadata"]["name"])] = made
+            return made
+
+    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
+        self.gets.append(key)
+        with self._lock:
+            if (plural, key) in self.objects:
+                return self.objects[plural, key]
+            # A test may put an object into ``created`` as if another writer had made it.
+            made = next((c for c in self.created if c["metadata"]["name"] == key.name), None)
+        if made is None:
+            raise NotFound(f"get {plural} {key}: 404 NotFound")
+        return made
+
+    async def delete(self, plural: str, key: ObjectKey) -> None:
+        self.deleted.append((plural, key))
+
+    async def patch_status(self, plural: str, key: ObjectKey, patch: dict[str, Any], *, uid: str) -> dict[str, Any]:
+        if self.refuse_patches:
+            raise KubeError(f"patch {plural} {key}: 503", status=503)
+        json.dumps(patch, allow_nan=False)  # what the real API would refuse to store fails here too
+        self.patches.append((plural, key, patch))
+        return {}
+
+    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
+                            seen: FinalizersSeen | None = None) -> None:
+        self.finalizers.append((key, present, seen))
+
+    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
+        if event.get("name") and any(e.get("name") == event["name"] for e in self.events):
+            raise AlreadyExists("create events: 409 AlreadyExists")
+        self.events.append({"involved": involved, **event})
+
+    async def bump_event(self, key: ObjectKey, *, count: int, now: datetime) -> None:
+        event = next(e for e in self.events if e.get("name") == key.name)
+        event.update(count=count, now=now)
+
+    async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
+        return {"authenticated": False}
+
+
+def complete_view(controller: Any, *objects: tuple[str, dict[str, Any]]) -> None:
+    """What kopf does at an operator's start: every object of every kind (``(plural, body)``)
+    into ``controller`` (a Controller), then the view is complete."""
+    for plural, body in objects:
+        controller.observe(plural, None, body)
+    controller.view_complete()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
@@ -21,81 +20,13 @@ from restic_manager import protocol
 from restic_manager.operator.authenticator import NodeAgents
 from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, HEALTH_RECHECK_MIN, Controller
 from restic_manager.operator.fires import job_name
-from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound, SecretRead
+from restic_manager.operator.kube import KubeError
 from restic_manager.operator.identity import AuthError, Identity, Method
 from restic_manager.operator.store import AgentPod, Change, ObjectKey, format_time
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
-from support.operator_fakes import FakeSession, connect as connect_session
+from support.operator_fakes import FakeKube, FakeSession, complete_view, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
-
-
-class FakeKube:
-    def __init__(self) -> None:
-        self.secrets: dict[ObjectKey, SecretRead] = {}
-        self.created: list[dict[str, Any]] = []
-        self.created_first: list[str] = []  # the creates that went ahead of other calls, decided in their place
-        self.in_lane = 0
-        self.answer = asyncio.Event()  # creates are answered once it is set
-        self.answer.set()
-        self.events: list[dict[str, Any]] = []
-        self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
-        self.fail_creates = False
-        self.unreachable_lists = 0  # this many listings fail as if the apiserver could not be reached
-        self.listed: dict[str, list[dict[str, Any]]] = {}  # what listing a kind returns
-        self._rv = 100
-
-    async def creates_done(self) -> None:
-        return None
-
-    @contextlib.asynccontextmanager
-    async def first_lane(self) -> AsyncIterator[None]:
-        self.in_lane += 1
-        try:
-            yield
-        finally:
-            self.in_lane -= 1
-
-    async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
-        if self.unreachable_lists:
-            self.unreachable_lists -= 1
-            raise KubeError(f"list {plural}: ConnectionRefusedError: [Errno 111] Connect call failed")
-        return self.listed.get(plural, []), "1"
-
-    async def read_secret(self, key: ObjectKey) -> SecretRead:
-        if key not in self.secrets:
-            raise NotFound(f"get Secret {key}: 404")
-        return self.secrets[key]
-
-    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
-        if first and self.in_lane:
-            self.created_first.append(body["metadata"]["name"])
-        await self.answer.wait()
-        if self.fail_creates:
-            raise KubeError("create resticjobs: timed out", status=504)
-        if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
-            raise AlreadyExists("409")
-        self._rv += 1
-        created = {**body, "metadata": {**body["metadata"], "uid": f"uid-{body['metadata']['name']}",
-                                        "resourceVersion": str(self._rv),
-                                        "creationTimestamp": "2026-03-02T02:00:06Z"}}
-        self.created.append(created)
-        return created
-
-    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
-        return next(c for c in self.created if c["metadata"]["name"] == key.name)
-
-    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
-        if event.get("name") and any(e.get("name") == event["name"] for e in self.events):
-            raise AlreadyExists("409")
-        self.events.append({"involved": involved, **event})
-
-    async def patch_status(self, plural: str, key: ObjectKey, patch: dict[str, Any], *, uid: str) -> None:
-        self.patches.append((plural, key, patch))
-
-    async def bump_event(self, key: ObjectKey, *, count: int, now: datetime) -> None:
-        event = next(e for e in self.events if e.get("name") == key.name)
-        event.update(count=count, now=now)
 
 
 def agent_body(name: str, namespace: str = "ns") -> dict[str, Any]:
@@ -121,7 +52,7 @@ def repository_body(name: str = "offsite") -> dict[str, Any]:
 async def controller() -> AsyncIterator[Controller]:
     kube = FakeKube()
     made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
-    await made._prime()
+    made.view_complete()
     made.observe("repositories", "ADDED", repository_body())
     made.observe("agents", "ADDED", agent_body("web-01"))
     made.observe("schedules", "ADDED", schedule_body())
@@ -159,27 +90,15 @@ def token_secret_body(agent: str, namespace: str, token: str) -> dict[str, Any]:
             "data": {"token": base64.b64encode(token.encode()).decode()}}
 
 
-async def test_an_operator_started_while_the_apiserver_is_unreachable_waits_for_it(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr("restic_manager.operator.controller.PRIME_RETRY", (0.01, 0.02))
-    kube = FakeKube()
-    kube.unreachable_lists = 3
-    made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
-    await made._prime()
-    assert made.primed.is_set() and kube.unreachable_lists == 0
-    assert caplog.text.count("cannot list agents yet") == 3
-
-
 async def test_the_addresses_agents_last_connected_from_are_known_at_accept_from_the_start(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    kube = FakeKube()
-    kube.listed["agents"] = [agent_body("web-01"), agent_body("web-02"), agent_body("new")]
-    kube.listed["agents"][0]["status"]["address"] = "192.0.2.1"
-    kube.listed["agents"][1]["status"]["address"] = "2001:db8::2"
-    made = Controller(kube=kube, namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
+    agents = [agent_body("web-01"), agent_body("web-02"), agent_body("new")]
+    agents[0]["status"]["address"] = "192.0.2.1"
+    agents[1]["status"]["address"] = "2001:db8::2"
+    made = Controller(kube=FakeKube(), namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
     remembered: list[str] = []
     monkeypatch.setattr(made.server, "remember_addresses", remembered.extend)
-    await made._prime()
+    complete_view(made, *(("agents", body) for body in agents))
     assert sorted(remembered) == ["192.0.2.1", "2001:db8::2"]
 
 
@@ -233,7 +152,6 @@ async def test_a_fire_creates_one_job_however_often_it_comes(controller: Control
     assert receipts(session) == [(first.id, protocol.FireOutcome.CREATED, name),
                                  (again.id, protocol.FireOutcome.EXISTS, name)]
     assert job["metadata"]["name"] == f"nightly-web-01-{int(FIRE.scheduled_at.timestamp()) // 60}"
-    assert kube.created_first == [job["metadata"]["name"]]  # a fire's job goes ahead of other calls
     assert job["spec"]["scheduleRef"] == {"name": "nightly", "uid": "uid-nightly"}
     status = schedule_status(controller)
     assert status["lastScheduleTime"] == "2026-03-02T02:00:00Z"
@@ -249,7 +167,7 @@ async def test_the_agents_of_one_schedule_have_their_jobs_created_side_by_side(c
     fires = [asyncio.ensure_future(controller.on_message(connect(controller, name), frame(FIRE)))  # type: ignore[arg-type]
              for name in ("web-01", "web-02")]
     async with asyncio.timeout(5):
-        while len(kube.created_first) < 2:  # both sent before either is answered
+        while len(kube.sent) < 2:  # both sent before either is answered
             await asyncio.sleep(0.01)
     kube.answer.set()
     await asyncio.gather(*fires)
@@ -529,7 +447,7 @@ async def test_an_in_cluster_session_ends_when_its_token_expires_or_its_pod_is_d
     now = [NOW]
     controller = Controller(kube=FakeKube(), namespaces=None, clock=lambda: now[0],  # type: ignore[arg-type]
                             node_agents=NodeAgents(service_account=ObjectKey("backup", "agent"), namespace="backup"))
-    await controller._prime()
+    controller.view_complete()
     key = ObjectKey("backup", "node-a")
     controller.observe("agents", "ADDED", {**agent_body("node-a", "backup"), "spec": {"nodeName": "node-a"}})
     revoked: list[tuple[ObjectKey, str]] = []

@@ -23,9 +23,10 @@ from restic_manager.operator.dispatch import (
     secret_refusal,
 )
 from restic_manager.operator.events import Recorder
-from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, KubeError, NotFound, SecretRead
+from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, SecretRead
 from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
 from restic_manager.operator.writer import Rendered, StatusWriter, Target
+from support.operator_fakes import FakeKube
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -170,45 +171,13 @@ def test_one_secret_that_did_not_opt_in_hands_over_none() -> None:
 # --- the dispatcher with a fake API and a fake connection ---------------------------------------
 
 
-class FakeKube:
-    def __init__(self) -> None:
-        self.repositories: dict[ObjectKey, dict[str, Any]] = {ObjectKey("ns", "offsite"): REPOSITORY}
-        self.secrets: dict[ObjectKey, SecretRead] = {
-            ObjectKey("ns", "pw"): opted_in({"password": "hunter2"}),
-            ObjectKey("ns", "s3"): opted_in({"AWS_ACCESS_KEY_ID": "AK"})}
-        self.finalizers: list[tuple[ObjectKey, bool, FinalizersSeen | None]] = []
-        self.gets: list[ObjectKey] = []
-        self.creates_clear = asyncio.Event()  # cleared: ResticJob creates are under way
-        self.patched: list[tuple[str, ObjectKey, dict[str, Any]]] = []
-        self.refuse_patches = False
-        self.creates_clear.set()
-        self.events: list[dict[str, Any]] = []
-
-    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
-        self.events.append({"involved": involved, **event})
-
-    async def creates_done(self) -> None:
-        await self.creates_clear.wait()
-
-    async def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any], *, uid: str) -> None:
-        if self.refuse_patches:
-            raise KubeError(f"patch {plural} {key}: 503", status=503)
-        self.patched.append((plural, key, status))
-
-    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
-        self.gets.append(key)
-        if key not in self.repositories:
-            raise NotFound(f"get {plural} {key}: 404")
-        return self.repositories[key]
-
-    async def read_secret(self, key: ObjectKey) -> SecretRead:
-        if key not in self.secrets:
-            raise NotFound(f"get Secret {key}: 404")
-        return self.secrets[key]
-
-    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
-                            seen: FinalizersSeen | None = None) -> None:
-        self.finalizers.append((key, present, seen))
+def fake_kube() -> FakeKube:
+    """The API holding the Repository and its opted-in Secrets."""
+    kube = FakeKube()
+    kube.objects["repositories", ObjectKey("ns", "offsite")] = REPOSITORY
+    kube.secrets.update({ObjectKey("ns", "pw"): opted_in({"password": "hunter2"}),
+                         ObjectKey("ns", "s3"): opted_in({"AWS_ACCESS_KEY_ID": "AK"})})
+    return kube
 
 
 class FakeSession:
@@ -228,7 +197,7 @@ class FakeSession:
 class Harness:
     def __init__(self, session: FakeSession | None, *, flush_timeout: float = 10.0) -> None:
         self.store = Store()
-        self.kube = FakeKube()
+        self.kube = fake_kube()
         self.session = session
         self.changes: list[tuple[str, str]] = []
         self.writer = StatusWriter(self.kube, render=self._render, flush_timeout=flush_timeout)  # type: ignore[arg-type]
@@ -285,32 +254,8 @@ async def test_a_pending_job_is_sent_to_its_connected_agent_with_credentials() -
     assert harness.kube.gets == [ObjectKey("ns", "offsite")]  # the watch had not shown the Repository
 
 
-async def test_nothing_is_dispatched_while_resticjob_creates_are_under_way() -> None:
-    harness = Harness(FakeSession())
-    harness.add(finalizer=True)
-    harness.kube.creates_clear.clear()
-    reconcile = asyncio.ensure_future(harness.dispatcher.reconcile(ObjectKey("ns", "j")))
-    await asyncio.sleep(0.05)
-    assert not reconcile.done() and harness.session.sent == []  # type: ignore[union-attr]
-    harness.kube.creates_clear.set()
-    await asyncio.wait_for(reconcile, 5)
-    assert isinstance(harness.session.sent[0], protocol.CommandRun)  # type: ignore[union-attr]
-
-
-async def test_status_writes_wait_while_resticjob_creates_are_under_way() -> None:
-    kube = FakeKube()
-    writer = StatusWriter(kube, render=lambda target: Rendered("uid-j", {}, {"phase": "Running"}))  # type: ignore[arg-type]
-    kube.creates_clear.clear()
-    writing = asyncio.ensure_future(writer._write(Target("resticjobs", ObjectKey("ns", "j"))))
-    await asyncio.sleep(0.05)
-    assert not writing.done() and kube.patched == []
-    kube.creates_clear.set()
-    await asyncio.wait_for(writing, 5)
-    assert kube.patched == [("resticjobs", ObjectKey("ns", "j"), {"phase": "Running"})]
-
-
 async def test_a_status_write_patches_what_changed_since_the_last_write_to_that_very_object() -> None:
-    kube = FakeKube()
+    kube = fake_kube()
     shown: list[Rendered] = []
     writer = StatusWriter(kube, render=lambda target: shown[-1])  # type: ignore[arg-type]
     target, key = Target("resticjobs", ObjectKey("ns", "j")), ObjectKey("ns", "j")
@@ -322,7 +267,7 @@ async def test_a_status_write_patches_what_changed_since_the_last_write_to_that_
     writer.forget("resticjobs", key)  # deleted: the next object of that name starts from the API's view
     shown.append(Rendered("u3", {}, {"phase": "Succeeded"}))
     await writer._write(target)
-    assert [status for _, _, status in kube.patched] == [
+    assert [status for _, _, status in kube.patches] == [
         {"phase": "Running", "message": "a"}, {"message": "b"}, {"phase": "Succeeded"}, {"phase": "Succeeded"}]
 
 
@@ -348,7 +293,7 @@ async def test_a_repository_deleted_from_the_watch_makes_the_job_wait() -> None:
     harness = Harness(FakeSession())
     harness.store.repositories.upsert(REPOSITORY)
     harness.store.repositories.delete(REPOSITORY)
-    del harness.kube.repositories[ObjectKey("ns", "offsite")]
+    del harness.kube.objects["repositories", ObjectKey("ns", "offsite")]
     harness.add(finalizer=True)
     await harness.dispatcher.reconcile(ObjectKey("ns", "j"))
     status = harness.dispatcher.status_of(harness.store.jobs.get(ObjectKey("ns", "j")))  # type: ignore[arg-type]
@@ -434,7 +379,7 @@ async def test_reports_drive_the_job_to_its_end_and_job_done_is_acked_once_writt
             summary=protocol.Summary(snapshot_id="abcdef12")), frame_id="d1")
         assert session.sent[-1] == protocol.JobDoneAck(ref="d1", job="ns/j")
         # the ack went out after a write that holds the final phase
-        assert harness.kube.patched[-1][2]["phase"] == "Succeeded"
+        assert harness.kube.patches[-1][2]["phase"] == "Succeeded"
         assert await until_events(harness, 2) == [("ResticJob", "j", "Normal", "Started"),
                                                   ("ResticJob", "j", "Normal", "Completed")]
     assert harness.kube.events[1]["message"] == "backup on agent web-01: restic finished successfully; snapshot abcdef12"

@@ -1,21 +1,23 @@
 """operator/kube.py without an apiserver: the error classes, Retry-After, finalizer patches,
-and, against a small HTTP server that holds requests until told, the order of calls
-(ResticJob creates first) and the shared Secret reads."""
+which calls are made again and how a create checks its outcome, and, against a small HTTP
+server, the retries themselves and the shared Secret reads."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import kubernetes.client
 import pytest
 from aiohttp import web
+from kubernetes_asyncio import client
 
 from restic_manager.operator import kube as kube_module
 from restic_manager.operator.kube import (
-    AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, api_error, finalizer_patch, retry_after,
-    until_warming,
+    AlreadyExists, Conflict, ConnectionFailed, FinalizersSeen, Kube, KubeError, NotFound, finalizer_patch, landed,
+    retry_after, retryable, status_error,
 )
 from restic_manager.operator.store import FINALIZER, ObjectKey
 from support.http_server import serving
@@ -32,7 +34,7 @@ ERRORS = [
 
 @pytest.mark.parametrize(("status", "body", "kind", "message"), ERRORS)
 def test_error_classes(status: int, body: bytes, kind: type[KubeError], message: str) -> None:
-    error = api_error("get x", status, body)
+    error = status_error("get x", status, body)
     assert type(error) is kind and str(error) == message and error.status == status
 
 
@@ -59,194 +61,183 @@ def test_a_finalizer_patch_tests_the_uid_and_the_list_it_was_made_from() -> None
     assert finalizer_patch(FinalizersSeen("u", ()), FINALIZER, present=False) is None
 
 
-def test_connections_are_warmed_shortly_before_each_whole_minute() -> None:
-    minute = 1_800_000_000.0  # a whole minute
-    assert until_warming(minute) == 57.0
-    assert until_warming(minute + 56.5) == 0.5
-    assert until_warming(minute + 57.0) == 60.0
-    assert until_warming(minute + 59.0) == 58.0
+def test_only_calls_the_apiserver_did_not_serve_or_whose_connection_failed_are_made_again() -> None:
+    assert retryable(status_error("get x", 429, b"", retry_after_header="1"))
+    assert retryable(status_error("get x", 503, b"", retry_after_header="0"))
+    assert retryable(ConnectionFailed("get x: ServerDisconnectedError"))
+    assert not retryable(status_error("get x", 503, b""))  # no Retry-After: the apiserver may be failing
+    assert not retryable(status_error("get x", 500, b""))
+    assert not retryable(KubeError("get x: TimeoutError"))  # the loop that made the call tries later
 
 
-# --- against a server that holds each request until it is released ------------------------------------
+JOB = {"apiVersion": "resticmanager.io/v1alpha1", "kind": "ResticJob",
+       "metadata": {"name": "j", "namespace": "ns", "labels": {"a": "b"},
+                    "ownerReferences": [{"kind": "Schedule", "name": "s", "uid": "s1"}]},
+       "spec": {"type": "backup", "paths": ["/srv"]}}
+
+
+def test_a_create_found_existing_is_its_own_only_if_everything_sent_is_there_as_sent() -> None:
+    stored = {**JOB, "metadata": {**JOB["metadata"], "uid": "u", "resourceVersion": "7",  # type: ignore[dict-item]
+                                  "finalizers": []},
+              "spec": {**JOB["spec"], "retries": 0}, "status": {}}  # type: ignore[dict-item]
+    assert landed(JOB, stored)  # the apiserver's additions and the schema's defaults do not count
+    other = {**stored, "spec": {"type": "backup", "paths": ["/home"], "retries": 0}}
+    assert not landed(JOB, other)
+    assert not landed(JOB, {**stored, "metadata": {**stored["metadata"], "labels": {}}})  # type: ignore[dict-item]
+    assert not landed({"spec": {"paths": ["/a", "/b"]}}, {"spec": {"paths": ["/a"]}})
+    secret = {"metadata": {"name": "t"}, "stringData": {"token": "abc"}}
+    assert landed(secret, {"metadata": {"name": "t", "uid": "u"},
+                           "data": {"token": base64.b64encode(b"abc").decode()}})
+    assert not landed(secret, {"metadata": {"name": "t"}, "data": {"token": base64.b64encode(b"xyz").decode()}})
+
+
+# --- against a small HTTP server ------------------------------------------------------------------------
 
 SECRET = {"data": {"password": "c2VjcmV0"}}  # "secret"
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
-class HeldServer:
-    """Records each request as it arrives ("POST resticjobs", "GET secrets") and answers it
-    once ``release`` is set."""
+class Server:
+    """Answers each request with the next of ``answers`` (the last one again when they run
+    out), recording "METHOD path" as it arrives; ``release`` holds every answer until set."""
 
-    host: str = ""
-    release: asyncio.Event = field(default_factory=asyncio.Event)
+    answers: list[Answer] = field(default_factory=list)
     arrived: list[str] = field(default_factory=list)
-    secret_status: int = 200
-    ports: set[int] = field(default_factory=set)  # the client's side of each connection used
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def handle(self, request: web.Request) -> web.Response:
-        # The plural: the path's last part for a create, the one before the name for a read.
-        parts = request.path.split("/")
-        assert request.transport is not None
-        self.ports.add(request.transport.get_extra_info("peername")[1])
-        self.arrived.append(f"{request.method} {parts[-1] if request.method == 'POST' else parts[-2]}")
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.append(f"{request.method} {request.path}")
         await self.release.wait()
-        if request.method == "POST":
-            return web.json_response({"metadata": {"name": "j", "uid": "u"}}, status=201)
-        if self.secret_status != 200:
-            return web.json_response({"reason": "NotFound", "message": "secrets \"pw\" not found"},
-                                     status=self.secret_status)
-        return web.json_response(SECRET)
+        answer = self.answers[min(len(self.arrived), len(self.answers)) - 1]
+        return await answer(request)
 
     async def until(self, count: int) -> None:
-        while len(self.arrived) < count:
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(5):
+            while len(self.arrived) < count:
+                await asyncio.sleep(0.005)
+
+
+def reply(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response(body, status=status, headers=headers)
+    return answer
+
+
+async def disconnect(request: web.Request) -> web.StreamResponse:
+    """The request arrived, and the connection drops before any answer."""
+    assert request.transport is not None
+    request.transport.close()
+    return web.Response()
 
 
 @pytest.fixture
-async def held() -> AsyncIterator[tuple[HeldServer, Kube]]:
-    server = HeldServer()
-    async with serving(server.handle) as host:
-        server.host = host
-        kube = Kube(kubernetes.client.Configuration(host=host))
+async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Server, Kube]]:
+    monkeypatch.setattr(kube_module, "RETRY_WAIT", (0.001, 0.002))
+    fake = Server()
+    fake.release.set()
+    async with serving(fake.handle) as host:
+        kube = Kube(client.Configuration(host=host))
         try:
-            yield server, kube
+            yield fake, kube
         finally:
-            server.release.set()
+            fake.release.set()
             await kube.close()
 
 
-def job(name: str = "j") -> dict[str, object]:
-    return {"apiVersion": "resticmanager.io/v1alpha1", "kind": "ResticJob",
-            "metadata": {"name": name, "namespace": "ns"}}
+JOBS = "/apis/resticmanager.io/v1alpha1/namespaces/ns/resticjobs"
+
+
+async def test_a_call_the_apiserver_asks_to_make_again_is_made_after_its_wait(server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    fake.answers = [reply({"reason": "TooManyRequests"}, 429, {"Retry-After": "0"}), reply(JOB, 201)]
+    assert (await kube.create("resticjobs", JOB))["spec"] == JOB["spec"]
+    assert fake.arrived == [f"POST {JOBS}"] * 2
+
+
+async def test_a_read_whose_connection_failed_is_made_again(server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    fake.answers = [disconnect, reply(JOB)]
+    assert (await kube.get("resticjobs", ObjectKey("ns", "j")))["metadata"]["name"] == "j"
+    assert fake.arrived == [f"GET {JOBS}/j"] * 2
+
+
+async def test_a_create_that_landed_before_its_connection_failed_is_taken_as_made(
+        server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    stored = {**JOB, "metadata": {**JOB["metadata"], "uid": "u"}}  # type: ignore[dict-item]
+    fake.answers = [disconnect, reply({"reason": "AlreadyExists"}, 409), reply(stored)]
+    assert (await kube.create("resticjobs", JOB))["metadata"]["uid"] == "u"
+    assert fake.arrived == [f"POST {JOBS}", f"POST {JOBS}", f"GET {JOBS}/j"]
+
+
+async def test_a_create_finding_another_object_of_its_name_is_refused(server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    someone_elses = {**JOB, "spec": {"type": "backup", "paths": ["/home"]}}
+    fake.answers = [disconnect, reply({"reason": "AlreadyExists"}, 409), reply(someone_elses)]
+    with pytest.raises(AlreadyExists):
+        await kube.create("resticjobs", JOB)
+
+
+async def test_a_create_finding_its_name_taken_at_once_is_refused_without_a_read(
+        server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    fake.answers = [reply({"reason": "AlreadyExists"}, 409)]
+    with pytest.raises(AlreadyExists):
+        await kube.create("resticjobs", JOB)
+    assert fake.arrived == [f"POST {JOBS}"]
+
+
+async def test_a_server_error_is_not_made_again(server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    fake.answers = [reply({"reason": "InternalError", "message": "etcd"}, 500)]
+    with pytest.raises(KubeError, match="500 InternalError: etcd"):
+        await kube.get("resticjobs", ObjectKey("ns", "j"))
+    assert len(fake.arrived) == 1
+
+
+async def test_a_connection_failing_every_time_gives_up_after_the_attempts(server: tuple[Server, Kube]) -> None:
+    fake, kube = server
+    fake.answers = [disconnect]
+    with pytest.raises(ConnectionFailed):
+        await kube.create("resticjobs", JOB)  # a POST: aiohttp itself never sends it twice
+    assert fake.arrived == [f"POST {JOBS}"] * kube_module.ATTEMPTS
+
+
+@pytest.fixture
+async def held(server: tuple[Server, Kube]) -> tuple[Server, Kube]:
+    fake, kube = server
+    fake.release.clear()
+    fake.answers = [reply(SECRET)]
+    return fake, kube
+
+
+SECRETS = "GET /api/v1/namespaces/ns/secrets/pw"
 
 
 def start(call: Awaitable[object]) -> asyncio.Task[object]:
     return asyncio.ensure_future(call)
 
 
-async def test_no_other_call_starts_while_a_job_create_is_on_its_way(held: tuple[HeldServer, Kube]) -> None:
-    server, kube = held
-    create = start(kube.create("resticjobs", job(), first=True))
-    await server.until(1)
-    read = start(kube.read_secret(ObjectKey("ns", "pw")))
-    plain = start(kube.create("agents", job("a")))
-    await asyncio.sleep(0.2)
-    assert server.arrived == ["POST resticjobs"]  # the others wait for the create
-    server.release.set()
-    await asyncio.gather(create, read, plain)
-    assert sorted(server.arrived[1:]) == ["GET secrets", "POST agents"]
-
-
-async def test_creates_done_waits_for_the_job_creates_on_their_way(held: tuple[HeldServer, Kube]) -> None:
-    server, kube = held
-    await asyncio.wait_for(kube.creates_done(), 5)  # none at all: at once
-    create = start(kube.create("resticjobs", job(), first=True))
-    await server.until(1)
-    done = start(kube.creates_done())
-    await asyncio.sleep(0.1)
-    assert not done.done()
-    server.release.set()
-    await asyncio.wait_for(asyncio.gather(create, done), 5)
-
-
-async def test_work_in_the_first_lane_creates_in_the_place_it_holds(
-        held: tuple[HeldServer, Kube], monkeypatch: pytest.MonkeyPatch) -> None:
-    server, _ = held
-    monkeypatch.setattr(kube_module, "FIRST_IN_FLIGHT", 2)
-    kube = Kube(kubernetes.client.Configuration(host=server.host))
-
-    async def fire(name: str) -> object:
-        async with kube.first_lane():  # as a fire: its decision, then its create
-            return await kube.create("resticjobs", job(name), first=True)
-
-    async def refused() -> object:
-        async with kube.first_lane():  # as a refused fire: its Event, not marked first
-            return await kube.create("events", job("refused"))
-
-    try:
-        fires = [start(fire("j0")), start(refused()), start(fire("j1"))]
-        # A call asking for a second place, or waiting for the lane to clear, would never come.
-        await asyncio.wait_for(server.until(2), 5)
-        read = start(kube.read_secret(ObjectKey("ns", "pw")))
-        await asyncio.sleep(0.2)
-        # Both places make their calls; the third fire and the read wait.
-        assert server.arrived == ["POST resticjobs", "POST events"]
-        server.release.set()
-        await asyncio.wait_for(asyncio.gather(*fires, read), 5)
-        assert server.arrived == ["POST resticjobs", "POST events", "POST resticjobs", "GET secrets"]
-    finally:
-        await kube.close()
-
-
-async def test_a_job_create_does_not_wait_for_other_calls_on_their_way(held: tuple[HeldServer, Kube]) -> None:
-    server, kube = held
-    read = start(kube.read_secret(ObjectKey("ns", "pw")))
-    await server.until(1)
-    create = start(kube.create("resticjobs", job(), first=True))
-    await server.until(2)
-    assert server.arrived == ["GET secrets", "POST resticjobs"]
-    server.release.set()
-    await asyncio.gather(read, create)
-
-
-async def test_overlapping_reads_of_a_secret_share_one_get(held: tuple[HeldServer, Kube]) -> None:
+async def test_overlapping_reads_of_a_secret_share_one_get(held: tuple[Server, Kube]) -> None:
     server, kube = held
     key = ObjectKey("ns", "pw")
     reads = [start(kube.read_secret(key)) for _ in range(3)]
     await server.until(1)
     reads[0].cancel()  # one caller giving up leaves the others their answer
-    await asyncio.sleep(0.05)
+    await asyncio.wait([reads[0]])
     server.release.set()
     assert [read.data for read in await asyncio.gather(*reads[1:])] == [{"password": "secret"}] * 2
-    assert reads[0].cancelled() and server.arrived == ["GET secrets"]
+    assert reads[0].cancelled() and server.arrived == [SECRETS]
     assert (await kube.read_secret(key)).data == {"password": "secret"}
-    assert server.arrived == ["GET secrets"] * 2  # a read after the answer asks again
+    assert server.arrived == [SECRETS] * 2  # a read after the answer asks again
 
 
-async def test_a_missing_secret_is_not_found_for_every_reader_of_the_get(held: tuple[HeldServer, Kube]) -> None:
+async def test_a_missing_secret_is_not_found_for_every_reader_of_the_get(held: tuple[Server, Kube]) -> None:
     server, kube = held
-    server.secret_status = 404
+    server.answers = [reply({"reason": "NotFound", "message": "secrets \"pw\" not found"}, 404)]
     reads = [start(kube.read_secret(ObjectKey("ns", "pw"))) for _ in range(2)]
     await server.until(1)
     server.release.set()
     results = await asyncio.gather(*reads, return_exceptions=True)
-    assert all(isinstance(result, NotFound) for result in results) and server.arrived == ["GET secrets"]
-
-
-async def test_job_creates_beyond_the_limit_wait_their_turn(
-    held: tuple[HeldServer, Kube], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server, _ = held
-    monkeypatch.setattr(kube_module, "FIRST_IN_FLIGHT", 2)
-    kube = Kube(kubernetes.client.Configuration(host=server.host))
-    try:
-        creates = [start(kube.create("resticjobs", job(f"j{i}"), first=True)) for i in range(3)]
-        await server.until(2)
-        await asyncio.sleep(0.2)
-        assert server.arrived == ["POST resticjobs"] * 2  # the third waits for a free slot
-        server.release.set()
-        await asyncio.gather(*creates)
-        assert server.arrived == ["POST resticjobs"] * 3
-    finally:
-        await kube.close()
-
-
-async def test_warming_opens_a_connection_per_request_and_the_next_round_reuses_them(
-    held: tuple[HeldServer, Kube]
-) -> None:
-    server, kube = held
-    warming = start(kube.warm(5))
-    await server.until(5)  # all five in flight at once: each on a connection of its own
-    server.release.set()
-    await warming
-    assert len(server.ports) == 5
-    await kube.warm(5)
-    assert len(server.arrived) == 10 and len(server.ports) == 5  # the same five, reused
-
-
-async def test_warming_against_an_unreachable_apiserver_fails_quietly() -> None:
-    kube = Kube(kubernetes.client.Configuration(host="http://127.0.0.1:9"))  # discard: nothing listens
-    try:
-        await kube.warm(3)
-    finally:
-        await kube.close()
+    assert all(isinstance(result, NotFound) for result in results) and server.arrived == [SECRETS]

@@ -7,21 +7,39 @@ import gc
 import weakref
 from collections.abc import Iterator
 
+from typing import Any
+
 import kopf
 import pytest
-import kubernetes.client
+from kubernetes_asyncio import client
 
 from restic_manager.operator import heap as heap_module
-from restic_manager.operator.handlers import NoDiffBase, registry
+from restic_manager.operator.authenticator import NodeAgents
+from restic_manager.operator.handlers import BEACON, NoDiffBase, registry
 from restic_manager.operator.heap import Heap
+from restic_manager.operator.store import ObjectKey
 
 
 async def nothing() -> None:
     return None
 
 
-def started_settings() -> kopf.OperatorSettings:
-    handlers = registry(object(), kubernetes.client.Configuration(), on_stop=nothing)  # type: ignore[arg-type]
+class ViewOf:
+    """What the handlers tell a controller, in order."""
+
+    def __init__(self, node_agents: NodeAgents | None = None) -> None:
+        self.node_agents = node_agents
+        self.told: list[tuple[str, str | None, str]] = []
+
+    def observe(self, plural: str, event_type: str | None, body: Any) -> None:
+        self.told.append((plural, event_type, body["metadata"]["name"]))
+
+    def view_complete(self) -> None:
+        self.told.append(("view", "complete", ""))
+
+
+def started_settings(controller: Any = None) -> kopf.OperatorSettings:
+    handlers = registry(controller or ViewOf(), client.Configuration(), on_stop=nothing)
     settings = kopf.OperatorSettings()
     for handler in handlers._activities.get_all_handlers():
         if handler.activity is not None and handler.activity.value == "startup":
@@ -36,6 +54,43 @@ def test_kopf_keeps_no_diff_base_of_the_watched_objects() -> None:
     body = kopf.Body({"metadata": {"name": "j", "annotations": {}}, "spec": {"agent": "web-01"}})
     assert storage.build(body=body) == {} and storage.fetch(body=body) is None
 
+
+IN_CLUSTER = NodeAgents(service_account=ObjectKey("backup", "agent"), namespace="backup")
+
+
+def resource_handlers(handlers: kopf.OperatorRegistry) -> dict[str, Any]:
+    return {handler.id: handler for handler in handlers._indexing.get_all_handlers()
+            + handlers._watching.get_all_handlers()}
+
+
+async def test_every_kind_feeds_the_view_from_its_listing_on_and_the_schedule_crd_completes_it() -> None:
+    view = ViewOf(IN_CLUSTER)
+    handlers = resource_handlers(registry(view, client.Configuration(), on_stop=nothing))  # type: ignore[arg-type]
+    kinds = ("agents", "schedules", "repositories", "resticjobs", "secrets", "pods")
+    # Index handlers see the startup listing and every later change but deletions...
+    assert {f"{plural}-view" for plural in kinds} <= set(handlers)
+    # ...which event handlers pass on, and nothing else (the index handler has it).
+    for plural in kinds:
+        body = kopf.Body({"metadata": {"name": f"a-{plural}", "namespace": "backup"}})
+        await handlers[f"{plural}-view"].fn(body=body)
+        for kind in ("ADDED", "MODIFIED", "DELETED"):
+            await handlers[f"{plural}-deleted"].fn(event={"type": kind, "object": body})
+    other_pod = kopf.Body({"metadata": {"name": "web", "namespace": "shop"}})
+    await handlers["pods-view"].fn(body=other_pod)  # watched namespaces' pods, but not the agents'
+    [beacon] = [handler for handler in handlers.values() if handler.id not in
+                {f"{plural}-{what}" for plural in kinds for what in ("view", "deleted")}]
+    assert beacon.value == BEACON and beacon.selector.any_name == "customresourcedefinitions"
+    await beacon.fn()
+    assert view.told == [step for plural in kinds for step in ((plural, None, f"a-{plural}"),
+                                                                (plural, "DELETED", f"a-{plural}"))] + [
+        ("view", "complete", "")]
+
+
+def test_only_the_operators_token_secrets_and_its_agents_pods_are_watched() -> None:
+    selected = started_settings(ViewOf(IN_CLUSTER)).watching
+    assert selected.label_selectors["", "v1", "secrets"] == "app.kubernetes.io/managed-by=restic-manager"
+    assert selected.field_selectors["", "v1", "pods"] == "spec.serviceAccountName=agent"
+    assert ("", "v1", "pods") not in started_settings().watching.field_selectors
 
 
 class Cycle:

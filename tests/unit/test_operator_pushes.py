@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from restic_manager import protocol
 from restic_manager.operator.pushes import Pusher, Versions, schedule_entries
 from restic_manager.operator.store import ObjectKey, Schedule

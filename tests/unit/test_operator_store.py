@@ -1,4 +1,4 @@
-"""The operator's view of the cluster: watch events and the startup listing in any order."""
+"""The operator's view of the cluster: watch events in order, and the answers of its own creates."""
 
 from __future__ import annotations
 
@@ -23,12 +23,25 @@ def schedules() -> Collection[Schedule]:
     return Collection(Schedule.from_body)
 
 
-def test_a_newer_version_replaces_an_older_one_but_not_the_reverse() -> None:
+def test_each_event_is_taken_as_it_comes_but_the_version_the_view_holds() -> None:
     collection = schedules()
     assert collection.upsert(body("a", 5, generation=2)) is not None
-    assert collection.upsert(body("a", 4, generation=1)) is None  # a late, older event
-    assert collection.upsert(body("a", 5, generation=2)) is None  # the same version again
-    assert collection.get(ObjectKey("ns", "a")).generation == 2  # type: ignore[union-attr]
+    assert collection.upsert(body("a", 5, generation=2)) is None  # the same version again: no change
+    # resourceVersions are opaque: a watch stream is in order, whatever their digits say.
+    change = collection.upsert(body("a", 4, generation=3))
+    assert change is not None and change.old.generation == 2  # type: ignore[union-attr]
+    assert collection.get(ObjectKey("ns", "a")).generation == 3  # type: ignore[union-attr]
+
+
+def test_a_creates_answer_is_taken_only_if_the_watch_has_not_brought_the_object() -> None:
+    collection = schedules()
+    assert collection.created(body("a", 5)) is not None  # before its watch event
+    assert collection.upsert(body("a", 5)) is None  # the event's echo of it
+    collection.upsert(body("b", 7, generation=2))  # the watch was first, with a later version...
+    assert collection.created(body("b", 6)) is None  # ...which the create's answer does not undo
+    assert collection.get(ObjectKey("ns", "b")).generation == 2  # type: ignore[union-attr]
+    collection.upsert(body("c", 3, uid="before"))
+    assert collection.created(body("c", 8, uid="made")) is not None  # another object of that name
 
 
 def test_a_recreated_object_replaces_the_old_one_whatever_its_version() -> None:
@@ -43,36 +56,6 @@ def test_a_delete_of_another_incarnation_is_ignored() -> None:
     collection.upsert(body("a", 9, uid="second"))
     assert collection.delete(body("a", 10, uid="first")) is None
     assert collection.get(ObjectKey("ns", "a")) is not None
-
-
-def test_a_listing_drops_objects_deleted_before_it_was_taken() -> None:
-    collection = schedules()
-    collection.upsert(body("gone", 3))
-    collection.upsert(body("kept", 4))
-    changes = collection.reconcile_listing([body("kept", 4)], "10")
-    assert [(c.old.key.name, c.new) for c in changes] == [("gone", None)]  # type: ignore[union-attr]
-
-
-def test_a_listing_keeps_objects_created_after_it_was_taken() -> None:
-    collection = schedules()
-    collection.upsert(body("newer", 12))  # a watch event newer than the listing
-    assert collection.reconcile_listing([], "10") == []
-    assert collection.get(ObjectKey("ns", "newer")) is not None
-
-
-def test_a_listing_cannot_resurrect_an_object_the_watch_saw_deleted() -> None:
-    collection = schedules()
-    collection.upsert(body("a", 5))
-    collection.delete(body("a", 11))
-    assert collection.reconcile_listing([body("a", 5)], "10") == []
-    assert collection.get(ObjectKey("ns", "a")) is None
-
-
-def test_a_listing_of_some_namespaces_leaves_the_others_alone() -> None:
-    collection = schedules()
-    collection.upsert(body("a", 3, namespace="other"))
-    assert collection.reconcile_listing([], "10", namespaces={"ns"}) == []
-    assert collection.get(ObjectKey("other", "a")) is not None
 
 
 def test_jobs_are_found_by_schedule_uid_and_agent() -> None:
@@ -104,13 +87,11 @@ def test_a_schedules_jobs_are_listed_in_the_order_they_were_first_seen() -> None
     assert [j.key.name for j in store.jobs_of_schedule("s1")] == ["c", "a", "b"]
 
 
-def test_a_job_leaves_its_schedules_list_when_deleted_or_dropped_by_a_listing() -> None:
+def test_a_job_leaves_its_schedules_list_when_deleted() -> None:
     store = Store()
     store.jobs.upsert(job_body("deleted", 1, schedule_uid="s1"))
-    store.jobs.upsert(job_body("unlisted", 2, schedule_uid="s1"))
     store.jobs.upsert(job_body("kept", 3, schedule_uid="s1"))
     store.jobs.delete(job_body("deleted", 4, schedule_uid="s1"))
-    store.jobs.reconcile_listing([job_body("kept", 3, schedule_uid="s1")], "10")
     assert [j.key.name for j in store.jobs_of_schedule("s1")] == ["kept"]
 
 
@@ -122,9 +103,9 @@ def test_a_recreated_job_of_another_schedule_moves_to_that_schedules_list() -> N
     assert [j.uid for j in store.jobs_of_schedule("s2")] == ["second"]
 
 
-# Operations on one jobs collection: (upsert | delete | listing, name, resourceVersion, schedule uid, agent).
+# Operations on one jobs collection: (upsert | delete | created, name, resourceVersion, schedule uid, agent).
 OPERATIONS = st.lists(st.tuples(
-    st.sampled_from(["upsert", "delete", "listing"]), st.sampled_from(["a", "b", "c", "d"]),
+    st.sampled_from(["upsert", "delete", "created"]), st.sampled_from(["a", "b", "c", "d"]),
     st.integers(1, 30), st.sampled_from(["s1", "s2", None]), st.sampled_from(["web-01", "web-02"]),
 ), max_size=30)
 
@@ -140,7 +121,7 @@ def test_jobs_of_a_schedule_are_always_those_a_full_scan_finds(operations: list[
         elif operation == "delete":
             store.jobs.delete(body_)
         else:
-            store.jobs.reconcile_listing([body_], str(rv))
+            store.jobs.created(body_)
     for uid in ("s1", "s2"):
         for agent in (None, "web-01", "web-02"):
             scanned = [job for job in store.jobs if job.schedule_ref is not None and job.schedule_ref.uid == uid

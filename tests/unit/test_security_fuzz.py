@@ -18,9 +18,8 @@ import copy
 import json
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -29,9 +28,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from restic_manager import protocol
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.kube import AlreadyExists, NotFound, SecretRead
 from restic_manager.operator.limits import Limits
-from restic_manager.operator.store import ObjectKey
+from support.operator_fakes import FakeKube, complete_view
 
 NS = "ns"
 TOKENS = {"fuzzer": "fuzzer-token-0123456789", "honest": "honest-token-0123456789"}
@@ -41,84 +39,25 @@ BATCHES = 210  # 10,500 frames
 TIMEOUT = 30
 
 
-class FakeKube:
-    """Just enough API for a Controller: two Agents with token Secrets and one Schedule."""
-
-    def __init__(self) -> None:
-        self.created: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._version = 100
-
-    def jobs(self) -> int:
-        with self._lock:
-            return len(self.created)
-
-    async def creates_done(self) -> None:
-        return None
-
-    def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return contextlib.nullcontext()
-
-    async def watch(self, plural: str, namespace: str | None, version: str, *,
-                    field_selector: str = "") -> AsyncIterator[tuple[str, Any]]:
-        await asyncio.Event().wait()  # nothing changes after the listing
-        for event in ():
-            yield event
-
-    async def list_objects(self, plural: str, namespaces: list[str] | None, *,
-                           field_selector: str = "") -> tuple[list[Any], str]:
-        listings: dict[str, list[Any]] = {
-            "agents": [{"metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "resourceVersion": "1"}}
-                       for name in TOKENS],
-            "secrets": [{"metadata": {"name": f"{name}-agent-token", "namespace": NS, "uid": f"s-{name}",
-                                      "resourceVersion": "2",
-                                      "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1",
-                                                           "kind": "Agent", "name": name, "uid": f"uid-{name}"}]},
-                         "data": {"token": base64.b64encode(token.encode()).decode()}}
-                        for name, token in TOKENS.items()],
-            "schedules": [{"metadata": {"name": "nightly", "namespace": NS, "uid": "uid-nightly", "generation": 1,
-                                        "resourceVersion": "3", "creationTimestamp": CREATED},
-                           "spec": {"agent": "honest", "repository": "offsite", "schedule": "0 2 * * *",
-                                    "concurrencyPolicy": "Allow", "successfulJobsHistoryLimit": 1000,
-                                    "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}}],
-            "repositories": [{"metadata": {"name": "offsite", "namespace": NS, "uid": "uid-offsite",
-                                           "resourceVersion": "4"}, "spec": {}}],
-        }
-        return listings.get(plural, []), "10"
-
-    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
-        with self._lock:
-            if any(c["metadata"]["name"] == body["metadata"]["name"] for c in self.created):
-                raise AlreadyExists("409")
-            self._version += 1
-            made = copy.deepcopy(body)
-            made["metadata"].update(uid=f"uid-{body['metadata']['name']}", resourceVersion=str(self._version),
-                                    creationTimestamp=CREATED)
-            self.created.append(made)
-            return made
-
-    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
-        raise NotFound(f"get {plural} {key}: 404")  # no Repository: jobs wait, which is fine here
-
-    async def delete(self, plural: str, key: ObjectKey) -> None:
-        pass
-
-    async def patch_status(self, plural: str, key: ObjectKey, status: Any, *, uid: str) -> dict[str, Any]:
-        json.dumps(status, allow_nan=False)  # what the real API would refuse to store fails here too
-        return {}
-
-    async def set_finalizer(self, plural: str, key: ObjectKey, finalizer: str, *, present: bool,
-                            seen: object = None) -> None:
-        pass
-
-    async def read_secret(self, key: ObjectKey) -> SecretRead:
-        raise NotFound(f"get Secret {key}: 404")
-
-    async def post_event(self, involved: Any, **event: Any) -> None:
-        pass
-
-    async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
-        return {"authenticated": False}
+# Two Agents with token Secrets, and one Schedule whose jobs never wait for another.
+VIEW = [
+    *[("agents", {"metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "resourceVersion": "1"}})
+      for name in TOKENS],
+    *[("secrets", {"metadata": {"name": f"{name}-agent-token", "namespace": NS, "uid": f"s-{name}",
+                                "resourceVersion": "2",
+                                "ownerReferences": [{"apiVersion": "resticmanager.io/v1alpha1", "kind": "Agent",
+                                                     "name": name, "uid": f"uid-{name}"}]},
+                   "data": {"token": base64.b64encode(token.encode()).decode()}})
+      for name, token in TOKENS.items()],
+    ("schedules", {"metadata": {"name": "nightly", "namespace": NS, "uid": "uid-nightly", "generation": 1,
+                                "resourceVersion": "3", "creationTimestamp": CREATED},
+                   "spec": {"agent": "honest", "repository": "offsite", "schedule": "0 2 * * *",
+                            "concurrencyPolicy": "Allow", "successfulJobsHistoryLimit": 1000,
+                            "template": {"type": "backup", "backup": {"paths": ["/etc"]}}}}),
+    # Never read from the API (no Repository there): jobs wait, which is fine here.
+    ("repositories", {"metadata": {"name": "offsite", "namespace": NS, "uid": "uid-offsite",
+                                   "resourceVersion": "4"}, "spec": {}}),
+]
 
 
 class RunningOperator:
@@ -143,6 +82,7 @@ class RunningOperator:
             self._started.set()
 
         self._task = self.loop.create_task(self.controller.run(host="127.0.0.1", port=0, started=started))
+        self.loop.call_soon(complete_view, self.controller, *VIEW)
         try:
             self.loop.run_until_complete(self._task)
         except asyncio.CancelledError:

@@ -5,7 +5,6 @@ with ``forbidden``, counted, and changes nothing: no ResticJob, no status, no Ev
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from datetime import datetime, timezone
 from typing import Any
@@ -16,35 +15,10 @@ from restic_manager import protocol
 from restic_manager.operator.controller import Controller
 from restic_manager.operator.store import ObjectKey
 from restic_manager.operator.writer import Target
-from support.operator_fakes import FakeSession, connect as connect_session
+from support.operator_fakes import FakeKube, FakeSession, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
 AT = datetime(2026, 3, 2, 2, 0, tzinfo=timezone.utc)
-
-
-class FakeKube:
-    def __init__(self) -> None:
-        self.created: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-
-    async def creates_done(self) -> None:
-        return None
-
-    def first_lane(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return contextlib.nullcontext()
-
-    async def list_objects(self, plural: str, namespaces: list[str] | None) -> tuple[list[Any], str]:
-        return [], "1"
-
-    async def create(self, plural: str, body: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
-        made = copy.deepcopy(body)
-        made["metadata"].update(uid=f"uid-{body['metadata']['name']}", resourceVersion="50",
-                                creationTimestamp="2026-03-02T02:00:06Z")
-        self.created.append(made)
-        return made
-
-    async def post_event(self, involved: dict[str, Any], **event: Any) -> None:
-        self.events.append(event)
 
 
 def agent(name: str, namespace: str) -> dict[str, Any]:
@@ -62,7 +36,7 @@ def schedule(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
 @pytest.fixture
 async def controller() -> Controller:
     made = Controller(kube=FakeKube(), namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
-    await made._prime()
+    made.view_complete()
     for name, namespace in (("web-a", "x"), ("web-b", "x"), ("web-y", "y")):
         made.observe("agents", "ADDED", agent(name, namespace))
     for namespace in ("x", "y"):

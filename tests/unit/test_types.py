@@ -9,7 +9,7 @@ from pathlib import Path
 
 from support.package_tree import REPO, assemble
 
-# Kept between runs: a cold check reads all of kubernetes' typed client (about half a minute
+# Kept between runs: a cold check reads all of kubernetes_asyncio's client (about half a minute
 # here); mypy revalidates every cached module against its source, so a warm one takes seconds.
 CACHE = Path(tempfile.gettempdir()) / "restic-manager-mypy-cache"
 

@@ -55,3 +55,13 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- define "restic-manager.nodeAgentNamespace" -}}
 {{- .Values.agentDaemonSet.agentNamespace | default (first .Values.operator.watchNamespaces) | default .Release.Namespace -}}
 {{- end -}}
+
+{{/* The namespaces the operator watches, space-separated (empty: every namespace). With the
+agent DaemonSet the release's own is one of them: kopf follows the agents' pods there. */}}
+{{- define "restic-manager.watchedNamespaces" -}}
+{{- $namespaces := .Values.operator.watchNamespaces -}}
+{{- if and $namespaces .Values.agentDaemonSet.enabled -}}
+{{- $namespaces = append $namespaces .Release.Namespace -}}
+{{- end -}}
+{{- $namespaces | uniq | join " " -}}
+{{- end -}}
