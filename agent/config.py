@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import ssl
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from restic_manager import protocol
 from restic_manager.agent import policy
 from restic_manager.agent.policy import HostPolicy
 
@@ -26,8 +26,6 @@ ENV_PREFIX = "RESTIC_MANAGER_"
 DEFAULT_CONFIG_FILE = Path("/etc/restic-manager/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/restic-manager")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# An Agent is a Kubernetes object and hello's `agent` field has the same rule.
-_AGENT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -244,7 +242,7 @@ def _check(values: dict[str, Any], sources: dict[str, str], *, hostname: str | N
     else:
         agent_name = (hostname or socket.gethostname()).lower()
         how = "(the host name; set --agent-name to choose another)"
-    if not _AGENT_NAME.fullmatch(agent_name) or len(agent_name) > 253:
+    if not protocol.is_object_name(agent_name):
         raise ConfigError(f"agent name {agent_name!r} {how}: must be lowercase letters, digits, '-' and '.', "
                           "starting and ending with a letter or digit, as a Kubernetes object name")
 

@@ -31,14 +31,15 @@ from restic_manager.operator.authenticator import Authenticator, NodeAgents
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.dispatch import Dispatcher, history_to_delete
 from restic_manager.operator.events import Recorder, involved
-from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, new_token
+from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, NotFound, new_token
 from restic_manager.operator.limits import Limits
 from restic_manager.operator.pushes import Pusher, compile_schedule
+from restic_manager.operator.relists import Relists, Scope
 from restic_manager.operator.repositories import RepositoryReporter
 from restic_manager.operator.server import AgentServer, ServingCertificate, Session
 from restic_manager.operator.store import (
-    API_VERSION, TOKEN_KEY, Agent, AgentPod, Change, Job, ObjectKey, Repository, Schedule, Store, TokenSecret,
-    format_time, parse_time, token_secret_name,
+    TOKEN_KEY, Agent, AgentPod, Change, Job, ObjectKey, Repository, Schedule, Store, TokenSecret,
+    format_time, owner_reference, parse_time, token_secret_name,
 )
 from restic_manager.operator.targets import Index, Moved, selector_problem
 from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Rendered, StatusWriter, Target
@@ -65,15 +66,16 @@ HEALTH_RECHECK_MIN = 30.0
 # The uids of agent pods last seen deleted. A connection whose TokenReview was answered just
 # before its pod went, and that registers after the deletion was seen, is still ended.
 GONE_PODS_KEPT = 1024
+# How long a watch's listing again (relists.py) has to come through before the objects it did
+# not bring are read.
+RELIST_SETTLE = 30.0
+# The kinds whose objects a listing again is checked for: every kind but pods, which the
+# operator may not read (a missed pod deletion ends that agent's session at its token's expiry).
+RELIST_CHECKED = ("agents", "schedules", "resticjobs", "secrets", "repositories")
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": kind, "name": key.name, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
 
 
 Watched = TypeVar("Watched", Agent, Schedule, Job, Repository)
@@ -128,6 +130,9 @@ class Controller:
             lambda: collections.defaultdict(asyncio.Lock))
         self._agents: CoalescingLoop[ObjectKey] = CoalescingLoop("agent", self._reconcile_agent, transient=(KubeError,))
         self._history: CoalescingLoop[HistoryKey] = CoalescingLoop("history", self._prune, transient=(KubeError,))
+        self._relists = Relists(namespaced=namespaces is not None)
+        self._relist_checks: CoalescingLoop[Scope] = CoalescingLoop("relist check", self._check_relisted,
+                                                                    transient=(KubeError,))
         self.repositories = RepositoryReporter(kube, clock=clock, events=self.events,
                                                known=self.store.repositories)
         self.refused = self.metrics.fires_refused  # fire refusals by reason
@@ -159,7 +164,7 @@ class Controller:
             for name, coroutine in (("status writer", self.writer.run()), ("pushes", self.pusher.run()),
                                     ("dispatch", self.dispatcher.run()), ("agents", self._agents.run()),
                                     ("history", self._history.run()), ("repositories", self.repositories.run()),
-                                    ("events", self.events.run())):
+                                    ("events", self.events.run()), ("relist checks", self._relist_checks.run())):
                 tasks.create_task(coroutine, name=name)
 
     def view_complete(self) -> None:
@@ -182,9 +187,46 @@ class Controller:
 
     def observe(self, plural: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         collection = self._collection(plural)
+        self._relists.observed(plural, ObjectKey.of(body))
         change = collection.delete(body) if event_type == "DELETED" else collection.upsert(body)
         if change is not None:
             self._changed(plural, change)
+
+    def on_event(self, plural: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """kopf's event handlers' event (the index handlers have passed it on already, but a
+        deletion): a deletion, or maybe the first sign of a watch listing again."""
+        if event_type == "DELETED":
+            self.observe(plural, event_type, body)
+        if plural not in RELIST_CHECKED:
+            return
+        scope = self._relists.event(plural, event_type, ObjectKey.of(body), self._collection(plural).objects)
+        if scope is not None:
+            log.info("%s %s: the watch listed them again (it was gone); objects the listing does not bring are "
+                     "read in %.0f s", plural, scope[1] or "in every namespace", RELIST_SETTLE)
+            self._relist_checks.mark(scope, delay=RELIST_SETTLE)
+
+    async def _check_relisted(self, scope: Scope) -> None:
+        """Read each object of the view a listing again did not bring: gone, it leaves the view;
+        there, it is taken as read."""
+        plural = scope[0]
+        suspects = list(self._relists.take(scope))
+        for index, key in enumerate(suspects):
+            held = self._collection(plural).get(key)
+            if held is None:
+                continue
+            try:
+                body = await (self._kube.get_secret(key) if plural == "secrets" else self._kube.get(plural, key))
+            except NotFound:
+                body = None
+            except KubeError:
+                self._relists.give_back(scope, suspects[index:])
+                raise
+            if body is None or body["metadata"].get("uid") != held.uid:
+                log.info("%s %s was deleted while the watch was gone", plural, key)
+                self.observe(plural, "DELETED", {"metadata": {"name": key.name, "namespace": key.namespace,
+                                                              "uid": held.uid}})
+            if body is not None:
+                self.observe(plural, None, body)
 
     def _created(self, plural: str, body: Mapping[str, Any]) -> None:
         """An object this operator created: in the view before its watch event comes."""
@@ -595,8 +637,7 @@ class Controller:
         log.warning("Schedule %s: %s", schedule.key, decision.message)
         try:
             await self._kube.post_event(
-                {"apiVersion": API_VERSION, "kind": "Schedule", "name": schedule.key.name,
-                 "namespace": schedule.key.namespace, "uid": schedule.uid},
+                involved("Schedule", schedule.key, schedule.uid),
                 type="Warning", reason=decision.reason, message=decision.message, now=self._clock(),
                 name=fires.event_name(schedule, agent=agent, scheduled_at=fire.scheduled_at, reason=decision.reason))
         except AlreadyExists:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from restic_manager import cron
-from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey, Schedule, format_time
+from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey, Schedule, format_time, owner_reference
 from restic_manager.protocol import ScheduleFire
 
 MAX_NAME = 63
@@ -218,14 +218,7 @@ def job_body(schedule: Schedule, *, agent: str, name: str, scheduled_at: datetim
             "namespace": schedule.key.namespace,
             "labels": {LABEL_SCHEDULE: label_value(schedule.key.name), LABEL_AGENT: label_value(agent)},
             "finalizers": [FINALIZER],
-            "ownerReferences": [{
-                "apiVersion": API_VERSION,
-                "kind": "Schedule",
-                "name": schedule.key.name,
-                "uid": schedule.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }],
+            "ownerReferences": [owner_reference("Schedule", schedule.key, schedule.uid)],
         },
         "spec": spec,
     }

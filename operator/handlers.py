@@ -6,8 +6,9 @@ event but a deletion, the startup listing's included, and calls no other handler
 every indexed kind's listing has gone through them: so the view is complete when the first
 event handler runs. The Schedule CRD, which exists wherever the operator can work, brings
 that first event whatever else exists (:func:`registry`, ``view_complete``). The index
-handlers keep nothing in kopf's indexes (they return None); the event handlers take only
-deletions, which index handlers never see.
+handlers keep nothing in kopf's indexes (they return None); the event handlers pass on
+deletions, which index handlers never see, and the signs of a watch listing again
+(relists.py).
 
 kopf needs no finalizers, annotations or retries of its own on these objects (the one
 finalizer, on unfinished ResticJobs, is the dispatcher's). Token Secrets and agent pods are
@@ -23,7 +24,6 @@ must point at the path ``/validate-schedule``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -97,28 +97,27 @@ def registry(
     async def stop(**_: Any) -> None:
         await on_stop()
 
-    def watch(group: str, version: str, plural: str, feed: Callable[[str | None, Mapping[str, Any]], None]) -> None:
+    def watch(group: str, version: str, plural: str, *, namespace: str | None = None) -> None:
+        """Feed the view with ``plural`` (only those in ``namespace``, if given)."""
+        def wanted(body: Mapping[str, Any]) -> bool:
+            return namespace is None or body["metadata"].get("namespace") == namespace
+
         @kopf.index(group, version, plural, id=f"{plural}-view", registry=handlers)
         async def index(body: kopf.Body, **_: Any) -> None:
-            feed(None, body)
+            if wanted(body):
+                controller.observe(plural, None, body)
 
-        @kopf.on.event(group, version, plural, id=f"{plural}-deleted", registry=handlers)
-        async def deleted(event: Mapping[str, Any], **_: Any) -> None:
-            if event["type"] == "DELETED":
-                feed("DELETED", event["object"])
+        @kopf.on.event(group, version, plural, id=f"{plural}-events", registry=handlers)
+        async def events(event: Mapping[str, Any], **_: Any) -> None:
+            if wanted(event["object"]):
+                controller.on_event(plural, event["type"], event["object"])
 
     for plural in OWN_KINDS:
-        watch(GROUP, VERSION, plural, functools.partial(controller.observe, plural))
-    watch("", "v1", "secrets", functools.partial(controller.observe, "secrets"))
+        watch(GROUP, VERSION, plural)
+    watch("", "v1", "secrets")
     if pods is not None:
-        namespace = pods.namespace
-
-        def agent_pod(kind: str | None, body: Mapping[str, Any]) -> None:
-            # Pods are watched in every watched namespace; the agents' run in one.
-            if body["metadata"].get("namespace") == namespace:
-                controller.observe("pods", kind, body)
-
-        watch("", "v1", "pods", agent_pod)
+        # Pods are watched in every watched namespace; the agents' run in one.
+        watch("", "v1", "pods", namespace=pods.namespace)
 
     @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", field="metadata.name", value=BEACON,
                    registry=handlers)

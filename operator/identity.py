@@ -35,7 +35,8 @@ from typing import Any
 
 import jwt
 
-from restic_manager.operator.store import Agent, ObjectKey, Store, is_object_name, token_digest
+from restic_manager import protocol
+from restic_manager.operator.store import Agent, ObjectKey, Store, token_digest
 
 DEFAULT_AUDIENCE = "restic-manager"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -196,7 +197,7 @@ def node_of_review(status: Mapping[str, Any], *, audience: str, service_account:
                         "the ServiceAccount token is not bound to a pod on a node "
                         "(a projected token of a DaemonSet pod is; Kubernetes 1.30 or newer)")
     node = nodes[0]
-    if not is_object_name(node):
+    if not protocol.is_object_name(node):
         raise AuthError(HTTPStatus.FORBIDDEN, "no-node-binding", f"node name {node!r} is not a valid Agent name")
     pods = extra.get(POD_UID_EXTRA) or [""]
     return node, str(pods[0])

@@ -394,11 +394,15 @@ class Kube:
             read.exception()  # retrieved here, so a read every caller left is not reported as lost
 
     async def _read_secret(self, key: ObjectKey) -> SecretRead:
-        secret = await self._call(f"get Secret {key}", self._core.read_namespaced_secret, key.name, key.namespace)
+        secret = await self.get_secret(key)
         return SecretRead(
             data={name: base64.b64decode(value).decode() for name, value in (secret.get("data") or {}).items()},
             labels=dict((secret.get("metadata") or {}).get("labels") or {}),
         )
+
+    async def get_secret(self, key: ObjectKey) -> dict[str, Any]:
+        """The Secret as the API returns it."""
+        return dict(await self._call(f"get Secret {key}", self._core.read_namespaced_secret, key.name, key.namespace))
 
     async def create_secret(self, key: ObjectKey, data: Mapping[str, str], *,
                             owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -411,9 +415,7 @@ class Kube:
             "stringData": dict(data),
         }
         return await self._create(f"create Secret {key}", self._core.create_namespaced_secret, key.namespace,
-                                  body=body, read=lambda: self._call(f"get Secret {key}",
-                                                                     self._core.read_namespaced_secret,
-                                                                     key.name, key.namespace))
+                                  body=body, read=lambda: self.get_secret(key))
 
     async def token_review(self, token: str, *, audiences: list[str]) -> dict[str, Any]:
         """The apiserver's verdict on ``token`` for ``audiences`` (a TokenReview's status).

@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from restic_manager import protocol
 from restic_manager.operator.coalesce import CoalescingLoop
 from restic_manager.operator.events import Recorder, involved
 from restic_manager.operator.kube import Kube, KubeError, NotFound
 from restic_manager.operator.status import set_condition
-from restic_manager.operator.store import Collection, Job, ObjectKey, Repository, format_time, is_object_name
+from restic_manager.operator.store import Collection, Job, ObjectKey, Repository, format_time
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class RepositoryReporter:
         self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("repository status", self._write, transient=(KubeError,))
 
     def job_ended(self, job: Job, status: Mapping[str, Any]) -> None:
-        if not is_object_name(job.repository):
+        if not protocol.is_object_name(job.repository):
             return  # no Repository can have that name (the job failed Invalid): nothing to report on, ever
         key = ObjectKey(job.key.namespace, job.repository)
         self._ended[key] = (job, status)

@@ -14,7 +14,6 @@ import base64
 import binascii
 import copy
 import hashlib
-import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,15 +47,6 @@ class ObjectKey(NamedTuple):
         return cls(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
-def is_object_name(value: object) -> bool:
-    """Whether ``value`` can name an object (a DNS-1123 subdomain): the one check of names
-    that go into API paths, so ``..`` or ``%2e`` never reach a request."""
-    return isinstance(value, str) and len(value) <= 253 and _OBJECT_NAME.fullmatch(value) is not None
-
-
 def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
@@ -70,6 +60,13 @@ def format_time(moment: datetime) -> str:
     # By hand: strftime costs several times more, and this runs a few times per fire.
     return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (
         moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+
+
+def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
+    """An owner reference to the operator's object ``key`` of ``kind``: its controller, and
+    the garbage collector deletes what it owns only after it."""
+    return {"apiVersion": API_VERSION, "kind": kind, "name": key.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
 
 
 def token_secret_name(agent: str) -> str:

@@ -20,7 +20,6 @@ import msgspec
 
 from restic_manager import cron, protocol
 from restic_manager.operator import notify
-from restic_manager.operator.store import is_object_name
 from restic_manager.operator.targets import SelectorError, selector_matches
 
 _TYPES = ", ".join(t.value for t in protocol.JobType)
@@ -58,7 +57,7 @@ def job_problems(spec: Mapping[str, Any]) -> list[str]:
 
 
 def _name_problems(field: str, value: object, *, kind: str, owner: str = "Schedule") -> list[str]:
-    if not is_object_name(value):
+    if not protocol.is_object_name(value):
         return [f"{field} {value!r}: must be the name of a {kind} in the {owner}'s own namespace "
                 "(lowercase letters, digits, '-' and '.'; no namespace part)"]
     return []

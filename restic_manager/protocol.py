@@ -94,13 +94,23 @@ CLOSE_WRONG_AGENT = 4002  # hello named another Agent than the one the credentia
 MAX_FRAME_BYTES = 1024 * 1024
 LOG_TAIL_LINES = 50
 
-# Patterns end in \Z, not $: Python's $ also matches before a final newline.
-NamespacedName = Annotated[
-    str,
-    msgspec.Meta(
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z", max_length=317
-    ),
-]
+# Kubernetes object names: a namespace is a DNS-1123 label, any other name a DNS-1123
+# subdomain. The one check of names, on the wire, in agents' settings and in the operator,
+# so ``..`` or ``%2e`` never reach an API path. Patterns end in \Z, not $: Python's $ also
+# matches before a final newline.
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+OBJECT_NAME = rf"{_LABEL}(\.{_LABEL})*"
+MAX_OBJECT_NAME = 253
+_OBJECT_NAME = re.compile(OBJECT_NAME)
+
+
+def is_object_name(value: object) -> bool:
+    """Whether ``value`` can name a Kubernetes object (a DNS-1123 subdomain)."""
+    return isinstance(value, str) and len(value) <= MAX_OBJECT_NAME and _OBJECT_NAME.fullmatch(value) is not None
+
+
+NamespacedName = Annotated[str, msgspec.Meta(pattern=rf"^{_LABEL}/{OBJECT_NAME}\Z", max_length=63 + 1 + MAX_OBJECT_NAME)]
+ObjectName = Annotated[str, msgspec.Meta(pattern=rf"^{OBJECT_NAME}\Z", max_length=MAX_OBJECT_NAME)]
 # The longest text field a message may carry; the operator refuses longer cron expressions
 # in a Schedule's spec (operator/validation.py) rather than send a set its agents refuse.
 MAX_TEXT = 4096
@@ -207,7 +217,7 @@ class Payload(Model, frozen=True, kw_only=True):
 
 class Hello(Payload, frozen=True, kw_only=True):
     TYPE: ClassVar[str] = "hello"
-    agent: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z", max_length=253)]
+    agent: ObjectName
     agent_version: ShortText
     restic_version: ShortText
     protocol_version: int

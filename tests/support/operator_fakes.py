@@ -87,7 +87,8 @@ class FakeKube(FakeSecrets):
     patched, deleted and posted, for tests to look at.
 
     ``objects`` answers gets (a test puts Repositories there; created objects land there
-    too); ``answer`` cleared holds every create; ``fail_creates`` makes them time out.
+    too); ``answer`` cleared holds every create, ``answer_gets`` every get; ``fail_creates``
+    and ``fail_gets`` make them fail as if the apiserver did not answer.
     Thread-safe where a test reads it from another thread than the operator's loop.
     """
 
@@ -98,7 +99,10 @@ class FakeKube(FakeSecrets):
         self.sent: list[str] = []  # names of the creates that reached the API, answered or not
         self.answer = asyncio.Event()
         self.answer.set()
+        self.answer_gets = asyncio.Event()
+        self.answer_gets.set()
         self.fail_creates = False
+        self.fail_gets = False
         self.patches: list[tuple[str, ObjectKey, dict[str, Any]]] = []
         self.refuse_patches = False
         self.deleted: list[tuple[str, ObjectKey]] = []
@@ -130,6 +134,9 @@ class FakeKube(FakeSecrets):
 
     async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
         self.gets.append(key)
+        await self.answer_gets.wait()
+        if self.fail_gets:
+            raise KubeError(f"get {plural} {key}: 503", status=503)
         with self._lock:
             if (plural, key) in self.objects:
                 return self.objects[plural, key]
@@ -138,6 +145,9 @@ class FakeKube(FakeSecrets):
         if made is None:
             raise NotFound(f"get {plural} {key}: 404 NotFound")
         return made
+
+    async def get_secret(self, key: ObjectKey) -> dict[str, Any]:
+        return await self.get("secrets", key)
 
     async def delete(self, plural: str, key: ObjectKey) -> None:
         self.deleted.append((plural, key))

@@ -34,6 +34,9 @@ class ViewOf:
     def observe(self, plural: str, event_type: str | None, body: Any) -> None:
         self.told.append((plural, event_type, body["metadata"]["name"]))
 
+    def on_event(self, plural: str, event_type: str | None, body: Any) -> None:
+        self.told.append((f"{plural} event", event_type, body["metadata"]["name"]))
+
     def view_complete(self) -> None:
         self.told.append(("view", "complete", ""))
 
@@ -67,22 +70,22 @@ async def test_every_kind_feeds_the_view_from_its_listing_on_and_the_schedule_cr
     view = ViewOf(IN_CLUSTER)
     handlers = resource_handlers(registry(view, client.Configuration(), on_stop=nothing))  # type: ignore[arg-type]
     kinds = ("agents", "schedules", "repositories", "resticjobs", "secrets", "pods")
-    # Index handlers see the startup listing and every later change but deletions...
-    assert {f"{plural}-view" for plural in kinds} <= set(handlers)
-    # ...which event handlers pass on, and nothing else (the index handler has it).
+    # Index handlers see the startup listing and every later change but deletions, which
+    # the event handlers pass on with every event's type (controller.on_event).
+    assert {f"{plural}-{what}" for plural in kinds for what in ("view", "events")} <= set(handlers)
     for plural in kinds:
         body = kopf.Body({"metadata": {"name": f"a-{plural}", "namespace": "backup"}})
         await handlers[f"{plural}-view"].fn(body=body)
-        for kind in ("ADDED", "MODIFIED", "DELETED"):
-            await handlers[f"{plural}-deleted"].fn(event={"type": kind, "object": body})
+        await handlers[f"{plural}-events"].fn(event={"type": "DELETED", "object": body})
     other_pod = kopf.Body({"metadata": {"name": "web", "namespace": "shop"}})
     await handlers["pods-view"].fn(body=other_pod)  # watched namespaces' pods, but not the agents'
+    await handlers["pods-events"].fn(event={"type": None, "object": other_pod})
     [beacon] = [handler for handler in handlers.values() if handler.id not in
-                {f"{plural}-{what}" for plural in kinds for what in ("view", "deleted")}]
+                {f"{plural}-{what}" for plural in kinds for what in ("view", "events")}]
     assert beacon.value == BEACON and beacon.selector.any_name == "customresourcedefinitions"
     await beacon.fn()
     assert view.told == [step for plural in kinds for step in ((plural, None, f"a-{plural}"),
-                                                                (plural, "DELETED", f"a-{plural}"))] + [
+                                                                (f"{plural} event", "DELETED", f"a-{plural}"))] + [
         ("view", "complete", "")]
 
 

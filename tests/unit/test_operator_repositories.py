@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
-from typing import Any
 
 import pytest
 
@@ -12,6 +11,7 @@ from restic_manager.operator.events import Recorder
 from restic_manager.operator.kube import KubeError
 from restic_manager.operator.repositories import RepositoryReporter, repository_event, repository_status
 from restic_manager.operator.store import Job, ObjectKey, Store
+from support.operator_fakes import FakeKube
 
 NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)
 EARLIER = "2026-11-25T02:00:00Z"
@@ -95,26 +95,18 @@ def test_a_wrong_password_or_a_failed_check_is_a_warning_on_the_repository(
 # --- RepositoryReporter: one write per burst, none lost, none made of nothing ---------------------------
 
 
-class FakeKube:
-    """A Repository to read, status patches recorded; ``get`` waits for ``answer`` when held."""
-
-    def __init__(self) -> None:
-        self.patches: list[str] = []
-        self.answer = asyncio.Event()
-        self.answer.set()
-        self.fail = False
-
-    async def get(self, plural: str, key: ObjectKey) -> dict[str, Any]:
-        await self.answer.wait()
-        if self.fail:
-            raise KubeError("get repositories: 500")
-        return {"metadata": {"uid": "repo-uid"}, "status": {}}
-
-    async def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any], *, uid: str) -> None:
-        self.patches.append(status["lastCheckResult"])
+def results(kube: FakeKube) -> list[str]:
+    """The lastCheckResult of each Repository status patch, in order."""
+    return [patch["lastCheckResult"] for _, _, patch in kube.patches]
 
 
 REPOSITORY = ObjectKey("ns", "offsite")
+
+
+def fake_kube() -> FakeKube:
+    kube = FakeKube()
+    kube.objects["repositories", REPOSITORY] = {"metadata": {"uid": "repo-uid"}, "status": {}}
+    return kube
 
 
 def ended_job(name: str, repository: str = "offsite") -> Job:
@@ -128,38 +120,38 @@ def reporter_with(kube: FakeKube) -> RepositoryReporter:
 
 
 async def test_a_job_ending_during_a_write_is_written_by_the_follow_up_and_then_nothing_is() -> None:
-    kube = FakeKube()
+    kube = fake_kube()
     reporter = reporter_with(kube)
     reporter.job_ended(ended_job("first"), {"phase": "Succeeded"})
-    kube.answer.clear()
+    kube.answer_gets.clear()
     writing = asyncio.ensure_future(reporter._write(REPOSITORY))
     await asyncio.sleep(0)
     reporter.job_ended(ended_job("second"), {"phase": "Failed"})
-    kube.answer.set()
+    kube.answer_gets.set()
     await writing
     await reporter._write(REPOSITORY)  # the follow-up the second job's mark asked for
     await reporter._write(REPOSITORY)  # a follow-up with nothing new: no write, no error
-    assert kube.patches == ["backup first: Succeeded", "backup second: Failed"]
+    assert results(kube) == ["backup first: Succeeded", "backup second: Failed"]
 
 
 async def test_a_write_that_fails_is_made_by_the_retry() -> None:
-    kube = FakeKube()
+    kube = fake_kube()
     reporter = reporter_with(kube)
     reporter.job_ended(ended_job("first"), {"phase": "Succeeded"})
-    kube.fail = True
+    kube.fail_gets = True
     with pytest.raises(KubeError):
         await reporter._write(REPOSITORY)
-    kube.fail = False
+    kube.fail_gets = False
     await reporter._write(REPOSITORY)
-    assert kube.patches == ["backup first: Succeeded"]
+    assert results(kube) == ["backup first: Succeeded"]
 
 
 @pytest.mark.parametrize("repository", ["..", ".", "%2e%2e", "Offsite"])
 async def test_a_job_naming_what_no_repository_can_be_named_is_never_reported(repository: str) -> None:
     """The API refuses to read such a name (400): a retried read would fail every time."""
-    kube = FakeKube()
-    kube.fail = True  # any read would fail
+    kube = fake_kube()
+    kube.fail_gets = True  # any read would fail
     reporter = reporter_with(kube)
     reporter.job_ended(ended_job("poison", repository), {"phase": "Failed", "reason": "Invalid"})
     await reporter._write(ObjectKey("ns", repository))
-    assert reporter._ended == {} and kube.patches == []
+    assert reporter._ended == {} and results(kube) == []

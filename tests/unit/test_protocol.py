@@ -181,3 +181,19 @@ def test_the_agent_does_not_load_pydantic() -> None:
     loaded = "import sys, restic_manager.agent.main; print(*sorted(name for name in sys.modules if 'pydantic' in name))"
     result = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+
+@pytest.mark.parametrize(("name", "valid"), [
+    ("web-01", True), ("web-01.example.com", True), ("a" * 253, True), ("0", True),
+    ("a" * 254, False), ("Web", False), ("web_01", False), ("-web", False), ("web-", False),
+    ("a..b", False), ("a.-b", False), (".", False), ("..", False), ("%2e", False), ("web\n", False), ("", False),
+])
+def test_one_check_of_object_names_on_the_wire_and_off_it(name: str, valid: bool) -> None:
+    assert p.is_object_name(name) is valid
+    hello = p.Hello(agent=name, agent_version="1", restic_version="1", protocol_version=p.PROTOCOL_VERSION)
+    if valid:
+        assert p.decode(p.encode(hello)).payload == hello
+    else:
+        with pytest.raises(p.ProtocolError):
+            p.decode(p.encode(hello))
