@@ -7,7 +7,7 @@ it can (aiohttp, 32 in flight), in a namespace the operator does not watch; its 
 measured the same way. "The same" is the operator's own ``fires.job_body``: each job owned by
 a Schedule of its namespace (N inert Schedules are made there for that), with the finalizer.
 The same N are also created with the client the operator uses
-(``restic_manager.operator.kube.Kube``, on kubernetes_asyncio); "raw" is the
+(``restic_manager.operator.kube.client.Kube``, on kubernetes_asyncio); "raw" is the
 faster of the two plain clients. That makes one round; a full run makes
 :data:`ROUNDS` of them, a minute apart, because a create rate measured on these shared cores
 swings by half from one minute to the next: the figure is the median round's ratio, and
@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from restic_manager.operator.fires import job_body
-from restic_manager.operator.kube import Kube, load_configuration
-from restic_manager.operator.store import Schedule
+from restic_manager.operator.jobs.fires import job_body
+from restic_manager.operator.kube.cache import Schedule
+from restic_manager.operator.kube.client import Kube, load_configuration
 
 from cluster import Usage, profile, settle
 from common import NAMESPACE, Context, background, machine, stack
@@ -125,7 +125,7 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     raw_rate, own_rate = throughput(raw_seen, raw_start), throughput(own_seen, own_start)
     one["raw"] = {"client": f"aiohttp, {RAW_CONCURRENCY} requests in flight", "created": len(raw_seen),
                   "per_second": raw_rate, "usage": raw_usage}
-    one["raw_operator_client"] = {"client": f"operator/kube.py's Kube, {RAW_CONCURRENCY} requests in flight",
+    one["raw_operator_client"] = {"client": f"operator/kube/client.py's Kube, {RAW_CONCURRENCY} requests in flight",
                                   "created": len(own_seen), "per_second": own_rate, "usage": own_usage}
     # The apiserver's create capacity is what the faster of the two plain clients reached.
     best = max(filter(None, (raw_rate, own_rate)), default=None)

@@ -33,8 +33,8 @@ from kubernetes_asyncio import client
 
 from restic_manager.operator import validation
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.kube import TOKEN_SECRETS, connection_info
-from restic_manager.operator.store import GROUP, VERSION
+from restic_manager.operator.kube.api import GROUP, VERSION
+from restic_manager.operator.kube.client import TOKEN_SECRETS, connection_info
 
 VALIDATE_SCHEDULE = "validate-schedule"  # the webhook's id, and so its URL path
 

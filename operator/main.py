@@ -22,14 +22,14 @@ from pathlib import Path
 import kopf
 
 from restic_manager.operator import handlers
-from restic_manager.operator.authenticator import NodeAgents
+from restic_manager.operator.agents.authenticator import NodeAgents
+from restic_manager.operator.agents.identity import DEFAULT_AUDIENCE
+from restic_manager.operator.agents.limits import Limits
+from restic_manager.operator.agents.server import ServingCertificate, TLSError
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.heap import Heap
-from restic_manager.operator.identity import DEFAULT_AUDIENCE
-from restic_manager.operator.kube import Kube, load_configuration
-from restic_manager.operator.limits import Limits
-from restic_manager.operator.server import ServingCertificate, TLSError
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kits.gc_tuning import GCTuning
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.client import Kube, load_configuration
 
 log = logging.getLogger("restic_manager.operator")
 
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.log_level != "DEBUG":
         # kopf logs every handler call, websockets every connection, aiohttp every probe:
         # the operator's own log says what matters.
-        for noisy in ("kopf", "websockets", "restic_manager.operator.server.wire", "aiohttp.access"):
+        for noisy in ("kopf", "websockets", "restic_manager.operator.agents.server.wire", "aiohttp.access"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     for wire in WIRE_LOGGERS:
         logger = logging.getLogger(wire)
@@ -206,9 +206,9 @@ async def _main(args: argparse.Namespace, *, tls: ServingCertificate | None, web
         served.cancel()
         await asyncio.wait([served])
 
-    heap = Heap()
-    heap.install()
-    sweeping = asyncio.create_task(heap.run(), name="heap sweep")
+    gc_tuning = GCTuning()
+    gc_tuning.install()
+    sweeping = asyncio.create_task(gc_tuning.run(), name="garbage collector sweep")
     try:
         await asyncio.wait((served, listening), return_when=asyncio.FIRST_COMPLETED)
         if not served.done():
@@ -227,7 +227,7 @@ async def _main(args: argparse.Namespace, *, tls: ServingCertificate | None, web
             await asyncio.wait([operator])
     finally:
         sweeping.cancel()
-        heap.uninstall()
+        gc_tuning.uninstall()
         await stop_controller()
         await kube.close()
     if not served.cancelled() and served.exception() is not None:

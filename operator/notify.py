@@ -6,7 +6,7 @@ itself, ``/fail``), each with the kinds of :class:`Notice` it takes (``when``; i
 :data:`DEFAULT_WHEN` if left out). The URL is in a Secret of the Schedule's namespace
 (``urlSecretRef``), read at every attempt and never kept, so a rotated URL reaches the next
 delivery; the Secret must carry :data:`NOTIFICATION_OPT_IN` (the repository Secrets' rule,
-:func:`~restic_manager.operator.kube.opt_in_refusal`, with a label of its own). A
+:func:`~restic_manager.operator.kube.client.opt_in_refusal`, with a label of its own). A
 healthchecks Secret that also holds a key named after the agent pings that URL for that
 agent's jobs: a per-host dead-man's switch on a fleet Schedule.
 
@@ -46,11 +46,12 @@ from tenacity import (
 from tenacity.wait import wait_base
 from yarl import URL
 
-from restic_manager.operator import status as statuses
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.events import involved
-from restic_manager.operator.kube import KubeError, NotFound, SecretRead, opt_in_refusal
-from restic_manager.operator.store import Job, ObjectKey, Schedule, format_time, parse_time
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import ObjectKey, format_time, parse_time
+from restic_manager.operator.kube.cache import Job, Schedule
+from restic_manager.operator.kube.client import KubeError, NotFound, SecretRead, opt_in_refusal
+from restic_manager.operator.kube.events import involved
+from restic_manager.operator.status import rendering as statuses
 
 log = logging.getLogger(__name__)
 
@@ -435,13 +436,13 @@ class Outbox:
 
 
 class SecretReader(Protocol):
-    """What the notifier needs of :class:`~restic_manager.operator.kube.Kube`."""
+    """What the notifier needs of :class:`~restic_manager.operator.kube.client.Kube`."""
 
     async def read_secret(self, key: ObjectKey) -> SecretRead: ...
 
 
 class EventSink(Protocol):
-    """What the notifier needs of :class:`~restic_manager.operator.events.Recorder`."""
+    """What the notifier needs of :class:`~restic_manager.operator.kube.events.Recorder`."""
 
     def record(self, about: Mapping[str, str], *, type: str, reason: str, message: str) -> None: ...
 

@@ -20,7 +20,7 @@ import msgspec
 
 from restic_manager import cron, protocol
 from restic_manager.operator import notify
-from restic_manager.operator.targets import SelectorError, selector_matches
+from restic_manager.operator.agents.targets import SelectorError, selector_matches
 
 _TYPES = ", ".join(t.value for t in protocol.JobType)
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")

@@ -5,7 +5,6 @@ and healthchecks-style pings, with URLs from a labelled Secret that no log line 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from restic_manager.operator.identity import Identity, Method
-from restic_manager.operator.limits import Limits
-from restic_manager.operator.server import AgentServer, ServingCertificate, Session
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.agents.identity import Identity, Method
+from restic_manager.operator.agents.limits import Limits
+from restic_manager.operator.agents.server import AgentServer, ServingCertificate, Session
+from restic_manager.operator.kube.api import ObjectKey
 
 from e2e.harness import make_certificates
 

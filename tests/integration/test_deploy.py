@@ -319,7 +319,7 @@ def can_i(kube, kubeconfig: Path, verb: str, resource: str, *, namespace: str | 
 
 
 # (verb, resource, subresource): the calls the operator makes in a namespace it manages
-# (operator/kube.py, kopf's watches; docs/deployment.md gives the reason for each).
+# (operator/kube/client.py, kopf's watches; docs/deployment.md gives the reason for each).
 GRANTED_IN_MANAGED_NAMESPACES = [
     *[(verb, f"{plural}.resticmanager.io", None) for plural in ("agents", "schedules") for verb in ("list", "watch")],
     *[(verb, "resticjobs.resticmanager.io", None) for verb in ("get", "list", "watch", "create", "delete", "patch")],

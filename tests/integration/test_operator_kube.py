@@ -1,4 +1,4 @@
-"""operator/kube.py against the real apiserver: every call the operator makes, the error
+"""operator/kube/client.py against the real apiserver: every call the operator makes, the error
 classes the callers rely on, and the login (client certificate, bearer token that rotates).
 The parts that need no apiserver are in tests/unit/test_operator_kube_offline.py."""
 
@@ -16,12 +16,12 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.config import incluster_config
 
-from restic_manager.operator.kube import (
+from restic_manager.operator.agents.identity import AuthError, IssuerKeys, verified_claims
+from restic_manager.operator.kube.api import API_VERSION, FINALIZER, GROUP, VERSION, ObjectKey
+from restic_manager.operator.kube.client import (
     MERGE_PATCH, TOKEN_SECRETS, AlreadyExists, Conflict, FinalizersSeen, Kube, KubeError, NotFound, SecretRead,
     load_configuration,
 )
-from restic_manager.operator.identity import AuthError, IssuerKeys, verified_claims
-from restic_manager.operator.store import API_VERSION, FINALIZER, GROUP, VERSION, ObjectKey
 
 pytestmark = pytest.mark.cluster
 

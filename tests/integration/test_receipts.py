@@ -16,10 +16,10 @@ from restic_manager import protocol
 from restic_manager.agent.connection import Connection, Endpoint, Identity as AgentIdentity
 from restic_manager.agent.scheduler import Scheduler, SystemClock, Timer
 from restic_manager.agent.state import Journal, Mailbox, Outbox, StateStore, state_saver
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.limits import Limits
-from restic_manager.operator.server import AgentServer, Session
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.agents.limits import Limits
+from restic_manager.operator.agents.server import AgentServer, Session
+from restic_manager.operator.kube.api import ObjectKey
 
 TOKEN = "receipts-token"
 TIMEOUT = 10

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 

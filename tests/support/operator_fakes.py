@@ -11,26 +11,30 @@ from datetime import datetime, timezone
 from typing import Any
 
 from restic_manager import protocol
-from restic_manager.operator.kube import AlreadyExists, FinalizersSeen, KubeError, NotFound, SecretRead
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.client import AlreadyExists, FinalizersSeen, KubeError, NotFound, SecretRead
 
 
 class FakeSession:
-    """An agent's session as the controller sees it; records what is sent to the agent."""
+    """An agent's session as the operator sees it (its hello says it runs ``running``);
+    records what is sent to the agent, and sets ``arrived`` when something is."""
 
-    def __init__(self, agent: ObjectKey) -> None:
+    def __init__(self, agent: ObjectKey = ObjectKey("ns", "web-01"), *, running: list[str] | None = None) -> None:
         self.agent = agent
-        self.hello = protocol.Hello(agent=agent.name, agent_version="1", restic_version="0.19.1", protocol_version=1)
+        self.hello = protocol.Hello(agent=agent.name, agent_version="1", restic_version="0.19.1", protocol_version=1,
+                                    running_jobs=running or [])
         self.dispatched: set[str] = set()
-        self.pushed = None
+        self.pushed: tuple[protocol.ScheduleEntry, ...] | None = None
         self.open = True
         self.sent: list[protocol.Payload] = []
+        self.arrived = asyncio.Event()
         self.peer = "192.0.2.10:40000"
         self.replaced = ""
 
     async def send(self, payload: protocol.Payload) -> bool:
         self.sent.append(payload)
-        return True
+        self.arrived.set()
+        return self.open
 
     def log_refusal(self, message: str, *args: object) -> None:
         pass
@@ -44,8 +48,9 @@ def connect(controller: Any, agent: ObjectKey, *, acked: bool = True) -> FakeSes
     if acked:
         applied = [protocol.AppliedEntry(id=schedule.id, generation=schedule.generation)
                    for schedule in controller.index.schedules_of(agent)]
-        controller._on_ack(session, protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc),
-                                                         applied=applied))
+        ack = protocol.ScheduleAck(version=1, applied_at=datetime.now(timezone.utc), applied=applied)
+        controller.schedules.acked(agent, ack)
+        controller.fleet.acked(session, ack.version)
     return session
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from restic_manager.operator.coalesce import Coalescer, CoalescingLoop
+from restic_manager.operator.kits.coalesce import Coalescer, CoalescingLoop
 
 
 def test_marking_again_never_postpones_a_deadline() -> None:

@@ -17,13 +17,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from restic_manager import protocol
-from restic_manager.operator.authenticator import NodeAgents
-from restic_manager.operator.controller import ACK_WAIT, FIRE_STATUS_DELAY, HEALTH_RECHECK_MIN, Controller
-from restic_manager.operator.fires import job_name
-from restic_manager.operator.kube import KubeError
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.store import AgentPod, Change, ObjectKey, format_time
-from restic_manager.operator.writer import LAST_SEEN_INTERVAL, Target
+from restic_manager.operator.agents.authenticator import NodeAgents
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.controller import Controller
+from restic_manager.operator.controller.schedules import FIRE_STATUS_DELAY, HEALTH_RECHECK_MIN
+from restic_manager.operator.controller.wiring import ACK_WAIT
+from restic_manager.operator.jobs.fires import job_name
+from restic_manager.operator.kube.api import ObjectKey, format_time
+from restic_manager.operator.kube.cache import AgentPod, Change
+from restic_manager.operator.status.writer import LAST_SEEN_INTERVAL, Target
 from support.operator_fakes import FakeKube, FakeSession, complete_view, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
@@ -184,7 +186,7 @@ async def test_a_refused_fire_is_an_event_and_a_count_never_a_job(controller: Co
     assert (event["type"], event["reason"]) == ("Warning", "Suspended")
     assert event["involved"]["kind"] == "Schedule" and event["involved"]["uid"] == "uid-nightly"
     assert schedule_status(controller)["refusedFires"] == 1
-    assert controller.refused["Suspended"] == 1
+    assert controller.metrics.fires_refused["Suspended"] == 1
     [(_, outcome, job)] = receipts(session)
     assert (outcome, job) == (protocol.FireOutcome.REFUSED, None)
     # the receipt went out once the count was in the API
@@ -229,7 +231,7 @@ async def test_a_fire_the_api_cannot_take_now_is_answered_retry(controller: Cont
 async def test_a_fire_whose_create_the_api_does_not_answer_is_answered_retry_in_bounded_time(
         controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
     kube: FakeKube = controller._kube  # type: ignore[assignment]
-    monkeypatch.setattr("restic_manager.operator.controller.FIRE_TIMEOUT", 0.1)
+    monkeypatch.setattr("restic_manager.operator.controller.firing.FIRE_TIMEOUT", 0.1)
     kube.answer.clear()  # the create hangs
     session = connect(controller)
     await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]
@@ -243,7 +245,7 @@ async def test_a_fire_for_another_namespaces_schedule_is_refused(controller: Con
     session = connect(controller)
     foreign = msgspec.structs.replace(FIRE, id="other/nightly")
     await controller.on_message(session, frame(foreign))  # type: ignore[arg-type]
-    assert kube.created == [] and controller.refused["ForeignNamespace"] == 1
+    assert kube.created == [] and controller.metrics.fires_refused["ForeignNamespace"] == 1
 
 
 async def test_an_agent_cannot_report_on_another_agents_job(controller: Controller) -> None:
@@ -344,8 +346,8 @@ async def test_an_ack_is_recorded_only_on_the_agents_own_schedules(controller: C
         "metadata": {**agent_body("db-01")["metadata"], "labels": {"role": "db"}}})
     controller.observe("schedules", "ADDED", named_schedule("db-only", "db-01"))
     await controller.on_message(connect(controller), ack_of(("nightly", 1)))  # type: ignore[arg-type]
-    assert "uid-nightly" in controller._books
-    assert "uid-db-only" not in controller._books  # not even looked at
+    assert "uid-nightly" in controller.schedules.books
+    assert "uid-db-only" not in controller.schedules.books  # not even looked at
 
 
 async def test_the_applied_version_is_written_lazily_like_last_seen(controller: Controller,
@@ -357,7 +359,7 @@ async def test_the_applied_version_is_written_lazily_like_last_seen(controller: 
     requests.clear()
     await controller.on_message(session, ack_of(("nightly", 1), version=42))  # type: ignore[arg-type]
     agent = controller.store.agents.get(ObjectKey("ns", "web-01"))
-    assert agent is not None and controller.agent_status(agent)["appliedVersion"] == 42
+    assert agent is not None and controller.fleet.status(agent)["appliedVersion"] == 42
     assert {delay for plural, _, delay in requests.marks if plural == "agents"} == {LAST_SEEN_INTERVAL}
 
 
@@ -421,9 +423,9 @@ async def test_fires_write_the_schedules_status_after_a_delay(controller: Contro
     requests.clear()
     [job] = [controller.store.jobs.get(ObjectKey("ns", kube.created[0]["metadata"]["name"]))]
     assert job is not None
-    controller._job_phase_changed(job, {"phase": "Running"})
+    controller.history.phase_changed(job, {"phase": "Running"})
     assert requests.marks == []  # nothing on the Schedule's status depends on it
-    controller._job_phase_changed(job, {"phase": "Succeeded", "completionTime": "2026-03-02T02:01:00Z"})
+    controller.history.phase_changed(job, {"phase": "Succeeded", "completionTime": "2026-03-02T02:01:00Z"})
     assert ("schedules", "nightly", 0.0) in requests.marks  # leaves active, the last success: at once
 
 
@@ -461,22 +463,22 @@ async def test_an_in_cluster_session_ends_when_its_token_expires_or_its_pod_is_d
                                 expires_at=NOW.timestamp() + 60)
     controller.server.sessions[key] = session  # type: ignore[assignment]
 
-    agents = controller._agents._coalescer
+    agents = controller.fleet.reconciles._coalescer
     assert agents.pop_due(time.monotonic() + 1) == [key]  # as the agent loop takes the key...
-    await controller._reconcile_agent(key)  # ...and works on it
+    await controller.fleet._reconcile(key)  # ...and works on it
     agents.done(key)
     assert revoked == []
     due = agents.next_deadline()
     assert due is not None and 59 < due - time.monotonic() <= 60  # looked at again when the token expires
     now[0] = NOW + timedelta(seconds=60)
-    await controller._reconcile_agent(key)
+    await controller.fleet._reconcile(key)
     assert revoked == [(key, "its ServiceAccount token expired")]
 
     revoked.clear()
     now[0] = NOW
     pod = AgentPod(key=ObjectKey("backup", "agent-x"), uid="pod-uid", resource_version="5", node_name="node-a")
-    controller._agent_pod_changed(Change(old=pod, new=None))
-    await controller._reconcile_agent(key)
+    controller.fleet.pod_changed(Change(old=pod, new=None))
+    await controller.fleet._reconcile(key)
     assert revoked == [(key, "the pod (uid pod-uid) its ServiceAccount token is bound to was deleted")]
 
 
@@ -502,15 +504,15 @@ async def test_a_schedule_whose_repository_is_missing_is_given_to_no_agent_and_i
     assert applied["message"] == ("spec.repository: there is no Repository offsite in namespace ns; the Schedule "
                                   "runs on no agent until there is")
     assert (healthy["status"], healthy["reason"]) == ("False", "RepositoryNotFound")
-    assert controller._runnable_schedules_of(ObjectKey("ns", "web-01")) == []
+    assert controller.schedules.runnable_of(ObjectKey("ns", "web-01")) == []
     await controller.on_message(session, frame(FIRE))  # type: ignore[arg-type]  # sent before it learned
     [(_, outcome, job)] = receipts(session)
     assert (outcome, job) == (protocol.FireOutcome.REFUSED, None) and kube.created == []
-    assert controller.refused["RepositoryNotFound"] == 1
+    assert controller.metrics.fires_refused["RepositoryNotFound"] == 1
     await until("a Warning Event on the Schedule", lambda: events_of(kube, "Schedule", "RepositoryNotFound"))
 
     controller.observe("repositories", "ADDED", repository_body())
-    assert [s.key.name for s in controller._runnable_schedules_of(ObjectKey("ns", "web-01"))] == ["nightly"]
+    assert [s.key.name for s in controller.schedules.runnable_of(ObjectKey("ns", "web-01"))] == ["nightly"]
     assert schedule_status(controller)["conditions"][0]["reason"] != "RepositoryNotFound"
 
 
@@ -583,13 +585,13 @@ async def test_a_failed_run_makes_its_agent_unhealthy_with_events_and_metrics_un
 
 async def test_a_connection_that_takes_another_ones_place_is_an_event_and_a_condition(controller: Controller) -> None:
     kube: FakeKube = controller._kube  # type: ignore[assignment]
-    controller._primed_at = NOW - timedelta(hours=1)  # past the reconnect grace: every connection is news
+    controller.fleet._primed_at = NOW - timedelta(hours=1)  # past the reconnect grace: every connection is news
     session = connect(controller)
     session.identity = Identity(session.agent, Method.TOKEN, "digest")  # type: ignore[attr-defined]
     session.replaced = "192.0.2.99:51000"
     await controller.on_connect(session)  # type: ignore[arg-type]
     [agent] = controller.store.agents
-    conditions = {c["type"]: c for c in controller.agent_status(agent)["conditions"]}
+    conditions = {c["type"]: c for c in controller.fleet.status(agent)["conditions"]}
     assert (conditions["Replaced"]["status"], conditions["Replaced"]["reason"]) == ("True", "AnotherConnection")
     assert "192.0.2.99:51000" in conditions["Replaced"]["message"]
     await until("Connected and Replaced Events", lambda: events_of(kube, "Agent", "Connected")
@@ -599,7 +601,7 @@ async def test_a_connection_that_takes_another_ones_place_is_an_event_and_a_cond
     again = connect(controller)  # replacing none this time
     again.identity = session.identity  # type: ignore[attr-defined]
     await controller.on_connect(again)  # type: ignore[arg-type]
-    conditions = {c["type"]: c for c in controller.agent_status(agent)["conditions"]}
+    conditions = {c["type"]: c for c in controller.fleet.status(agent)["conditions"]}
     assert (conditions["Replaced"]["status"], conditions["Replaced"]["reason"]) == ("False", "SingleConnection")
     again.connection = SimpleNamespace(close_code=1000)  # type: ignore[attr-defined]
     await controller.on_disconnect(again)  # type: ignore[arg-type]

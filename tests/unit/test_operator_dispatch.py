@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from restic_manager import protocol
-from restic_manager.operator.dispatch import (
+from restic_manager.operator.jobs.dispatch import (
     LOST_GRACE,
     AgentView,
     Dispatcher,
@@ -22,11 +22,12 @@ from restic_manager.operator.dispatch import (
     repository_env,
     secret_refusal,
 )
-from restic_manager.operator.events import Recorder
-from restic_manager.operator.kube import MANAGED_BY, FinalizersSeen, SecretRead
-from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Store
-from restic_manager.operator.writer import Rendered, StatusWriter, Target
-from support.operator_fakes import FakeKube
+from restic_manager.operator.kube.api import FINALIZER, ObjectKey
+from restic_manager.operator.kube.cache import Job, Store
+from restic_manager.operator.kube.client import MANAGED_BY, FinalizersSeen, SecretRead
+from restic_manager.operator.kube.events import Recorder
+from restic_manager.operator.status.writer import Rendered, StatusWriter, Target
+from support.operator_fakes import FakeKube, FakeSession
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -178,20 +179,6 @@ def fake_kube() -> FakeKube:
     kube.secrets.update({ObjectKey("ns", "pw"): opted_in({"password": "hunter2"}),
                          ObjectKey("ns", "s3"): opted_in({"AWS_ACCESS_KEY_ID": "AK"})})
     return kube
-
-
-class FakeSession:
-    def __init__(self, running: list[str] | None = None) -> None:
-        self.agent = ObjectKey("ns", "web-01")
-        self.hello = protocol.Hello(agent="web-01", agent_version="0", restic_version="0", protocol_version=1,
-                                    running_jobs=running or [])
-        self.dispatched: set[str] = set()
-        self.sent: list[protocol.Payload] = []
-        self.open = True
-
-    async def send(self, payload: protocol.Payload) -> bool:
-        self.sent.append(payload)
-        return self.open
 
 
 class Harness:

@@ -1,4 +1,4 @@
-"""The Event recorder (operator/events.py): one Event per object, type, reason and message,
+"""The Event recorder (operator/kube/events.py): one Event per object, type, reason and message,
 its count raised when it happens again, posted without ever holding up the caller."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from restic_manager.operator import events as events_module
-from restic_manager.operator.events import Recorder, event_name, involved
-from restic_manager.operator.kube import AlreadyExists, KubeError, NotFound
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kube import events as events_module
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.client import AlreadyExists, KubeError, NotFound
+from restic_manager.operator.kube.events import Recorder, event_name, involved
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=timezone.utc)
 JOB = involved("ResticJob", ObjectKey("ns", "nightly-web-01-1"), "uid-1")

@@ -10,9 +10,10 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.cron import Cron
-from restic_manager.operator import fires
-from restic_manager.operator.fires import Verdict, decide, job_body, job_name
-from restic_manager.operator.store import ObjectKey, Schedule
+from restic_manager.operator.jobs import fires
+from restic_manager.operator.jobs.fires import Verdict, decide, job_body, job_name
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Schedule
 
 UTC = timezone.utc
 CREATED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

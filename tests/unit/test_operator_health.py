@@ -1,4 +1,4 @@
-"""The Healthy condition's decisions (operator/health.py), and what the Schedule's status
+"""The Healthy condition's decisions (operator/status/health.py), and what the Schedule's status
 keeps of each agent's runs between writes."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from restic_manager import cron
-from restic_manager.operator.health import (
+from restic_manager.operator.status.health import (
     DEFAULT_GRACE, HEALTHY, ActiveJob, AgentHealth, LastJob, agent_health, due_fires, grace_of, healthy_condition,
 )
-from restic_manager.operator.status import ScheduleBook, set_condition
+from restic_manager.operator.status.rendering import ScheduleBook, set_condition
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""operator/kube.py without an apiserver: the error classes, Retry-After, finalizer patches,
+"""operator/kube/client.py without an apiserver: the error classes, Retry-After, finalizer patches,
 which calls are made again and how a create checks its outcome, and, against a small HTTP
 server, the retries themselves and the shared Secret reads."""
 
@@ -14,12 +14,12 @@ import pytest
 from aiohttp import web
 from kubernetes_asyncio import client
 
-from restic_manager.operator import kube as kube_module
-from restic_manager.operator.kube import (
+from restic_manager.operator.kube import client as kube_module
+from restic_manager.operator.kube.api import FINALIZER, ObjectKey
+from restic_manager.operator.kube.client import (
     AlreadyExists, Conflict, ConnectionFailed, FinalizersSeen, Kube, KubeError, NotFound, finalizer_patch, landed,
     retry_after, retryable, status_error,
 )
-from restic_manager.operator.store import FINALIZER, ObjectKey
 from support.http_server import serving
 
 ERRORS = [

@@ -12,11 +12,12 @@ import pytest
 from yarl import URL
 
 from restic_manager.operator import notify
-from restic_manager.operator.kube import MANAGED_BY, SecretRead
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Job
+from restic_manager.operator.kube.client import MANAGED_BY, SecretRead
 from restic_manager.operator.notify import (
     NOTIFICATION_OPT_IN, Delivery, Kind, Lane, Notice, Notification, Outbox, RetryPolicy, Undelivered, Via,
 )
-from restic_manager.operator.store import Job, ObjectKey
 from restic_manager.operator.validation import schedule_problems
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)

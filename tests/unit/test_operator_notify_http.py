@@ -18,9 +18,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.kube import SecretRead
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Job, Schedule
+from restic_manager.operator.kube.client import SecretRead
 from restic_manager.operator.notify import NOTIFICATION_OPT_IN, Kind, Notice, Notifier, RetryPolicy
-from restic_manager.operator.store import Job, ObjectKey, Schedule
 from support.http_server import serving
 from support.operator_fakes import FakeEvents, FakeSecrets
 
@@ -288,11 +289,10 @@ async def test_a_schedules_jobs_reach_its_notifications() -> None:
     controller = Controller(kube=FakeSecrets(), namespaces=None, clock=lambda: NOW)  # type: ignore[arg-type]
     told: list[tuple[str, Notice]] = []
 
-    class Recording:
-        def notify(self, schedule: Schedule, notice: Notice) -> None:
-            told.append((schedule.key.name, notice))
+    def notify(schedule: Schedule, notice: Notice) -> None:
+        told.append((schedule.key.name, notice))
 
-    controller.notifier = Recording()  # type: ignore[assignment]
+    controller.notifier.notify = notify  # type: ignore[method-assign]
     nightly = schedule(via("healthchecks"))
     controller.observe("schedules", "ADDED", {
         "metadata": {"name": "nightly", "namespace": "team-a", "uid": "uid-nightly", "resourceVersion": "1",
@@ -301,8 +301,8 @@ async def test_a_schedules_jobs_reach_its_notifications() -> None:
                                       "resourceVersion": "1"},
                          "spec": {"agent": "web-01", "repository": "offsite", "type": "backup",
                                   "scheduleRef": {"name": "nightly", "uid": "uid-nightly"}}})
-    controller._job_phase_changed(job, {"phase": "Running", "message": "sent to agent web-01"})
-    controller._job_phase_changed(job, {"phase": "Failed", "reason": "ResticFailed", "message": "exit 1"})
+    controller.history.phase_changed(job, {"phase": "Running", "message": "sent to agent web-01"})
+    controller.history.phase_changed(job, {"phase": "Failed", "reason": "ResticFailed", "message": "exit 1"})
     assert [(name, told.kind, told.job, told.agent) for name, told in told] == [
         ("nightly", Kind.STARTED, "nightly-web-01-29012345", "web-01"),
         ("nightly", Kind.FAILED, "nightly-web-01-29012345", "web-01")]

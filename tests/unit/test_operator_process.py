@@ -1,5 +1,5 @@
 """The operator's process settings: kopf's (operator/handlers.py) and the garbage collector's
-(operator/heap.py)."""
+(operator/kits/gc_tuning.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import kopf
 import pytest
 from kubernetes_asyncio import client
 
-from restic_manager.operator import heap as heap_module
-from restic_manager.operator.authenticator import NodeAgents
+from restic_manager.operator.agents.authenticator import NodeAgents
 from restic_manager.operator.handlers import BEACON, NoDiffBase, registry
-from restic_manager.operator.heap import Heap
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kits import gc_tuning
+from restic_manager.operator.kits.gc_tuning import GCTuning
+from restic_manager.operator.kube.api import ObjectKey
 
 
 async def nothing() -> None:
@@ -102,14 +102,14 @@ class Cycle:
 
 
 @pytest.fixture
-def heap() -> Iterator[Heap]:
-    heap = Heap()
-    heap.install()
-    yield heap
-    heap.uninstall()
+def tuning() -> Iterator[GCTuning]:
+    tuning = GCTuning()
+    tuning.install()
+    yield tuning
+    tuning.uninstall()
 
 
-def test_what_survives_a_full_collection_is_frozen(heap: Heap) -> None:
+def test_what_survives_a_full_collection_is_frozen(tuning: GCTuning) -> None:
     survivor = Cycle()
     gc.collect(2)
     frozen = gc.get_freeze_count()
@@ -118,20 +118,20 @@ def test_what_survives_a_full_collection_is_frozen(heap: Heap) -> None:
     assert gc.get_freeze_count() >= frozen
 
 
-def test_a_cycle_that_dies_frozen_is_freed_by_the_sweep(heap: Heap) -> None:
+def test_a_cycle_that_dies_frozen_is_freed_by_the_sweep(tuning: GCTuning) -> None:
     cycle = Cycle()
     alive = weakref.ref(cycle)
     gc.collect(2)  # the cycle survives, alive, and is frozen
     del cycle
     gc.collect(2)
     assert alive() is not None  # frozen: the automatic collections no longer see it
-    heap.sweep()
+    tuning.sweep()
     assert alive() is None
 
 
-def test_a_slow_full_collection_is_logged(heap: Heap, monkeypatch: pytest.MonkeyPatch,
+def test_a_slow_full_collection_is_logged(tuning: GCTuning, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(heap_module, "SLOW_COLLECTION", 0.0)
+    monkeypatch.setattr(gc_tuning, "SLOW_COLLECTION", 0.0)
     gc.collect(1)  # a young collection says nothing
     assert not caplog.records
     gc.collect(2)

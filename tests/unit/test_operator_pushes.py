@@ -6,8 +6,10 @@ import asyncio
 from typing import Any
 
 from restic_manager import protocol
-from restic_manager.operator.pushes import Pusher, Versions, schedule_entries
-from restic_manager.operator.store import ObjectKey, Schedule
+from restic_manager.operator.agents.pushes import Pusher, Versions, schedule_entries
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Schedule
+from support.operator_fakes import FakeSession
 
 
 def test_set_versions_increase_even_when_the_clock_goes_back() -> None:
@@ -36,19 +38,6 @@ def test_entries_carry_the_resolved_expression() -> None:
 def test_an_expression_that_does_not_compile_is_sent_for_the_agent_to_reject() -> None:
     [entry] = schedule_entries([schedule("broken", "61 * * * *")])
     assert entry.schedule == "61 * * * *"
-
-
-class FakeSession:
-    def __init__(self) -> None:
-        self.sent: list[protocol.Payload] = []
-        self.pushed: tuple[protocol.ScheduleEntry, ...] | None = None
-        self.open = True
-        self.arrived = asyncio.Event()
-
-    async def send(self, payload: protocol.Payload) -> bool:
-        self.sent.append(payload)
-        self.arrived.set()
-        return True
 
 
 async def test_a_burst_of_applies_is_one_push_per_agent() -> None:

@@ -1,5 +1,5 @@
 """A watch that lists again after it was gone (410): the objects its listing does not bring
-are read, and leave the view only if the apiserver says they are gone (operator/relists.py,
+are read, and leave the view only if the apiserver says they are gone (operator/kube/relists.py,
 Controller.on_event)."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from restic_manager.operator.controller import RELIST_SETTLE, Controller
-from restic_manager.operator.kube import KubeError
-from restic_manager.operator.relists import Relists
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.controller import Controller
+from restic_manager.operator.controller.wiring import RELIST_SETTLE
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.client import KubeError
+from restic_manager.operator.kube.relists import Relists
 from support.operator_fakes import FakeKube, complete_view
 
 
@@ -76,7 +77,7 @@ async def test_a_job_deleted_while_the_watch_was_gone_leaves_the_view_and_the_ot
     kube.objects["resticjobs", key("recreated")] = job("recreated", "uid-again")
 
     marked: list[tuple[Any, float]] = []
-    controller._relist_checks.mark = lambda scope, delay=0.0: marked.append((scope, delay))  # type: ignore[method-assign]
+    controller.relist_checks.mark = lambda scope, delay=0.0: marked.append((scope, delay))  # type: ignore[method-assign]
     controller.on_event("resticjobs", None, jobs["listed"])  # the watch lists again
     controller.observe("resticjobs", None, jobs["listed"])
     assert marked == [(("resticjobs", "ns"), RELIST_SETTLE)]  # read once the listing has had its time
@@ -101,6 +102,6 @@ async def test_a_read_the_apiserver_does_not_answer_is_tried_again_with_what_was
     kube.get = unanswered  # type: ignore[method-assign]
     with pytest.raises(KubeError):
         await controller._check_relisted(("resticjobs", None))
-    assert controller._relists.take(("resticjobs", None)) == {key("b")}
+    assert controller.relists.take(("resticjobs", None)) == {key("b")}
     assert len(controller.store.jobs.objects) == 2
 

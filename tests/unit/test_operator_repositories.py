@@ -7,10 +7,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from restic_manager.operator.events import Recorder
-from restic_manager.operator.kube import KubeError
-from restic_manager.operator.repositories import RepositoryReporter, repository_event, repository_status
-from restic_manager.operator.store import Job, ObjectKey, Store
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Job, Store
+from restic_manager.operator.kube.client import KubeError
+from restic_manager.operator.kube.events import Recorder
+from restic_manager.operator.status.repositories import RepositoryReporter, repository_event, repository_status
 from support.operator_fakes import FakeKube
 
 NOW = datetime(2026, 11, 26, 2, 0, 30, tzinfo=timezone.utc)

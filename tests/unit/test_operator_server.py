@@ -15,9 +15,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from restic_manager import protocol
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.server import AgentServer, Session
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.agents.server import AgentServer, Session
+from restic_manager.operator.kube.api import ObjectKey
 
 TOKEN = "good-token"
 TIMEOUT = 5

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from restic_manager import protocol
-from restic_manager.operator import status
-from restic_manager.operator.health import AgentHealth, LastJob
-from restic_manager.operator.status import Ack, ScheduleBook, applied_condition, schedule_status, set_condition
-from restic_manager.operator.store import Schedule, format_time
+from restic_manager.operator.kube.api import format_time
+from restic_manager.operator.kube.cache import Schedule
+from restic_manager.operator.status import rendering as status
+from restic_manager.operator.status.health import AgentHealth, LastJob
+from restic_manager.operator.status.rendering import Ack, ScheduleBook, applied_condition, schedule_status, set_condition
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

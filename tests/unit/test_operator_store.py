@@ -8,7 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from restic_manager.operator.store import Collection, ObjectKey, Repository, Schedule, Store, format_time, parse_time
+from restic_manager.operator.kube.api import ObjectKey, format_time, parse_time
+from restic_manager.operator.kube.cache import Collection, Repository, Schedule, Store
 
 
 def body(name: str, rv: int, *, uid: str | None = None, generation: int = 1, namespace: str = "ns") -> dict[str, Any]:

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from restic_manager.operator.store import Agent, ObjectKey, Schedule
-from restic_manager.operator.targets import Index, Moved, SelectorError, selector_matches, targets
+from restic_manager.operator.agents.targets import Index, Moved, SelectorError, selector_matches, targets
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Agent, Schedule
 
 WEB = {"role": "web", "zone": "a"}
 

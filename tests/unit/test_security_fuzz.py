@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
 from restic_manager import protocol
+from restic_manager.operator.agents.limits import Limits
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.limits import Limits
 from support.operator_fakes import FakeKube, complete_view
 
 NS = "ns"

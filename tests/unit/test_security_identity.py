@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from restic_manager.operator import identity
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.kube import new_token
-from restic_manager.operator.limits import HandshakeGate, LogBudget, TokenBucket
+from restic_manager.operator.agents import identity
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.agents.limits import HandshakeGate, LogBudget, TokenBucket
+from restic_manager.operator.kube.api import ObjectKey, token_secret_name
+from restic_manager.operator.kube.cache import Agent, Store, TokenSecret, token_digest
+from restic_manager.operator.kube.client import new_token
 from restic_manager.operator.metrics import Metrics
-from restic_manager.operator.store import Agent, ObjectKey, Store, TokenSecret, token_digest, token_secret_name
 from restic_manager.operator.validation import schedule_problems
 
 from support.issuer import Issuer

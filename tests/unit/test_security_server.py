@@ -22,15 +22,16 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 
 from restic_manager import protocol
 from restic_manager.operator import main as operator_main
-from restic_manager.operator import identity
-from restic_manager.operator.authenticator import KEYS_REFRESH_INTERVAL, Authenticator, NodeAgents
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.kube import AlreadyExists, KubeError
-from restic_manager.operator.limits import Limits
-from restic_manager.operator.server import (
+from restic_manager.operator.agents import identity
+from restic_manager.operator.agents.authenticator import KEYS_REFRESH_INTERVAL, Authenticator, NodeAgents
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.agents.limits import Limits
+from restic_manager.operator.agents.server import (
     LOGGED_HANDSHAKE_REFUSALS, LOGGED_REFUSALS, AgentServer, ServingCertificate, Session, TLSError,
 )
-from restic_manager.operator.store import ObjectKey, Store
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Store
+from restic_manager.operator.kube.client import AlreadyExists, KubeError
 
 from e2e.harness import make_certificates
 from support.issuer import Issuer
@@ -144,7 +145,7 @@ async def test_a_refused_handshake_says_only_its_status_and_reason_code(served: 
 
 async def test_refused_handshakes_are_counted_every_time_but_logged_a_bounded_number_of_times_a_minute(
         served: Served, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="restic_manager.operator.server")
+    caplog.set_level(logging.WARNING, logger="restic_manager.operator.agents.server")
 
     async def refused_once() -> None:
         with pytest.raises(InvalidStatus):
@@ -286,7 +287,7 @@ async def test_refused_frames_are_counted_every_time_but_logged_a_bounded_number
         served: Served, caplog: pytest.LogCaptureFixture) -> None:
     async with open_agent(served.url) as websocket:
         await say_hello(websocket, served.handler)
-        caplog.set_level(logging.WARNING, logger="restic_manager.operator.server")
+        caplog.set_level(logging.WARNING, logger="restic_manager.operator.agents.server")
         for _ in range(3 * LOGGED_REFUSALS):
             await websocket.send("{not json")
         answers = await answers_until(websocket, "barrier")

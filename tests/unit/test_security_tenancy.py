@@ -13,8 +13,8 @@ import pytest
 
 from restic_manager import protocol
 from restic_manager.operator.controller import Controller
-from restic_manager.operator.store import ObjectKey
-from restic_manager.operator.writer import Target
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.status.writer import Target
 from support.operator_fakes import FakeKube, FakeSession, connect as connect_session
 
 NOW = datetime(2026, 3, 2, 2, 0, 5, tzinfo=timezone.utc)
@@ -125,7 +125,7 @@ def test_schedules_naming_another_namespace_are_invalid_and_given_to_no_agent(co
         condition = everything(controller)["statuses"][f"schedules/x/{name}"]["conditions"][0]
         assert (condition["type"], condition["status"], condition["reason"]) == ("Applied", "False", "Invalid")
         assert condition["message"].startswith(field)
-    given = {key: [s.key.name for s in controller._runnable_schedules_of(key)]
+    given = {key: [s.key.name for s in controller.schedules.runnable_of(key)]
              for key in (ObjectKey("x", "web-a"), ObjectKey("x", "web-b"), ObjectKey("y", "web-y"))}
     assert given == {ObjectKey("x", "web-a"): [], ObjectKey("x", "web-b"): ["b-only"], ObjectKey("y", "web-y"): []}
 

@@ -1,11 +1,11 @@
-"""When the garbage collector looks at the operator's heap.
+"""The garbage collector's tuning: when it looks at the operator's heap.
 
 The operator's heap is its view of the cluster: tens of thousands of long-lived objects per
 thousand Schedules. CPython 3.11 runs a full collection whenever the objects promoted to its
 oldest generation since the last one reach a quarter of that generation, and the churn of
-watch events gets there every half minute under steady edits; each full collection held the
-event loop for 0.5 to 1.7 s at 10,000 Schedules (bench/, apply) and freed a few hundred
-objects. Acks, fires and status writes all wait meanwhile.
+watch events gets there every half minute under steady edits. A full collection holds the
+event loop while it walks the whole view (bench/README.md gives the figure), and frees little;
+acks, fires and status writes all wait meanwhile.
 
 So what survives a full collection is frozen (``gc.freeze``): the collector's automatic runs
 look only at what was allocated since, and stay short. Frozen objects are still freed by
@@ -30,7 +30,7 @@ SWEEP_INTERVAL = 3600.0
 OLDEST = 2
 
 
-class Heap:
+class GCTuning:
     """Installs the collector callback (:meth:`install`), sweeps (:meth:`run`)."""
 
     def __init__(self) -> None:

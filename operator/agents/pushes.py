@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from restic_manager import cron, protocol
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.server import Session
-from restic_manager.operator.store import ObjectKey, Schedule
+from restic_manager.operator.agents.server import Session
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Schedule
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Two kinds of credential, told apart by their shape:
   from what the agent says in ``hello``: the apiserver attests where the pod runs, so one
   node's agent cannot pose as another's.
 
-Everything here is pure; :mod:`~restic_manager.operator.authenticator` does the I/O.
+Everything here is pure; :mod:`~restic_manager.operator.agents.authenticator` does the I/O.
 A refusal is an :class:`AuthError` carrying the HTTP status the handshake gets, a short
 reason (the metrics label) and a detail for the operator's log only.
 """
@@ -36,7 +36,8 @@ from typing import Any
 import jwt
 
 from restic_manager import protocol
-from restic_manager.operator.store import Agent, ObjectKey, Store, token_digest
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Agent, Store, token_digest
 
 DEFAULT_AUDIENCE = "restic-manager"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"

@@ -1,5 +1,5 @@
-"""The I/O shell around :mod:`~restic_manager.operator.identity`: the credential an agent
-presents at the handshake becomes an :class:`~restic_manager.operator.identity.Identity`.
+"""The I/O shell around :mod:`~restic_manager.operator.agents.identity`: the credential an agent
+presents at the handshake becomes an :class:`~restic_manager.operator.agents.identity.Identity`.
 
 A host agent's token is checked against the token Secrets the operator watches, in memory:
 an unauthenticated handshake never costs an API call. An in-cluster agent's ServiceAccount
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from restic_manager.operator import identity
-from restic_manager.operator.identity import AuthError, Identity, Method
-from restic_manager.operator.kube import MANAGED_BY, AlreadyExists, Kube, KubeError
-from restic_manager.operator.store import API_VERSION, ObjectKey, Store, token_digest
+from restic_manager.operator.agents import identity
+from restic_manager.operator.agents.identity import AuthError, Identity, Method
+from restic_manager.operator.kube.api import API_VERSION, ObjectKey
+from restic_manager.operator.kube.cache import Store, token_digest
+from restic_manager.operator.kube.client import MANAGED_BY, AlreadyExists, Kube, KubeError
 
 log = logging.getLogger(__name__)
 

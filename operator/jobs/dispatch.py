@@ -26,7 +26,7 @@ watched or cached (dispatches that overlap share one GET, :meth:`Kube.read_secre
 operator may list and watch only its own token Secrets, and a rotated credential must reach
 the very next job.
 
-``job.started`` / ``job.progress`` / ``job.done`` change the status through status.py; a
+``job.started`` / ``job.progress`` / ``job.done`` change the status through status/rendering.py; a
 ``job.done`` is answered with ``job.done.ack`` once the final status is written, and not
 before: until then the agent keeps it and sends it again.
 """
@@ -43,16 +43,17 @@ from typing import Any
 import msgspec
 
 from restic_manager import protocol
-from restic_manager.operator import status as statuses
 from restic_manager.operator import validation
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.events import Recorder, involved
-from restic_manager.operator.kube import (
+from restic_manager.operator.agents.server import Session
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import FINALIZER, ObjectKey, parse_time
+from restic_manager.operator.kube.cache import Job, Repository, Store
+from restic_manager.operator.kube.client import (
     FinalizersSeen, Kube, KubeError, NotFound, SecretRead, opt_in_refusal,
 )
-from restic_manager.operator.server import Session
-from restic_manager.operator.store import FINALIZER, Job, ObjectKey, Repository, Store, parse_time
-from restic_manager.operator.writer import PROGRESS_INTERVAL, StatusWriter
+from restic_manager.operator.kube.events import Recorder, involved
+from restic_manager.operator.status import rendering as statuses
+from restic_manager.operator.status.writer import PROGRESS_INTERVAL, StatusWriter
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 hello first, then frames.
 
 A connection's life reads top to bottom here: the HTTP upgrade must carry a bearer
-credential that :data:`Authenticate` turns into an :class:`~restic_manager.operator.identity.Identity`,
+credential that :data:`Authenticate` turns into an :class:`~restic_manager.operator.agents.identity.Identity`,
 or it is refused with 401/403 (the details go to the log and the metrics; the peer gets the
 status and the refusal's reason code in :data:`protocol.REFUSAL_HEADER`, so an agent can say
 why it is kept out and whether trying again can help); the first frame must be a ``hello``
@@ -54,11 +54,11 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from restic_manager import protocol
-from restic_manager.session import OperatorSession, SessionError
-from restic_manager.operator.identity import AuthError, Identity
-from restic_manager.operator.limits import HandshakeGate, Limits, LogBudget, Peer, TokenBucket
+from restic_manager.operator.agents.identity import AuthError, Identity
+from restic_manager.operator.agents.limits import HandshakeGate, Limits, LogBudget, Peer, TokenBucket
+from restic_manager.operator.kube.api import ObjectKey
 from restic_manager.operator.metrics import Metrics
-from restic_manager.operator.store import ObjectKey
+from restic_manager.session import OperatorSession, SessionError
 
 log = logging.getLogger(__name__)
 # websockets logs frames at DEBUG, and command.run frames hold repository credentials: its

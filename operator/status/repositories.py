@@ -16,11 +16,12 @@ from datetime import datetime
 from typing import Any
 
 from restic_manager import protocol
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.events import Recorder, involved
-from restic_manager.operator.kube import Kube, KubeError, NotFound
-from restic_manager.operator.status import set_condition
-from restic_manager.operator.store import Collection, Job, ObjectKey, Repository, format_time
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import ObjectKey, format_time
+from restic_manager.operator.kube.cache import Collection, Job, Repository
+from restic_manager.operator.kube.client import Kube, KubeError, NotFound
+from restic_manager.operator.kube.events import Recorder, involved
+from restic_manager.operator.status.rendering import set_condition
 
 log = logging.getLogger(__name__)
 

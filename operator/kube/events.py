@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import AlreadyExists, Kube, KubeError, NotFound
-from restic_manager.operator.store import API_VERSION, ObjectKey
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import API_VERSION, ObjectKey
+from restic_manager.operator.kube.client import AlreadyExists, Kube, KubeError, NotFound
 
 log = logging.getLogger(__name__)
 

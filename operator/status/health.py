@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from restic_manager import cron
-from restic_manager.operator.store import format_time, parse_time
+from restic_manager.operator.kube.api import format_time, parse_time
 
 # How long after a fire time an agent without a deadline may take to have a job under way.
 DEFAULT_GRACE = timedelta(minutes=10)

@@ -16,65 +16,10 @@ import copy
 import hashlib
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
-GROUP = "resticmanager.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-TOKEN_KEY = "token"
-# Held by a ResticJob from its creation (fires) or dispatch (kubectl's) until it ends, so that
-# deleting it while it runs reaches the operator, which cancels restic on the agent.
-FINALIZER = "resticmanager.io/cancel-on-delete"
-
-Body = Mapping[str, Any]
-
-
-class ObjectKey(NamedTuple):
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @classmethod
-    def parse(cls, text: str) -> ObjectKey:
-        namespace, _, name = text.partition("/")
-        return cls(namespace, name)
-
-    @classmethod
-    def of(cls, body: Body) -> ObjectKey:
-        return cls(body["metadata"]["namespace"], body["metadata"]["name"])
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with a Z, second precision, as Kubernetes writes its own times."""
-    if moment.tzinfo is not timezone.utc:
-        moment = moment.astimezone(timezone.utc)
-    # By hand: strftime costs several times more, and this runs a few times per fire.
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (
-        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-
-
-def owner_reference(kind: str, key: ObjectKey, uid: str) -> dict[str, Any]:
-    """An owner reference to the operator's object ``key`` of ``kind``: its controller, and
-    the garbage collector deletes what it owns only after it."""
-    return {"apiVersion": API_VERSION, "kind": kind, "name": key.name, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
-
-
-def token_secret_name(agent: str) -> str:
-    """``<agent>-agent-token``, shortened with a hash where an Agent name is very long."""
-    name = f"{agent}-agent-token"
-    if len(name) <= 253:
-        return name
-    return f"{agent[:230]}-{hashlib.sha256(agent.encode()).hexdigest()[:8]}-agent-token"
+from restic_manager.operator.kube.api import API_VERSION, TOKEN_KEY, Body, ObjectKey, parse_time, token_secret_name
 
 
 def token_digest(token: str) -> bytes:
@@ -196,9 +141,7 @@ class Job(Stored):
 
     @classmethod
     def from_body(cls, body: Body) -> Job:
-        # Not copied: a job's body comes fresh from the operator's own decoding (its watch,
-        # listing or create) and nothing else holds it; a storm parses a thousand of them.
-        meta, spec = body["metadata"], body.get("spec") or {}
+        meta, spec = body["metadata"], copy.deepcopy(dict(body.get("spec") or {}))
         ref = spec.get("scheduleRef")
         return cls(
             **_identity(body),
@@ -211,7 +154,7 @@ class Job(Stored):
             spec=spec,
             schedule_ref=ScheduleRef(ref["name"], ref["uid"]) if ref else None,
             scheduled_at=parse_time(spec.get("scheduledAt")),
-            status=body.get("status") or {},
+            status=copy.deepcopy(dict(body.get("status") or {})),
         )
 
 

@@ -37,7 +37,7 @@ import msgspec
 import tenacity
 from kubernetes_asyncio import client, config
 
-from restic_manager.operator.store import GROUP, VERSION, ObjectKey, format_time
+from restic_manager.operator.kube.api import GROUP, VERSION, ObjectKey, format_time
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from restic_manager.operator.health import HEALTHY, AgentHealth, LastJob, healthy_condition
-from restic_manager.operator.store import Job, Schedule, format_time, parse_time
+from restic_manager.operator.kube.api import format_time, parse_time
+from restic_manager.operator.kube.cache import Job, Schedule
+from restic_manager.operator.status.health import HEALTHY, AgentHealth, LastJob, healthy_condition
 from restic_manager.protocol import Hello, JobDone, JobProgress, JobStarted, Outcome, to_wire
 
 Status = dict[str, Any]

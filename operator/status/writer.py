@@ -17,9 +17,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from restic_manager.operator.coalesce import CoalescingLoop
-from restic_manager.operator.kube import Conflict, Kube, KubeError, NotFound
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kits.coalesce import CoalescingLoop
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.client import Conflict, Kube, KubeError, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ kopf starts a watch over with a fresh listing when the apiserver no longer keeps
 it was at (410 Gone, after a long disconnection), and hands the listed objects on as events of
 type None; nothing tells of the objects deleted meanwhile. So an object of the view that such
 a listing does not bring is a suspect: once the listing has had time to come through, each is
-read, and dropped only if the apiserver says it is gone (controller.py does the reads).
+read, and dropped only if the apiserver says it is gone (controller/wiring.py does the reads).
 
 A listing's events are told from the startup listing's, which are of type None too, by the
 object: the startup listing is the first event kopf's event handlers see of it. Pure: no I/O.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from restic_manager.operator.store import ObjectKey
+from restic_manager.operator.kube.api import ObjectKey
 
 # (plural, namespace): one watch's objects; namespace None for a watch of every namespace.
 Scope = tuple[str, str | None]

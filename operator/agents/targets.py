@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
-from restic_manager.operator.store import Agent, ObjectKey, Schedule
+from restic_manager.operator.kube.api import ObjectKey
+from restic_manager.operator.kube.cache import Agent, Schedule
 
 
 class SelectorError(ValueError):

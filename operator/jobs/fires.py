@@ -17,7 +17,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from restic_manager import cron
-from restic_manager.operator.store import API_VERSION, FINALIZER, ObjectKey, Schedule, format_time, owner_reference
+from restic_manager.operator.kube.api import API_VERSION, FINALIZER, ObjectKey, format_time, owner_reference
+from restic_manager.operator.kube.cache import Schedule
 from restic_manager.protocol import ScheduleFire
 
 MAX_NAME = 63
