@@ -34,7 +34,7 @@ tools: $(HADOLINT)
 test: venv binaries tools
 	HADOLINT=$(CURDIR)/$(HADOLINT) $(BIN)/pytest $(PYTEST_ARGS)
 
-# The benchmarks (bench/README.md), by hand: all eight at full size, about 60 minutes.
+# The benchmarks (bench/README.md), by hand: all nine at full size, about 60 minutes.
 # BENCH_ARGS="--quick" for small sizes, or name some of them: BENCH_ARGS="storm fire".
 BENCH_ARGS ?=
 bench: venv binaries

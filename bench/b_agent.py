@@ -26,7 +26,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -48,12 +51,14 @@ MB = 1_000_000
 
 
 class StandInOperator:
-    """Serves one agent: records what it sends, with arrival times; sends sets when told."""
+    """Serves one agent: records what it sends, with arrival times; sends sets and commands
+    when told."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[float, protocol.Frame]] = []
         self.connected = asyncio.Event()
         self._acks: asyncio.Queue[protocol.ScheduleAck] = asyncio.Queue()
+        self._done: dict[str, asyncio.Future[tuple[float, protocol.JobDone]]] = {}
         self._connection: ServerConnection | None = None
         self.port = 0
 
@@ -82,6 +87,12 @@ class StandInOperator:
                     fire = frame.payload
                     await connection.send(protocol.encode(protocol.FireResult(
                         ref=frame.id, id=fire.id, scheduled_at=fire.scheduled_at, outcome=protocol.FireOutcome.CREATED)))
+                elif isinstance(frame.payload, protocol.JobDone):  # recorded, as the operator would
+                    done = frame.payload
+                    await connection.send(protocol.encode(protocol.JobDoneAck(ref=frame.id, job=done.job)))
+                    waiting = self._done.get(done.job)
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result((at, done))
         except ConnectionClosed:
             pass
 
@@ -93,6 +104,19 @@ class StandInOperator:
                 ack = await self._acks.get()
                 if ack.version == version:
                     return ack
+
+    async def run(self, command: protocol.CommandRun, *, timeout: float) -> tuple[float, float, protocol.JobDone]:
+        """Send ``command``; (when it was sent, when its job.done came, the job.done)."""
+        assert self._connection is not None
+        waiting = self._done[command.job] = asyncio.get_running_loop().create_future()
+        try:
+            sent = time.time()
+            await self._connection.send(protocol.encode(command))
+            async with asyncio.timeout(timeout):
+                at, done = await waiting
+        finally:
+            del self._done[command.job]
+        return sent, at, done
 
     def fires(self, since: float) -> list[tuple[float, protocol.ScheduleFire]]:
         return [(at, f.payload) for at, f in self.frames
@@ -159,10 +183,19 @@ def import_rss_mb() -> dict[str, float]:
 async def run(ctx: Context) -> dict[str, Any]:
     idle_seconds = ctx.size(quick=30, full=180)
     firing_minutes = ctx.size(quick=1, full=3)
-    result: dict[str, Any] = {"machine": machine(), "parameters": {
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {
         "schedules": SCHEDULES, "idle_window_s": idle_seconds, "firing_minutes": firing_minutes,
         "distinct_fire_seconds_per_minute": DISTINCT}}
-    work = ctx.work / NAME
+    async with real_agent(ctx.work / NAME) as (stand_in, pid):
+        await _measure(ctx, result, stand_in, pid, idle_seconds, firing_minutes)
+    result["import_rss_mb"] = import_rss_mb()
+    return result
+
+
+@asynccontextmanager
+async def real_agent(work: Path, *options: str) -> AsyncIterator[tuple[StandInOperator, int]]:
+    """The real agent (a subprocess, its log in ``work``) connected to a stand-in operator:
+    (the stand-in, the agent's pid). ``options``: more of the agent's flags."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "token").write_text(TOKEN)
     stand_in = StandInOperator()
@@ -171,12 +204,15 @@ async def run(ctx: Context) -> dict[str, Any]:
         await listening.wait()
         argv = [*cluster.SOURCE.command(), "agent", "--server", f"ws://127.0.0.1:{stand_in.port}/agent", "--insecure",
                 "--token-file", str(work / "token"), "--state-dir", str(work / f"state-{uuid.uuid4().hex[:6]}"),
-                "--agent-name", "bench-agent", "--restic", str(restic_binary())]
+                "--agent-name", "bench-agent", "--restic", str(restic_binary()), *options]
         with open(work / "agent.log", "ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=cluster.SOURCE.environment(), cwd=cluster.SOURCE.cwd)
         try:
-            await _measure(ctx, result, stand_in, process.pid, idle_seconds, firing_minutes)
+            async with asyncio.timeout(60):
+                await stand_in.connected.wait()
+            await stand_in.apply([], version=1)  # the agent's first set, as an operator sends on connect
+            yield stand_in, process.pid
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -184,15 +220,10 @@ async def run(ctx: Context) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 await asyncio.to_thread(process.wait)
-    result["import_rss_mb"] = import_rss_mb()
-    return result
 
 
 async def _measure(ctx: Context, result: dict[str, Any], stand_in: StandInOperator, pid: int,
                    idle_seconds: int, firing_minutes: int) -> None:
-    async with asyncio.timeout(60):
-        await stand_in.connected.wait()
-    await stand_in.apply([], version=1)  # the agent's first set, as an operator sends on connect
     sampler = Sampler(pid)
     async with background(sampler.run()):
         # Idle: daily times twelve hours away, so nothing fires in the window.

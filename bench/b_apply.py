@@ -36,7 +36,7 @@ async def run(ctx: Context) -> dict[str, Any]:
     create_rate = ctx.size(quick=50.0, full=100.0)
     edit_rate = ctx.size(quick=10.0, full=20.0)
     edit_seconds = ctx.size(quick=20, full=60)
-    result: dict[str, Any] = {"machine": machine(), "parameters": {
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {
         "agents": agents_n, "schedules_per_agent": per_agent, "create_rate_per_s": create_rate,
         "edit_rate_per_s": edit_rate, "edit_seconds": edit_seconds}}
     phases: dict[str, float] = {}

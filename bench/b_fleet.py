@@ -112,7 +112,7 @@ async def run(ctx: Context) -> dict[str, Any]:
     steps_n = ctx.size(quick=[200, 1000], full=[1000, 5000, 10000])
     idle_seconds = ctx.size(quick=20, full=60)
     rate, probe_seconds = ctx.size(quick=(5.0, 10), full=(10.0, 30))
-    result: dict[str, Any] = {"machine": machine(), "parameters": {
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {
         "steps": steps_n, "idle_window_s": idle_seconds, "edit_rate_per_s": rate, "edit_seconds": probe_seconds,
         "schedules_per_agent": 1}, "steps": []}
     async with stack(ctx, NAME) as (plane, operator, api):

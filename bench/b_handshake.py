@@ -138,7 +138,7 @@ async def one_certificate(ctx: Context, certificate: str, *, concurrency: int, s
 async def run(ctx: Context) -> dict[str, Any]:
     sizes = {"concurrency": ctx.size(quick=100, full=500), "seconds": ctx.size(quick=10.0, full=30.0),
              "idle_connects": ctx.size(quick=20, full=100)}
-    result: dict[str, Any] = {"machine": machine(), "parameters": {
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {
         **sizes, "timed_after_s": RAMP, "flood_nice": 19, "certificates": list(CERTIFICATE_KEYS)}, "runs": []}
     for certificate in CERTIFICATE_KEYS:
         result["runs"].append(await one_certificate(ctx, certificate, concurrency=sizes["concurrency"],

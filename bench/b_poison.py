@@ -42,7 +42,7 @@ async def window(api: Any, operator: Any, seconds: float) -> dict[str, Any]:
 async def run(ctx: Context) -> dict[str, Any]:
     count = ctx.size(quick=20, full=200)
     seconds = ctx.size(quick=10.0, full=60.0)
-    result: dict[str, Any] = {"machine": machine(), "parameters": {"jobs": count, "window_s": seconds,
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {"jobs": count, "window_s": seconds,
                                                                    "poisons": list(POISONS)}}
     async with stack(ctx, NAME) as (plane, operator, api):
         await prepare_namespace(api, NAMESPACE)

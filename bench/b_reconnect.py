@@ -45,7 +45,7 @@ def primed_after(log: str, after: float) -> float | None:
 
 async def run(ctx: Context) -> dict[str, Any]:
     sizes = ctx.size(quick=[5, 500], full=[5, 10000])
-    result: dict[str, Any] = {"machine": machine(), "parameters": {
+    result: dict[str, Any] = {"machine": machine(ctx), "parameters": {
         "sizes": sizes, "rounds": ROUNDS, "backoff": {"base_s": Backoff().base, "cap_s": Backoff().cap}},
         "steps": []}
     async with stack(ctx, NAME) as (plane, operator, api):

@@ -214,12 +214,12 @@ class ControlPlane:
     """etcd, kube-apiserver and kube-controller-manager (with the cronjob controller) from
     testbin/, in ``directory``; ``kubeconfig`` is where the admin kubeconfig goes."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, cpus: tuple[int, ...] = ()) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         self.directory = directory
         self.kubeconfig = directory / "kubeconfig"
-        self._plane = controlplane.ControlPlane(directory=directory / "plane", kubeconfig=self.kubeconfig)
+        self._plane = controlplane.ControlPlane(directory=directory / "plane", kubeconfig=self.kubeconfig, cpus=cpus)
 
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self._plane.kubectl(*args, input=input)

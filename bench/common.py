@@ -30,6 +30,9 @@ class Context:
     work: Path  # logs, control-plane data, raw profiles
     profile: str  # "auto": profile where a target is missed; "always"; "never"
     command: str  # the command line that produced the results
+    # Where the control plane runs; the harness, the operator and the reference clients have the
+    # other CPUs (bench/run.py pins them). Empty: nothing is pinned.
+    plane_cpus: tuple[int, ...] = ()
 
     def size(self, *, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
@@ -41,7 +44,7 @@ class Context:
         return self.results / f"{name}{'.quick' if self.quick else ''}.{suffix}"
 
 
-def machine() -> dict[str, Any]:
+def machine(ctx: Context) -> dict[str, Any]:
     with open("/proc/meminfo") as meminfo:
         total_kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -52,8 +55,9 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), "code_under_test": cluster.SOURCE.label, "head": commit,
             "working_tree_has_uncommitted_operator_or_agent_changes": bool(dirty),
             "loadavg_at_start": [round(x, 2) for x in load_average()],
-            "note": "apiserver, etcd, controller-manager, operator and load generator share these cores; "
-                    "other engineers' test runs may share them too (see loadavg)"}
+            "cpus_of": {"control_plane": list(ctx.plane_cpus) or "all",
+                        "operator_harness_and_reference_clients": sorted(os.sched_getaffinity(0))},
+            "note": "other engineers' test runs may share these cores too (see loadavg)"}
 
 
 @asynccontextmanager
@@ -62,7 +66,7 @@ async def stack(ctx: Context, name: str, *, wrapper: list[str] | None = None, tl
     """A fresh control plane, the operator watching :data:`NAMESPACE` (``tls``, ``extra``:
     as :class:`~cluster.Operator` takes them), and an API client."""
     directory = ctx.work / name
-    async with ControlPlane(directory) as plane:
+    async with ControlPlane(directory, cpus=ctx.plane_cpus) as plane:
         async with Api(credentials(plane.kubeconfig), connections=64) as api:
             await api.ensure("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                     "metadata": {"name": NAMESPACE}})

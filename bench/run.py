@@ -1,11 +1,12 @@
 """Run restic-manager's benchmarks against the real local control plane.
 
-    .venv/bin/python bench/run.py [--quick] [--profile auto|always|never] [apply fire storm fleet agent reconnect handshake poison]
+    .venv/bin/python bench/run.py [--quick] [--profile auto|always|never] [--no-pin] [apply fire storm fleet agent reconnect handshake poison backup]
 
 Each benchmark starts its own control plane (etcd, kube-apiserver, kube-controller-manager
 from testbin/) and operator, drives them with simulated agents over the real wire
 protocol, stops everything it started, and writes bench/results/<name>[.quick].json and
-.png. See bench/README.md for what each one measures and the figures of the last run.
+.png. The control plane runs on the first CPU, the operator and the harness on the others.
+See bench/README.md for what each one measures and the figures of the last run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -27,10 +29,12 @@ from cluster import raise_nofile
 from common import Context, write_result
 from plots import save
 
-BENCHMARKS = ("apply", "fire", "storm", "fleet", "agent", "reconnect", "handshake", "poison")  # module bench/b_<name>.py each
+BENCHMARKS = ("apply", "fire", "storm", "fleet", "agent", "reconnect", "handshake", "poison",  # bench/b_<name>.py each
+              "backup")
 HERE = Path(__file__).resolve().parent
 # Each benchmark stops by itself well before this; the bound is for a wedged control plane.
-HARD_LIMIT = {"apply": 3600, "fire": 2400, "storm": 2400, "fleet": 4800, "agent": 1800, "reconnect": 2400, "handshake": 900, "poison": 900}
+HARD_LIMIT = {"apply": 3600, "fire": 2400, "storm": 2400, "fleet": 4800, "agent": 1800, "reconnect": 2400,
+              "handshake": 900, "poison": 900, "backup": 3600}
 
 
 def main() -> int:
@@ -47,10 +51,13 @@ def main() -> int:
                         help="benchmark this commit (a git archive of it) instead of the working tree, e.g. HEAD")
     parser.add_argument("--work", type=Path, default=Path("/tmp/restic-manager-bench"),
                         help="control-plane data, logs and raw profiles")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the control plane share every CPU with the operator and the harness")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("websockets", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    plane_cpus = pin() if args.pin else ()
     if args.replot:
         return replot(args.results, args.which or list(BENCHMARKS))
     args.results.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,8 @@ def main() -> int:
     limit = raise_nofile()
     logging.info("open-file limit %d", limit)
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    ctx = Context(quick=args.quick, results=args.results, work=args.work, profile=args.profile, command=command.strip())
+    ctx = Context(quick=args.quick, results=args.results, work=args.work, profile=args.profile, command=command.strip(),
+                  plane_cpus=plane_cpus)
     failed = []
     for name in args.which or list(BENCHMARKS):
         module: ModuleType = importlib.import_module(f"b_{name}")
@@ -86,6 +94,21 @@ def main() -> int:
     if failed:
         logging.error("failed: %s", ", ".join(failed))
     return 1 if failed else 0
+
+
+def pin() -> tuple[int, ...]:
+    """The control plane gets the first CPU, this process (the harness, and the operator and
+    reference clients it starts) the others, so the operator cannot go faster by taking CPU
+    from the apiserver. With one CPU nothing is pinned. Called before any thread exists: a
+    thread's CPUs are inherited by the threads and processes it starts."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        logging.warning("one CPU: the control plane shares it with the operator")
+        return ()
+    os.sched_setaffinity(0, cpus[1:])
+    logging.info("control plane on CPU %s; the operator, harness and reference clients on %s",
+                 cpus[0], ",".join(map(str, cpus[1:])))
+    return (cpus[0],)
 
 
 def replot(results: Path, names: list[str]) -> int:

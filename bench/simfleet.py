@@ -48,6 +48,7 @@ class SimAgent:
     jobs: int = 0
     drops: int = 0
     acked_at: float = 0.0  # when it last acknowledged a set (epoch seconds)
+    commands: dict[str, float] = field(default_factory=dict)  # by job (namespace/name): when its command.run came
     errors: list[str] = field(default_factory=list)
     connection: ClientConnection | None = None
 
@@ -79,6 +80,7 @@ class SimAgent:
                     applied=[protocol.AppliedEntry(id=e.id, generation=e.generation) for e in schedule_set.schedules]))]
             case protocol.CommandRun(job=job):
                 self.jobs += 1
+                self.commands[job] = time.time()
                 now = utcnow()
                 return [protocol.encode(protocol.JobStarted(job=job, started_at=now)),
                         protocol.encode(protocol.JobDone(job=job, outcome=protocol.Outcome.SUCCEEDED, exit_code=0,
@@ -196,11 +198,12 @@ class Fleet:
             self._connected += 1
             await self._notify()
             async for message in websocket:
-                sets = agent.sets
+                sets, jobs = agent.sets, agent.jobs
                 for reply in agent.handle(message):
                     await websocket.send(reply)
                 if agent.sets != sets:
                     self._acked += sets == 0
+                if (agent.sets, agent.jobs) != (sets, jobs):
                     await self._notify()
 
 

@@ -133,6 +133,9 @@ class ControlPlane(Cluster):
     binaries: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     server: str = ""
+    # The CPUs etcd, the apiserver and the controller-manager may run on (all, if empty): the
+    # benchmarks keep them off the operator's core (bench/README.md).
+    cpus: tuple[int, ...] = ()
 
     @property
     def logs(self) -> Path:
@@ -218,8 +221,10 @@ class ControlPlane(Cluster):
 
     def _spawn(self, name: str, args: list[str], *, detach: bool, append: bool = False) -> None:
         log = open(self.logs / f"{name}.log", "ab" if append else "wb")  # noqa: SIM115 (the child holds it)
+        # taskset execs the binary, so every thread it starts inherits the CPUs.
+        pinned = ["taskset", "--cpu-list", ",".join(map(str, self.cpus))] if self.cpus else []
         self.processes[name] = subprocess.Popen(
-            [str(self.binaries[name]), *args], stdout=log, stderr=subprocess.STDOUT,
+            [*pinned, str(self.binaries[name]), *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=detach,
         )
         log.close()
