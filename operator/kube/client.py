@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import secrets
+import urllib.parse
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -49,6 +51,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "restic-manager"}
 TOKEN_SECRETS = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
 # No single call may hang a loop's worker for ever; a timeout is a KubeError like any other.
 REQUEST_TIMEOUT = 60.0
+# Seconds an idle apiserver connection is kept: over a minute, under the apiserver's own 90 s,
+# so that the operator, not the apiserver, closes one (a request on a connection the server
+# closed at that moment would fail).
+KEEPALIVE = 75.0
 # How often kopf asks again for the login of a Configuration that can refresh it.
 LOGIN_REFRESH = timedelta(minutes=1)
 FINALIZER_ATTEMPTS = 5
@@ -248,6 +254,33 @@ def new_token() -> str:
 
 
 
+def environment_proxy(server: str) -> str | None:
+    """The proxy the environment (``HTTPS_PROXY``, ``NO_PROXY``, …) names for ``server``."""
+    url = urllib.parse.urlsplit(server)
+    if not url.hostname or urllib.request.proxy_bypass(url.hostname):
+        return None
+    return urllib.request.getproxies().get(url.scheme)
+
+
+def _session_for_the_apiserver(rest: Any, configuration: client.Configuration) -> None:
+    """kubernetes_asyncio's session, with two settings of aiohttp's changed:
+
+    * Idle connections are kept :data:`KEEPALIVE` s, not aiohttp's 15 s: fires come on whole
+      minutes, and with the pool emptied between them each fire of a minute waited for a TLS
+      handshake of its own (bench/README.md gives the figures).
+    * It does not trust the environment, which makes aiohttp look up the proxy variables and
+      ``~/.netrc`` on a worker thread for every request; the proxy is looked up here once,
+      and the credentials are the configuration's, never netrc's.
+    """
+    if not rest.proxy:
+        rest.proxy = environment_proxy(str(configuration.host))
+    made = rest.pool_manager
+    connector = aiohttp.TCPConnector(limit=made.connector.limit, ssl=made.connector._ssl, keepalive_timeout=KEEPALIVE)
+    made.detach()  # it has opened no connection yet
+    rest.pool_manager = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                              read_bufsize=2**21)  # as kubernetes_asyncio makes it
+
+
 class Kube:
     """Async wrappers over the API calls the operator makes.
 
@@ -256,6 +289,7 @@ class Kube:
 
     def __init__(self, configuration: client.Configuration) -> None:
         self._client = client.ApiClient(configuration)
+        _session_for_the_apiserver(self._client.rest_client, configuration)
         self._objects = client.CustomObjectsApi(self._client)
         self._core = client.CoreV1Api(self._client)
         self._authentication = client.AuthenticationV1Api(self._client)

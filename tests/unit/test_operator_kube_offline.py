@@ -241,3 +241,44 @@ async def test_a_missing_secret_is_not_found_for_every_reader_of_the_get(held: t
     server.release.set()
     results = await asyncio.gather(*reads, return_exceptions=True)
     assert all(isinstance(result, NotFound) for result in results) and server.arrived == [SECRETS]
+
+
+@pytest.mark.parametrize(("server", "no_proxy", "expected"), [
+    ("https://10.0.0.1:6443", "", "http://proxy.example:3128"),
+    ("https://10.0.0.1:6443", "10.0.0.1,.cluster.local", None),
+    ("https://kubernetes.default.svc.cluster.local", "10.0.0.1,.cluster.local", None),
+])
+def test_the_environment_names_the_apiserver_proxy_unless_no_proxy_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch, server: str, no_proxy: str, expected: str | None) -> None:
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    assert kube_module.environment_proxy(server) == expected
+
+
+async def test_calls_go_through_the_environments_proxy_and_carry_no_netrc_credentials(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The apiserver's name does not resolve: a call answered came through the proxy, which
+    the environment named when the client was made."""
+    headers: list[str | None] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        headers.append(request.headers.get("Authorization"))
+        return web.json_response({**JOB, "seen": str(request.url)})
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine apiserver.invalid login someone password leaked\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with serving(proxy) as address:
+        monkeypatch.setenv("HTTP_PROXY", address)
+        kube = Kube(client.Configuration(host="http://apiserver.invalid"))
+        try:
+            got = await kube.get("resticjobs", ObjectKey("ns", "j"))
+        finally:
+            await kube.close()
+    assert got["seen"] == f"http://apiserver.invalid{JOBS}/j"
+    assert headers == [None]
