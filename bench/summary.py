@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("apply", "fire", "storm", "fleet", "agent", "handshake", "poison")  # reconnect has no target
+ORDER = ("apply", "fire", "storm", "fleet", "agent", "handshake", "poison", "backup")  # reconnect has no target
 
 
 def main() -> None:

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 PLURAL = "resticjobs"
 RETRY_DELAY = 10.0  # a job waiting for its Repository or Secret looks again this often
+# Jobs dispatched side by side: the fires of a whole minute come at once, and each dispatch
+# waits for its Repository's Secrets to be read.
+DISPATCH_CONCURRENCY = 32
 # The label by which a Secret agrees to be handed to agents as a Repository's credentials.
 SECRET_OPT_IN = "resticmanager.io/repository-secret"
 LOST_GRACE = 300.0  # beyond its timeout, how long a job waits for its agent to come back
@@ -210,7 +213,8 @@ class Dispatcher:
         self._clock = clock
         self._events = events
         self._status: dict[str, dict[str, Any]] = {}  # by job uid: the status the operator owns
-        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile, transient=(KubeError,))
+        self._loop: CoalescingLoop[ObjectKey] = CoalescingLoop("dispatch", self.reconcile, transient=(KubeError,),
+                                                               concurrency=DISPATCH_CONCURRENCY)
 
     # --- what others call -------------------------------------------------------------------
 
