@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-FOOTNOTE = ("2 cores / 24 GiB shared by etcd, kube-apiserver, kube-controller-manager, the operator and the load "
-            "generator\n(and other test runs: loadavg {load} at the start); code under test: {code}")
+FOOTNOTE = ("{cpus} cores / 24 GiB: {where}\n(and other test runs: loadavg {load} at the start); code under test: {code}")
+SHARED = "etcd, kube-apiserver, kube-controller-manager, the operator and the load generator share them"
 
 
 def cdf(ax: Any, values: Sequence[float], *, label: str, **style: Any) -> None:
@@ -36,7 +36,12 @@ def save(result: dict[str, Any], draw: Callable[[dict[str, Any], Any], None], pa
     machine = result.get("machine", {})
     load = "/".join(str(x) for x in machine.get("loadavg_at_start", [])) or "?"
     code = machine.get("code_under_test", "?")
-    figure.text(0.01, 0.01, FOOTNOTE.format(load=load, code=code) + f"\n$ .venv/bin/{result['command']}", fontsize=7,
+    cpus = machine.get("cpus_of", {})
+    where = (f"the control plane on CPU {cpus['control_plane']}, the operator and the load generator on "
+             f"{cpus['operator_harness_and_reference_clients']}"
+             if isinstance(cpus.get("control_plane"), list) else SHARED)
+    text = FOOTNOTE.format(cpus=machine.get("cpus", "?"), where=where, load=load, code=code)
+    figure.text(0.01, 0.01, text + f"\n$ .venv/bin/{result['command']}", fontsize=7,
                 color="dimgrey", family="monospace")
     figure.tight_layout(rect=(0, 0.09, 1, 1))
     figure.savefig(path, dpi=110)
