@@ -85,6 +85,7 @@ async def run(ctx: Context) -> dict[str, Any]:
             measured = {float(first + 60 * i) for i in range(minutes_n)}
             firer = Firer(fleet, after=first - 1, until=last)
             usage = Usage({"operator": operator.pid, **plane.pids()})
+            commands_before = fleet.commands_received()
             await firer.run()
             expected = k * minutes_n
 
@@ -98,13 +99,14 @@ async def run(ctx: Context) -> dict[str, Any]:
                      if nominal in measured}
             try:
                 await fleet.until("sent every fired job's command.run",
-                                  lambda: fired.keys() <= commands(fleet).keys(), timeout=120)
+                                  lambda: fleet.commands_received() >= commands_before + len(fired)
+                                  and fired.keys() <= fleet.commands().keys(), timeout=120)
             except TimeoutError:
                 got.append(False)
             result["usage"] = usage.read()
             restic_skew = skews(resticjobs.seen, measured)
             cron_skew = skews(jobs.seen, measured)
-            received = commands(fleet)
+            received = fleet.commands()
             command_skew = [received[job] - nominal for job, nominal in fired.items() if job in received]
             result["complete"] = {"resticjobs": count(resticjobs), "cronjob_jobs": count(jobs),
                                   "command_runs": len(command_skew), "expected_each": expected,
@@ -144,11 +146,6 @@ async def run(ctx: Context) -> dict[str, Any]:
                 result["profile"] = {"during": f"one more minute of {k} fires, from 3 s before to 12 s after it",
                                      **stacks}
     return result
-
-
-def commands(fleet: Fleet) -> dict[str, float]:
-    """When each job's command.run reached its simulated agent."""
-    return {job: at for agent in fleet.agents for job, at in agent.commands.items()}
 
 
 def plot(result: dict[str, Any], ax: Any) -> None:

@@ -87,6 +87,7 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     n = len(names)
     minute = math.ceil((time.time() + 8) / 60) * 60
     requests_before = await request_counts(api)
+    commands_before = fleet.commands_received()
 
     async def storm_start() -> tuple[Usage, Usage, collections.Counter[str]]:
         await asyncio.sleep(max(0.0, minute - STORM_LEAD - time.time()))
@@ -109,7 +110,8 @@ async def measured_round(storm: Storm, *, plane: Any, operator: Any, api: Any, k
     # job.started and job.done its agent answers at once, and the status writes they make.
     jobs = {f"{NAMESPACE}/{names[index]}-{agent_name(index)}-{minute // 60}" for index in range(n)}
     await fleet.until("received every fired job's command.run",
-                      lambda: jobs <= {job for agent in fleet.agents for job in agent.commands}, timeout=600)
+                      lambda: fleet.commands_received() >= commands_before + n and jobs <= fleet.commands().keys(),
+                      timeout=600)
     await settle(operator.pid, below_percent=10, timeout=600)
     whole_usage = whole.read()
     one["operator_per_fired_job"] = {

@@ -57,9 +57,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("websockets", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    plane_cpus = pin() if args.pin else ()
     if args.replot:
         return replot(args.results, args.which or list(BENCHMARKS))
+    plane_cpus = pin() if args.pin else ()
     args.results.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.rev:

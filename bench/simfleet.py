@@ -114,6 +114,7 @@ class Fleet:
         # Counters, so that a waiter's condition costs O(1) however large the fleet.
         self._connected = 0
         self._acked = 0
+        self._commands = 0
         self.add(agents)
 
     async def run(self) -> None:
@@ -146,6 +147,15 @@ class Fleet:
     def acked(self) -> int:
         """Agents that have acknowledged at least one set."""
         return self._acked
+
+    def commands_received(self) -> int:
+        """``command.run`` frames the agents have received."""
+        return self._commands
+
+    def commands(self) -> dict[str, float]:
+        """When each job's ``command.run`` reached its agent; reads every agent, so a waiter
+        checks :meth:`commands_received` first."""
+        return {job: at for agent in self.agents for job, at in agent.commands.items()}
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -203,6 +213,7 @@ class Fleet:
                     await websocket.send(reply)
                 if agent.sets != sets:
                     self._acked += sets == 0
+                self._commands += agent.jobs - jobs
                 if (agent.sets, agent.jobs) != (sets, jobs):
                     await self._notify()
 
